@@ -1,0 +1,112 @@
+// CPU kernels for grouped_lora: per expert segment, a shrink (x_k @ A_k^T, [n_k, r]) and an
+// expand (h_k @ B_k^T, [n_k, out]) through ATen's BLAS-backed mm in the accumulation type, and
+// the backward from the same two products. The per-row scale is applied to the rank-r
+// intermediate, where it costs n_k * r instead of n_k * out multiplications.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../core/index_math.h"
+#include "../ops.h"
+
+namespace mole_ext {
+namespace {
+
+std::vector<int64_t> checked_offsets(const at::Tensor& offsets, int64_t n) {
+  const at::Tensor o = offsets.to(at::kLong).contiguous();
+  const int64_t* p = o.const_data_ptr<int64_t>();
+  const int64_t k = o.size(0) - 1;
+  std::vector<int64_t> v(p, p + k + 1);
+  TORCH_CHECK(index_math::valid_offsets(v.data(), k, n),
+              "offsets must be non-decreasing with offsets[0] = 0 and offsets[-1] = N = ", n,
+              " (the rows of x), got ", offsets);
+  return v;
+}
+
+// Per-row multiplier scaling * row_scale for rows [b, b + len), as an [len, 1] column in acc.
+at::Tensor row_multiplier(const std::optional<at::Tensor>& row_scale, double scaling, int64_t b,
+                          int64_t len, at::ScalarType acc) {
+  return row_scale->narrow(0, b, len).to(acc).mul(scaling).unsqueeze(1);
+}
+
+}  // namespace
+
+at::Tensor grouped_lora_cpu(const at::Tensor& x_in, const at::Tensor& lora_a_in, const at::Tensor& lora_b_in,
+                            const at::Tensor& offsets, double scaling,
+                            const std::optional<at::Tensor>& row_scale) {
+  check_grouped_lora(x_in, lora_a_in, lora_b_in, offsets, row_scale);
+  const int64_t n = x_in.size(0), k = lora_a_in.size(0), out_f = lora_b_in.size(1);
+  const std::vector<int64_t> off = checked_offsets(offsets, n);
+  const auto acc = acc_type_for(x_in.scalar_type());
+  // In the accumulation type; a no-op (no copy) for float32/float64 contiguous input.
+  const at::Tensor x = x_in.to(acc).contiguous();
+  const at::Tensor lora_a = lora_a_in.to(acc).contiguous();
+  const at::Tensor lora_b = lora_b_in.to(acc).contiguous();
+  at::Tensor y = at::zeros({n, out_f}, x.options());
+  for (int64_t e = 0; e < k; ++e) {
+    const int64_t b = off[e], len = off[e + 1] - off[e];
+    if (len == 0) continue;
+    at::Tensor h = at::mm(x.narrow(0, b, len), lora_a[e].t());  // [len, r]
+    if (row_scale.has_value()) {
+      h.mul_(row_multiplier(row_scale, scaling, b, len, acc));
+    } else {
+      h.mul_(scaling);
+    }
+    at::Tensor y_seg = y.narrow(0, b, len);
+    at::mm_out(y_seg, h, lora_b[e].t());  // [len, out]
+  }
+  return y.to(x_in.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& lora_a_in, const at::Tensor& lora_b_in,
+    const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale) {
+  check_grouped_lora(x_in, lora_a_in, lora_b_in, offsets, row_scale);
+  const int64_t n = x_in.size(0), k = lora_a_in.size(0), out_f = lora_b_in.size(1);
+  TORCH_CHECK(grad_y_in.dim() == 2 && grad_y_in.size(0) == n && grad_y_in.size(1) == out_f,
+              "grad_y must be [", n, ", ", out_f, "], got ", grad_y_in.sizes());
+  TORCH_CHECK(grad_y_in.device() == x_in.device(), "grad_y must be on the device of x (", x_in.device(),
+              "), got ", grad_y_in.device());
+  const std::vector<int64_t> off = checked_offsets(offsets, n);
+  const auto acc = acc_type_for(x_in.scalar_type());
+  const at::Tensor x = x_in.to(acc).contiguous();
+  const at::Tensor lora_a = lora_a_in.to(acc).contiguous();
+  const at::Tensor lora_b = lora_b_in.to(acc).contiguous();
+  const at::Tensor grad_y = grad_y_in.to(acc).contiguous();
+
+  at::Tensor grad_x = at::zeros_like(x);
+  at::Tensor grad_a = at::zeros_like(lora_a);  // empty experts keep exactly zero gradients
+  at::Tensor grad_b = at::zeros_like(lora_b);
+  at::Tensor grad_rs = row_scale.has_value() ? at::zeros({n}, x.options()) : at::empty({0}, x.options());
+  for (int64_t e = 0; e < k; ++e) {
+    const int64_t b = off[e], len = off[e + 1] - off[e];
+    if (len == 0) continue;
+    const at::Tensor xe = x.narrow(0, b, len);
+    const at::Tensor gy = grad_y.narrow(0, b, len);
+    const at::Tensor h = at::mm(xe, lora_a[e].t());   // [len, r], unscaled shrink
+    const at::Tensor gb = at::mm(gy, lora_b[e]);      // [len, r] = grad_y @ B
+    at::Tensor mult;
+    if (row_scale.has_value()) {
+      mult = row_multiplier(row_scale, scaling, b, len, acc);
+      // d row_scale[i] = scaling * <grad_y[i], B h[i]> = scaling * <gb[i], h[i]>
+      grad_rs.narrow(0, b, len).copy_((gb * h).sum(1).mul_(scaling));
+    } else {
+      mult = at::scalar_tensor(scaling, x.options());
+    }
+    const at::Tensor dh = gb * mult;                  // [len, r]
+    at::Tensor ga = grad_a[e], gbw = grad_b[e], gx = grad_x.narrow(0, b, len);
+    at::mm_out(gbw, gy.t(), h * mult);                // [out, r]
+    at::mm_out(ga, dh.t(), xe);                       // [r, in]
+    at::mm_out(gx, dh, lora_a[e]);                    // [len, in]
+  }
+  const at::ScalarType rs_t = row_scale.has_value() ? row_scale->scalar_type() : x_in.scalar_type();
+  return {grad_x.to(x_in.scalar_type()), grad_a.to(lora_a_in.scalar_type()), grad_b.to(lora_b_in.scalar_type()),
+          grad_rs.to(rs_t)};
+}
+
+TORCH_LIBRARY_IMPL(mole_ext, CPU, m) {
+  m.impl("grouped_lora", &grouped_lora_cpu);
+  m.impl("grouped_lora_backward", &grouped_lora_backward_cpu);
+}
+
+}  // namespace mole_ext

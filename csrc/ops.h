@@ -1,0 +1,58 @@
+// Host entry points of the mole_ext ops. Schemas live in torch_bindings.cpp; CPU kernels in
+// cpu/<family>.cpp, CUDA kernels in cuda/<family>.cu. Shapes: N tokens, K experts, d/in/out
+// feature sizes, r LoRA rank.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace mole_ext {
+
+// ---- shape/dtype checks shared by every backend (checks.cpp) ----
+// Value checks (expert ids in range, offsets well formed) are backend-specific.
+void check_router_top1(const at::Tensor& logits);
+void check_router_top1_backward(const at::Tensor& grad_probs, const at::Tensor& probs);
+void check_permute(const at::Tensor& x, const at::Tensor& expert, int64_t num_experts);
+void check_permute_rows(const at::Tensor& x, const at::Tensor& sorted_token, const char* name);
+void check_grouped_lora(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                        const at::Tensor& offsets, const std::optional<at::Tensor>& row_scale);
+void check_load_balance(const at::Tensor& probs, const at::Tensor& expert,
+                        const std::optional<at::Tensor>& mask);
+// Accumulation type: float32 for float32/bfloat16/float16, float64 for float64.
+at::ScalarType acc_type_for(at::ScalarType t);
+
+// ---- CPU kernels ----
+// logits [N, K] float -> probs [N, K] float32 (float64 for float64 logits), expert [N] int32
+std::tuple<at::Tensor, at::Tensor> router_top1_cpu(const at::Tensor& logits);
+// grad_probs [N, K], probs [N, K] -> grad_logits [N, K] in probs' dtype
+at::Tensor router_top1_backward_cpu(const at::Tensor& grad_probs, const at::Tensor& probs);
+
+// x [N, d], expert [N] int32/int64 -> x_sorted [N, d], sorted_token [N] int32, offsets [K+1] int32
+std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& x, const at::Tensor& expert,
+                                                           int64_t num_experts);
+// x [N, d], sorted_token [N] -> x[sorted_token] [N, d]
+at::Tensor permute_rows_cpu(const at::Tensor& x, const at::Tensor& sorted_token);
+// y_sorted [N, d], sorted_token [N] -> y [N, d], y[sorted_token[i]] = y_sorted[i]
+at::Tensor unpermute_cpu(const at::Tensor& y_sorted, const at::Tensor& sorted_token);
+
+// x [N, in], lora_a [K, r, in], lora_b [K, out, r] (same dtype as x), offsets [K+1] int32,
+// row_scale [N] float or None -> y [N, out]
+at::Tensor grouped_lora_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                            const at::Tensor& offsets, double scaling,
+                            const std::optional<at::Tensor>& row_scale);
+// -> grad_x [N, in], grad_a [K, r, in], grad_b [K, out, r], grad_row_scale [N] (empty [0] when
+// row_scale is None)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+    const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale);
+
+// probs [N, K] float, expert [N] int, mask [N] bool or None -> scalar (float32; float64 for float64 probs)
+at::Tensor load_balance_loss_cpu(const at::Tensor& probs, const at::Tensor& expert,
+                                 const std::optional<at::Tensor>& mask);
+// grad_loss scalar -> grad_probs [N, K] in probs' dtype
+at::Tensor load_balance_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& probs,
+                                          const at::Tensor& expert, const std::optional<at::Tensor>& mask);
+
+}  // namespace mole_ext

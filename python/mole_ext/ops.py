@@ -1,0 +1,264 @@
+"""One thin wrapper per ``torch.ops.mole_ext`` op, with its fake (meta) kernel and autograd.
+
+Backends: the C++ CPU kernels always; CUDA kernels when the extension was built with them
+(``mole_ext.info``). An op without a compiled CUDA kernel runs on CUDA tensors through its
+``mole_ext.reference`` implementation, registered below for the CUDA dispatch key: correct,
+but not fast. ``cuda_backend()`` says which path each op takes.
+
+Shapes: N tokens, K experts, d / in / out features, r LoRA rank. Integer outputs are int32;
+integer inputs accept int32 or int64.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _C  # noqa: F401  (loads the operator library)
+from . import reference as _ref
+
+__all__ = [
+    "router_top1", "permute", "permute_rows", "unpermute", "grouped_lora", "load_balance_loss",
+    "cuda_backend",
+]
+
+_OPS = ("router_top1", "router_top1_backward", "permute", "permute_rows", "unpermute",
+        "grouped_lora", "grouped_lora_backward", "load_balance_loss", "load_balance_loss_backward")
+
+_lib = torch.library.Library("mole_ext", "IMPL")  # noqa: TOR901 (fallback kernels only)
+_CUDA_FALLBACK = []
+for _name in _OPS:
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"mole_ext::{_name}", "CUDA"):
+        _lib.impl(_name, getattr(_ref, _name), "CUDA")
+        _CUDA_FALLBACK.append(_name)
+
+
+def cuda_backend() -> dict:
+    """Which implementation each op uses for CUDA tensors: "kernel" or "reference"."""
+    return {n: ("reference" if n in _CUDA_FALLBACK else "kernel") for n in _OPS}
+
+
+# ---------------------------------------------------------------------------------------------
+# router_top1
+
+def router_top1(logits: torch.Tensor):
+    """Softmax over experts and top-1 expert per token.
+
+    Args:
+        logits: [N, K] float32 / bfloat16 / float16 / float64.
+    Returns:
+        probs: [N, K] float32 (float64 for float64 logits), differentiable.
+        expert: [N] int32, arg-max of probs, ties to the lowest index.
+    """
+    return torch.ops.mole_ext.router_top1(logits)
+
+
+@torch.library.register_fake("mole_ext::router_top1")
+def _(logits):
+    acc = _ref.acc_dtype(logits.dtype)
+    return (logits.new_empty(logits.shape, dtype=acc),
+            logits.new_empty(logits.shape[:1], dtype=torch.int32))
+
+
+@torch.library.register_fake("mole_ext::router_top1_backward")
+def _(grad_probs, probs):
+    return torch.empty_like(probs)
+
+
+def _router_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[0])
+    ctx.logits_dtype = inputs[0].dtype
+
+
+def _router_backward(ctx, grad_probs, grad_expert):
+    (probs,) = ctx.saved_tensors
+    if grad_probs is None:
+        return None
+    grad = torch.ops.mole_ext.router_top1_backward(grad_probs, probs)
+    return grad.to(ctx.logits_dtype)
+
+
+torch.library.register_autograd("mole_ext::router_top1", _router_backward, setup_context=_router_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# permute / permute_rows / unpermute: each other's adjoints
+
+def permute(x: torch.Tensor, expert: torch.Tensor, num_experts: int):
+    """Groups rows by expert, stable within an expert.
+
+    Args:
+        x: [N, d] any dtype.
+        expert: [N] int32/int64 in [0, num_experts).
+        num_experts: K >= 1.
+    Returns:
+        x_sorted: [N, d], rows of x in expert order (differentiable in x).
+        sorted_token: [N] int32, original row of each sorted row.
+        offsets: [K+1] int32, expert k owns sorted rows offsets[k]:offsets[k+1].
+    """
+    return torch.ops.mole_ext.permute(x, expert, num_experts)
+
+
+@torch.library.register_fake("mole_ext::permute")
+def _(x, expert, num_experts):
+    n = x.shape[0]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((n,), dtype=torch.int32), x.new_empty((num_experts + 1,), dtype=torch.int32))
+
+
+def _permute_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _permute_backward(ctx, grad_sorted, grad_token, grad_offsets):
+    (sorted_token,) = ctx.saved_tensors
+    return (None if grad_sorted is None else torch.ops.mole_ext.unpermute(grad_sorted, sorted_token)), None, None
+
+
+torch.library.register_autograd("mole_ext::permute", _permute_backward, setup_context=_permute_setup)
+
+
+def permute_rows(x: torch.Tensor, sorted_token: torch.Tensor) -> torch.Tensor:
+    """Applies a permutation from ``permute`` to other rows: out[i] = x[sorted_token[i]].
+
+    Args:
+        x: [N, d]; sorted_token: [N] int32/int64, a permutation of [0, N).
+    Returns:
+        [N, d], differentiable in x.
+    """
+    return torch.ops.mole_ext.permute_rows(x, sorted_token)
+
+
+def unpermute(y_sorted: torch.Tensor, sorted_token: torch.Tensor) -> torch.Tensor:
+    """Back to token order: y[sorted_token[i]] = y_sorted[i].
+
+    Args:
+        y_sorted: [N, d]; sorted_token: [N] int32/int64, a permutation of [0, N).
+    Returns:
+        [N, d], differentiable in y_sorted.
+    """
+    return torch.ops.mole_ext.unpermute(y_sorted, sorted_token)
+
+
+for _name in ("permute_rows", "unpermute"):
+    torch.library.register_fake(f"mole_ext::{_name}")(
+        lambda x, sorted_token: torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def _rows_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _permute_rows_backward(ctx, grad):
+    (sorted_token,) = ctx.saved_tensors
+    return torch.ops.mole_ext.unpermute(grad, sorted_token), None
+
+
+def _unpermute_backward(ctx, grad):
+    (sorted_token,) = ctx.saved_tensors
+    return torch.ops.mole_ext.permute_rows(grad, sorted_token), None
+
+
+torch.library.register_autograd("mole_ext::permute_rows", _permute_rows_backward, setup_context=_rows_setup)
+torch.library.register_autograd("mole_ext::unpermute", _unpermute_backward, setup_context=_rows_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped_lora
+
+def grouped_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, offsets: torch.Tensor,
+                 scaling: float, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Grouped LoRA over expert segments of expert-sorted rows.
+
+    For row i in segment k (offsets[k] <= i < offsets[k+1]):
+    ``y[i] = scaling * row_scale[i] * lora_b[k] @ (lora_a[k] @ x[i])``, accumulated in float32
+    (float64 for float64).
+
+    Args:
+        x: [N, in] float32 / bfloat16 / float16 / float64.
+        lora_a: [K, r, in], same dtype as x.
+        lora_b: [K, out, r], same dtype as x.
+        offsets: [K+1] int32/int64, 0 = offsets[0] <= ... <= offsets[K] = N.
+        scaling: LoRA scale (alpha / r).
+        row_scale: optional [N] float per-row gate.
+    Returns:
+        [N, out] in x's dtype; differentiable in x, lora_a, lora_b, row_scale.
+    """
+    return torch.ops.mole_ext.grouped_lora(x, lora_a, lora_b, offsets, float(scaling), row_scale)
+
+
+@torch.library.register_fake("mole_ext::grouped_lora")
+def _(x, lora_a, lora_b, offsets, scaling, row_scale):
+    return x.new_empty((x.shape[0], lora_b.shape[1]))
+
+
+@torch.library.register_fake("mole_ext::grouped_lora_backward")
+def _(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale):
+    grad_rs = (row_scale.new_empty(row_scale.shape) if row_scale is not None else x.new_empty((0,)))
+    return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b), grad_rs
+
+
+def _grouped_setup(ctx, inputs, output):
+    x, lora_a, lora_b, offsets, scaling, row_scale = inputs
+    ctx.scaling = scaling
+    ctx.has_row_scale = row_scale is not None
+    ctx.save_for_backward(x, lora_a, lora_b, offsets, row_scale)
+
+
+def _grouped_backward(ctx, grad_y):
+    x, lora_a, lora_b, offsets, row_scale = ctx.saved_tensors
+    gx, ga, gb, grs = torch.ops.mole_ext.grouped_lora_backward(
+        grad_y, x, lora_a, lora_b, offsets, ctx.scaling, row_scale if ctx.has_row_scale else None)
+    need = ctx.needs_input_grad
+    return (gx if need[0] else None, ga if need[1] else None, gb if need[2] else None, None, None,
+            grs if (ctx.has_row_scale and need[5]) else None)
+
+
+torch.library.register_autograd("mole_ext::grouped_lora", _grouped_backward, setup_context=_grouped_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# load_balance_loss
+
+def load_balance_loss(probs: torch.Tensor, expert: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Switch-style balance loss over the tokens where ``mask`` is True.
+
+    ``f_k`` = share of counted tokens routed to k, ``P_k`` = mean router probability of k over
+    counted tokens; returns ``K * sum_k f_k P_k`` (1.0 at perfect balance, K when all tokens go
+    to one expert with probability 1; the released LLaVA-MoLE code reports this divided by K).
+    0 when no token counts. Gradient flows to probs only.
+
+    Args:
+        probs: [N, K] float (router probabilities).
+        expert: [N] int32/int64 top-1 expert.
+        mask: optional [N] bool, True for real (non-padding) tokens.
+    Returns:
+        scalar, float32 (float64 for float64 probs).
+    """
+    return torch.ops.mole_ext.load_balance_loss(probs, expert, mask)
+
+
+@torch.library.register_fake("mole_ext::load_balance_loss")
+def _(probs, expert, mask):
+    return probs.new_empty((), dtype=_ref.acc_dtype(probs.dtype))
+
+
+@torch.library.register_fake("mole_ext::load_balance_loss_backward")
+def _(grad_loss, probs, expert, mask):
+    return torch.empty_like(probs)
+
+
+def _lb_setup(ctx, inputs, output):
+    probs, expert, mask = inputs
+    ctx.has_mask = mask is not None
+    ctx.save_for_backward(probs, expert, mask)
+
+
+def _lb_backward(ctx, grad):
+    probs, expert, mask = ctx.saved_tensors
+    g = torch.ops.mole_ext.load_balance_loss_backward(grad, probs, expert, mask if ctx.has_mask else None)
+    return g, None, None
+
+
+torch.library.register_autograd("mole_ext::load_balance_loss", _lb_backward, setup_context=_lb_setup)

@@ -1,0 +1,152 @@
+"""Build of mole_ext: the torch.ops.mole_ext operator library (C++ CPU kernels, CUDA kernels when a
+toolkit is present) plus the pure-Python tiers under python/mole_ext.
+
+Switches (CMakeLists.txt reads the same ones):
+  MOLE_EXT_FORCE_CUDA=1   build the CUDA sources even if the checks below say no (fails loudly
+                          when they cannot build)
+  MOLE_EXT_SKIP_CUDA=1    CPU kernels only
+  TORCH_CUDA_ARCH_LIST    CUDA architectures; default "8.0;9.0a" (never the local GPU's)
+  CUDA_HOME               toolkit root; default /usr/local/cuda when it holds bin/nvcc
+  DEBUG=1                 -O0 -g, device line info
+  MAX_JOBS, NVCC_THREADS  parallel compile jobs / nvcc --threads
+"""
+
+import glob
+import json
+import os
+import platform
+import subprocess
+import sys
+import sysconfig
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0a"
+
+
+def _truthy(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+# torch.utils.cpp_extension resolves CUDA_HOME at import time; the `nvcc` on PATH can be a
+# wrapper script outside the toolkit, which makes torch's guess wrong. Prefer the standard root.
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = os.path.realpath("/usr/local/cuda")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+
+def _nvidia_include_dirs():
+    """cuBLAS/cuSPARSE headers of the pip `nvidia-*` wheels (ATen's CUDA headers include them)."""
+    dirs = []
+    for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        dirs += sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
+        dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def _cutlass_include_dirs():
+    try:
+        import cutlass_library  # from the pip package nvidia-cutlass
+
+        d = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
+        return [d] if os.path.isdir(d) else []
+    except ImportError:
+        return []
+
+
+def _cuda_decision(cuda_sources):
+    """(build_cuda, reason)."""
+    if _truthy("MOLE_EXT_SKIP_CUDA"):
+        return False, "MOLE_EXT_SKIP_CUDA=1"
+    if _truthy("MOLE_EXT_FORCE_CUDA"):
+        return True, "MOLE_EXT_FORCE_CUDA=1"
+    if not cuda_sources:
+        return False, "no CUDA sources in csrc/cuda"
+    if torch.version.cuda is None:
+        return False, "torch was built without CUDA"
+    if cpp_extension.CUDA_HOME is None:
+        return False, "no CUDA toolkit found (set CUDA_HOME)"
+    return True, f"torch CUDA {torch.version.cuda}, toolkit at {cpp_extension.CUDA_HOME}"
+
+
+def _git_commit():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                       stderr=subprocess.DEVNULL, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+build_cuda, cuda_reason = _cuda_decision(cuda_sources)
+debug = _truthy("DEBUG")
+
+opt = ["-O0", "-g"] if debug else ["-O3"]
+cxx_flags = opt + ["-fdiagnostics-color=always"]  # no -std: torch's headers pick C++20
+define_macros = [("TORCH_EXTENSION_NAME", "_C")]
+include_dirs = [os.path.join(ROOT, "csrc")]
+extra = {"cxx": cxx_flags}
+if build_cuda:
+    define_macros.append(("MOLE_EXT_WITH_CUDA", "1"))
+    include_dirs += _nvidia_include_dirs() + _cutlass_include_dirs()
+    nvcc = opt + ["--expt-relaxed-constexpr", "--expt-extended-lambda", "-lineinfo",
+                  "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                  "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+    if debug:
+        nvcc += ["-G"]
+    if os.environ.get("NVCC_THREADS"):
+        nvcc += ["--threads", os.environ["NVCC_THREADS"]]
+    extra["nvcc"] = nvcc
+    ext = cpp_extension.CUDAExtension(
+        "mole_ext._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
+        define_macros=define_macros, extra_compile_args=extra)
+else:
+    ext = cpp_extension.CppExtension(
+        "mole_ext._C", cpp_sources, include_dirs=include_dirs, define_macros=define_macros,
+        extra_compile_args=extra)
+
+
+class BuildExt(cpp_extension.BuildExtension):
+    """Builds the extension and records what was built next to it (python -m mole_ext.info)."""
+
+    def run(self):
+        super().run()
+        info = {
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
+            "cuda_built": build_cuda,
+            "cuda_reason": cuda_reason,
+            "cuda_home": cpp_extension.CUDA_HOME if build_cuda else None,
+            "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if build_cuda else None,
+            "debug": debug,
+            "python": platform.python_version(),
+            "compiler": os.environ.get("CXX", "c++"),
+            "git_commit": _git_commit(),
+            "sources": cpp_sources + (cuda_sources if build_cuda else []),
+        }
+        out_dir = os.path.dirname(self.get_ext_fullpath("mole_ext._C"))
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "_build_info.json"), "w") as f:
+            json.dump(info, f, indent=2)
+        print(f"mole_ext: CUDA kernels {'built' if build_cuda else 'not built'} ({cuda_reason})",
+              file=sys.stderr)
+
+
+setup(
+    name="mole_ext",
+    version="0.1.0",
+    description="Sparse Mixture of LoRA Experts (LLaVA-MoLE): fused ops and MoLEFFN for PyTorch",
+    package_dir={"": "python"},
+    packages=find_packages("python"),
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    zip_safe=False,
+)
