@@ -301,7 +301,7 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def param_groups(model: nn.Module, lr: float, projector_lr: float, weight_decay: float):
     """AdamW groups: the projector at its own learning rate, everything else trainable at ``lr``.
     Biases and router biases are not decayed."""
-    groups = {k: [] for k in ("proj_d", "proj_nd", "main_d", "main_nd")}
+    groups = {k: [] for k in ("main_d", "main_nd", "proj_d", "proj_nd")}  # main first: its lr is logged
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue

@@ -1,0 +1,144 @@
+"""Routing analytics (the paper's Figure 6, live): per layer, expert and domain, the fraction of
+tokens routed to each expert, image and text tokens separately, and the routing entropy."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+KINDS = ("text", "image")
+
+
+class RoutingStats:
+    """Accumulates routing counts. ``counts[l, d, kind, k]``: tokens of domain ``d`` and kind
+    (0 text, 1 image) routed to expert ``k`` in MoLE layer ``l``; ``entropy[l, d, kind]``: summed
+    per-token entropy of the router's probabilities (nats)."""
+
+    def __init__(self, layer_names: list[str], num_experts: int, domains: list[str]):
+        self.layer_names = layer_names
+        self.domains = domains
+        self.K = num_experts
+        shape = (len(layer_names), len(domains), 2)
+        self.counts = torch.zeros(*shape, num_experts, dtype=torch.float64)
+        self.entropy = torch.zeros(*shape, dtype=torch.float64)
+
+    @torch.no_grad()
+    def update(self, layer: int, probs: torch.Tensor, expert: torch.Tensor, token_domain: torch.Tensor,
+               is_image: torch.Tensor, mask: torch.Tensor) -> None:
+        """probs [N, K] float, expert [N] int, token_domain [N] long, is_image / mask [N] bool."""
+        m = mask.bool()
+        p = probs.detach().float()[m]
+        e = expert.long()[m]
+        cell = token_domain[m].long() * 2 + is_image[m].long()  # (domain, kind) flattened
+        D = len(self.domains)
+        idx = cell * self.K + e
+        c = torch.bincount(idx.cpu(), minlength=D * 2 * self.K).double()
+        self.counts[layer] += c.view(D, 2, self.K)
+        h = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
+        self.entropy[layer] += torch.zeros(D * 2, dtype=torch.float64).index_add_(0, cell.cpu(), h.double().cpu()).view(D, 2)
+
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for t in (self.counts, self.entropy):
+                buf = t.float() if dist.get_backend() == "nccl" else t
+                buf = buf.to("cuda") if dist.get_backend() == "nccl" else buf
+                dist.all_reduce(buf)
+                t.copy_(buf.cpu())
+
+    def summary(self, min_fraction: float = 0.01) -> dict:
+        """JSON-ready fractions and entropies; ``warnings`` lists experts under ``min_fraction``
+        of a layer's tokens (all domains and kinds together)."""
+        out = {"layers": self.layer_names, "domains": self.domains, "num_experts": self.K, "cells": [], "warnings": []}
+        tot = self.counts.sum(-1)  # [L, D, 2]
+        for l in range(len(self.layer_names)):
+            for d, dom in enumerate(self.domains):
+                for kind in range(2):
+                    n = float(tot[l, d, kind])
+                    if n == 0:
+                        continue
+                    frac = (self.counts[l, d, kind] / n).tolist()
+                    out["cells"].append({
+                        "layer": l, "domain": dom, "kind": KINDS[kind], "tokens": int(n),
+                        "fractions": frac,
+                        "mean_token_entropy": float(self.entropy[l, d, kind] / n),
+                        "load_entropy": -sum(f * math.log(f) for f in frac if f > 0),
+                    })
+            layer_tot = self.counts[l].sum((0, 1))
+            n = float(layer_tot.sum())
+            if n == 0:
+                continue
+            for k in range(self.K):
+                f = float(layer_tot[k]) / n
+                if f < min_fraction:
+                    msg = f"layer {self.layer_names[l]}: expert {k} received {100 * f:.2f}% of tokens (< {100 * min_fraction:g}%)"
+                    out["warnings"].append(msg)
+        return out
+
+    def write(self, run_dir: str | Path, name: str = "routing") -> dict:
+        run_dir = Path(run_dir)
+        s = self.summary()
+        for w in s["warnings"]:
+            log.warning("routing: %s", w)
+        (run_dir / f"{name}.json").write_text(json.dumps(s, indent=1))
+        if self.counts.sum() > 0:
+            heatmap(self, run_dir / f"{name}_heatmap.png")
+        return s
+
+
+def heatmap(stats: RoutingStats, path: str | Path) -> None:
+    """Layers x experts token fractions, one panel per domain (columns) and kind (rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    D, L, K = len(stats.domains), len(stats.layer_names), stats.K
+    kinds = [k for k in range(2) if stats.counts[:, :, k].sum() > 0]
+    fig, axes = plt.subplots(len(kinds), D, figsize=(1.2 + 0.45 * K * D + 1.0 * D, 1.2 + 0.3 * L * len(kinds)), squeeze=False)
+    im = None
+    for r, kind in enumerate(kinds):
+        for d in range(D):
+            ax = axes[r][d]
+            c = stats.counts[:, d, kind]
+            frac = (c / c.sum(-1, keepdim=True).clamp_min(1)).numpy()
+            im = ax.imshow(frac, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            ax.set_title(f"{stats.domains[d]} / {KINDS[kind]}", fontsize=8)
+            ax.set_xticks(range(K))
+            ax.set_xlabel("expert", fontsize=7)
+            ax.set_yticks(range(L))
+            ax.set_yticklabels([str(i) for i in range(L)] if d == 0 else [], fontsize=6)
+            if d == 0:
+                ax.set_ylabel("MoLE layer", fontsize=7)
+    fig.colorbar(im, ax=axes, fraction=0.02, label="token fraction")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def loss_curve(metrics_jsonl: str | Path, path: str | Path) -> None:
+    """Plot loss, LM loss and balance loss against the step from a metrics JSONL file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in Path(metrics_jsonl).read_text().splitlines() if x.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for stage in sorted({r.get("stage", 0) for r in rows}):
+        pts = [r for r in rows if r.get("stage", 0) == stage and "loss" in r]
+        if pts:
+            ax.plot([r["global_step"] for r in pts], [r["loss"] for r in pts], label=f"stage {stage} loss")
+        ev = [r for r in rows if r.get("stage", 0) == stage and "eval_loss" in r]
+        if ev:
+            ax.plot([r["global_step"] for r in ev], [r["eval_loss"] for r in ev], "o--", label=f"stage {stage} eval")
+    ax.set_xlabel("optimizer step (per stage)")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,330 @@
+"""Training with transformers' ``Trainer``: the MoLE loss, weighted domain mixing, JSONL logs,
+routing analytics and pickle-free atomic checkpoints."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from . import checkpoint as ck
+from .analytics import RoutingStats
+from .config import RunConfig
+from .data import Collator, LlavaData, MixtureSampler, resolve_specs
+from .model import Built, build_model, mole_modules, param_groups
+
+log = logging.getLogger(__name__)
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def balance_loss(probs: torch.Tensor, expert: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The Switch balance loss on non-padding tokens, over the *global* batch.
+
+    One process: the core op ``mole_ext.load_balance_loss``. Under DDP each rank sees part of the
+    batch; ``f_k`` (no gradient) and the token count are all-reduced, and the local ``P_k`` share is
+    scaled by the world size, so that DDP's gradient averaging and the mean of the logged values
+    both equal the single-process loss on the whole batch.
+    """
+    from mole_ext import load_balance_loss
+
+    W = _world()
+    if W == 1:
+        return load_balance_loss(probs, expert, mask)
+    K = probs.shape[-1]
+    m = mask.to(probs.dtype)
+    counts = torch.zeros(K, dtype=probs.dtype, device=probs.device).index_add_(0, expert.long(), m)
+    stats = torch.cat([counts, m.sum().view(1)]).detach()
+    dist.all_reduce(stats)
+    f, M = stats[:K] / stats[K].clamp_min(1), stats[K].clamp_min(1)
+    P_local = (probs * m[:, None]).sum(0) / M
+    return K * (f * P_local).sum() * W
+
+
+class MoLETrainer(Trainer):
+    """``Trainer`` with the LLaVA-MoLE loss ``LM + balance_weight * mean_l balance_l``."""
+
+    def __init__(self, *args, run_cfg: RunConfig, built: Built, dataset: LlavaData, **kw):
+        super().__init__(*args, **kw)
+        self.run_cfg = run_cfg
+        self.built = built
+        self.domains = dataset.domains
+        self.loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
+        self.moles = [m for _, m in mole_modules(built.model)]
+        self.image_token_id = built.model.config.image_token_id
+        K = self.moles[0].num_experts if self.moles else 1
+        self.routing = RoutingStats([n for n, _ in mole_modules(built.model)], K, dataset.domains)
+        self._acc = torch.zeros(2)  # lm, balance since the last log (already / grad_accum)
+        self._sig = ck.signature(self._trainable())
+        self.metrics_path = Path(self.args.output_dir) / "metrics.jsonl"
+
+    # -- data --------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        n = self.run_cfg.data.samples_per_epoch or len(ds)
+        return MixtureSampler(ds.by_domain, ds.weights, n, seed=self.run_cfg.train.seed)
+
+    # -- optimizer: projector at its own learning rate ----------------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            t = self.run_cfg.train
+            self.optimizer = torch.optim.AdamW(
+                param_groups(self.model, t.lr, t.projector_lr, t.weight_decay), betas=(0.9, 0.999), eps=1e-8
+            )
+        return self.optimizer
+
+    # -- loss ----------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        domain = inputs.pop("domain")
+        labels = inputs.pop("labels")
+        out = model(**inputs, use_cache=False)
+        logits = out.logits[:, :-1].float()
+        target = labels[:, 1:]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum")
+        W = _world()
+        n = (target != -100).sum().to(ce.dtype)
+        if W > 1:  # mean over the answer tokens of the global micro-batch (see balance_loss)
+            n = n.detach().clone()
+            dist.all_reduce(n)
+        lm = ce / n.clamp_min(1) * W
+        loss = lm
+        bal = torch.zeros((), device=lm.device)
+        if self.moles:
+            mask = inputs["attention_mask"].bool().reshape(-1)
+            tok_dom = domain[:, None].expand_as(inputs["input_ids"]).reshape(-1)
+            is_img = (inputs["input_ids"] == self.image_token_id).reshape(-1)
+            parts = []
+            for li, m in enumerate(self.moles):
+                r = m.last_routing
+                parts.append(balance_loss(r.probs, r.expert, mask))
+                if model.training:
+                    self.routing.update(li, r.probs, r.expert, tok_dom, is_img, mask)
+            bal = torch.stack(parts).mean()
+            loss = lm + self.run_cfg.train.balance_weight * bal
+        if model.training:
+            ga = self.current_gradient_accumulation_steps if hasattr(self, "current_gradient_accumulation_steps") else 1
+            self._acc += torch.stack([lm.detach().float().cpu(), bal.detach().float().cpu()]) / W / ga
+        return (loss, out) if return_outputs else loss
+
+    # -- logs ----------------------------------------------------------------------------------
+    def log(self, logs, start_time=None):
+        if "loss" in logs:
+            acc = self._acc.clone()
+            if _world() > 1:
+                buf = acc.to(self.args.device)
+                dist.all_reduce(buf)
+                acc = buf.cpu()
+            steps = max(1, self.state.global_step - getattr(self, "_last_logged_step", 0))
+            logs["lm_loss"] = round(float(acc[0]) / steps, 6)
+            if self.moles:
+                logs["balance_loss"] = round(float(acc[1]) / steps, 6)
+            self._acc.zero_()
+            self._last_logged_step = self.state.global_step
+        super().log(logs, start_time)
+        if self.is_world_process_zero():
+            row = {"stage": self.run_cfg.train.stage, "global_step": self.state.global_step, **logs}
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    # -- checkpoints: safetensors + JSON, atomic ------------------------------------------------
+    def _trainable(self):
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer_callback import ExportableState
+
+        final = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.is_world_process_zero():
+            ck.begin(final)
+        self.accelerator.wait_for_everyone()
+        ck.write_rng(tmp, self.args.process_index)
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
+                self.state.stateful_callbacks[cb.__class__.__name__] = cb.state()
+            ck.write_main(
+                tmp,
+                self._trainable(),
+                self.optimizer.state_dict(),
+                self.lr_scheduler.state_dict(),
+                {"run_config": self.run_cfg.to_dict(), "world_size": self.args.world_size},
+            )
+            self.state.save_to_json(str(tmp / "trainer_state.json"))
+            ck.finish(tmp, final, self._sig)
+            self._rotate()
+        self.accelerator.wait_for_everyone()
+
+    def _rotate(self):
+        limit = self.args.save_total_limit
+        if not limit:
+            return
+        ckpts = sorted(Path(self.args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
+        ckpts = [p for p in ckpts if p.name.split("-")[1].isdigit()]
+        import shutil
+
+        for p in ckpts[:-limit]:
+            shutil.rmtree(p)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        ck.verify(Path(resume_from_checkpoint), self._sig)
+        tensors = ck.load_trainable(Path(resume_from_checkpoint))
+        params = dict((model or self.model).named_parameters())
+        with torch.no_grad():
+            for k, v in tensors.items():
+                params[k].copy_(v)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is None:
+            return
+        opt = ck.load_optimizer(Path(checkpoint))
+        sched = ck.load_scheduler(Path(checkpoint))
+        if opt is None or sched is None:
+            raise ck.CheckpointError(f"{checkpoint}: no optimizer/scheduler state; cannot resume")
+        self.optimizer.load_state_dict(opt)
+        self.lr_scheduler.load_state_dict(sched)
+
+    def _load_rng_state(self, checkpoint):
+        if checkpoint is not None and not ck.load_rng(Path(checkpoint), self.args.process_index):
+            log.warning("%s has no RNG state for process %d; dropout will differ from the original run",
+                        checkpoint, self.args.process_index)
+
+
+class StopAfter(TrainerCallback):
+    """Stop (and save) after a given step: an interrupted run, for resume tests and staged jobs."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= self.step:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def training_args(cfg: RunConfig) -> TrainingArguments:
+    t = cfg.train
+    on_gpu = torch.cuda.is_available()
+    bf16 = on_gpu if t.bf16 is None else t.bf16
+    save_steps = t.save_steps or t.max_steps
+    kw = {}
+    if t.fsdp:  # untested here (no multi-GPU machine); see training/README.md
+        kw["fsdp"] = t.fsdp
+        kw["fsdp_config"] = {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer", "CLIPEncoderLayer"], "use_orig_params": True}
+    return TrainingArguments(
+        output_dir=t.output_dir,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type="cosine",
+        warmup_steps=int(round(t.warmup_ratio * t.max_steps)),
+        max_grad_norm=t.max_grad_norm,
+        bf16=bf16,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=None,  # rotation is ours (MoLETrainer._rotate)
+        seed=t.seed,
+        data_seed=t.seed,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        remove_unused_columns=False,
+        dataloader_num_workers=t.dataloader_workers,
+        report_to=["tensorboard"] if _has_tensorboard() else [],
+        ddp_backend="gloo" if (not on_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1) else None,
+        ddp_find_unused_parameters=True,  # a rank whose micro-batch is text-only leaves the vision side unused
+        disable_tqdm=False,
+        use_cpu=not on_gpu,
+        **kw,
+    )
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def run_training(cfg: RunConfig, resume: str | bool | None = None, built: Built | None = None) -> dict:
+    """Build (or take) the model and data, train, save the last checkpoint, export the adapter and
+    write routing analytics. Returns a summary dict."""
+    from transformers import set_seed
+
+    t = cfg.train
+    out = Path(t.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(t.seed)
+    if built is None:
+        built = build_model(cfg.model, stage=t.stage)
+    if t.init_adapter:
+        loaded = ck.load_adapter_into(built.model, t.init_adapter, strict=False)
+        log.info("loaded %d tensors from %s", len(loaded), t.init_adapter)
+    specs = resolve_specs(cfg.data, seed=t.seed, image_size=built.model.config.vision_config.image_size)
+    data = LlavaData(cfg.data, built.tokenizer, built.image_processor, built.num_image_tokens, specs)
+    if torch.distributed.is_available() and int(os.environ.get("RANK", "0")) == 0:
+        cfg.save(out / "config.json")
+    callbacks = [StopAfter(t.stop_after_steps)] if t.stop_after_steps else []
+    trainer = MoLETrainer(
+        model=built.model,
+        args=training_args(cfg),
+        train_dataset=data,
+        data_collator=Collator(built.tokenizer.pad_token_id),
+        run_cfg=cfg,
+        built=built,
+        dataset=data,
+        callbacks=callbacks,
+    )
+    if resume is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(str(out))
+        if resume is None:
+            raise ck.CheckpointError(f"--resume: no checkpoint-N directory in {out}")
+    result = trainer.train(resume_from_checkpoint=resume or None)
+    trainer.routing.all_reduce()
+    summary = {"global_step": trainer.state.global_step, "train_loss": result.training_loss,
+               "skipped_records": data.skipped, "domains": data.domains}
+    if trainer.is_world_process_zero():
+        if trainer.moles:
+            summary["routing"] = trainer.routing.write(out, "routing")
+        export(built, cfg, out / "adapter")
+        (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "routing"}, indent=1))
+    trainer.accelerator.wait_for_everyone()
+    summary["trainer"] = trainer
+    return summary
+
+
+def adapter_tensors(built: Built, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """What a run adds to the base: every trainable weight, the projector, and a random vision tower."""
+    out = {}
+    for n, p in built.model.named_parameters():
+        if p.requires_grad or "multi_modal_projector" in n or (
+            cfg.model.source in ("tiny", "smollm2") and "vision_tower" in n
+        ):
+            out[n] = p.detach()
+    return out
+
+
+def export(built: Built, cfg: RunConfig, out_dir) -> Path:
+    return ck.export_adapter(out_dir, adapter_tensors(built, cfg), {"run_config": cfg.to_dict()})
+
+
+def load_run_model(adapter_dir, cfg_override=None) -> tuple[Built, RunConfig]:
+    """A fresh base model with an exported adapter on it (for generation and evaluation)."""
+    meta, _ = ck.read_adapter(adapter_dir)
+    cfg = RunConfig.from_dict(meta["config"]["run_config"])
+    built = build_model(cfg.model, stage=cfg.train.stage)
+    ck.load_adapter_into(built.model, adapter_dir, strict=True)
+    built.model.eval()
+    return built, cfg
