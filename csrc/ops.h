@@ -4,11 +4,17 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 
 #include <optional>
 #include <tuple>
 
 namespace mole_ext {
+
+// Kernels compose ATen ops (mm, to, copy_) on their inputs. Autograd of each mole_ext op is
+// registered around the whole op (python/mole_ext/ops.py), so the calls inside a kernel must
+// not record history: every entry point holds one of these.
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 // ---- shape/dtype checks shared by every backend (checks.cpp) ----
 // Value checks (expert ids in range, offsets well formed) are backend-specific.

@@ -34,6 +34,7 @@ at::Tensor row_multiplier(const std::optional<at::Tensor>& row_scale, double sca
 at::Tensor grouped_lora_cpu(const at::Tensor& x_in, const at::Tensor& lora_a_in, const at::Tensor& lora_b_in,
                             const at::Tensor& offsets, double scaling,
                             const std::optional<at::Tensor>& row_scale) {
+  const BelowAutograd below_autograd;
   check_grouped_lora(x_in, lora_a_in, lora_b_in, offsets, row_scale);
   const int64_t n = x_in.size(0), k = lora_a_in.size(0), out_f = lora_b_in.size(1);
   const std::vector<int64_t> off = checked_offsets(offsets, n);
@@ -61,6 +62,7 @@ at::Tensor grouped_lora_cpu(const at::Tensor& x_in, const at::Tensor& lora_a_in,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_cpu(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& lora_a_in, const at::Tensor& lora_b_in,
     const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale) {
+  const BelowAutograd below_autograd;
   check_grouped_lora(x_in, lora_a_in, lora_b_in, offsets, row_scale);
   const int64_t n = x_in.size(0), k = lora_a_in.size(0), out_f = lora_b_in.size(1);
   TORCH_CHECK(grad_y_in.dim() == 2 && grad_y_in.size(0) == n && grad_y_in.size(1) == out_f,

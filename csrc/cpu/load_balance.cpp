@@ -40,6 +40,7 @@ std::vector<int64_t> masked_counts(const at::Tensor& expert_in, const std::optio
 
 at::Tensor load_balance_loss_cpu(const at::Tensor& probs_in, const at::Tensor& expert,
                                  const std::optional<at::Tensor>& mask_in) {
+  const BelowAutograd below_autograd;
   check_load_balance(probs_in, expert, mask_in);
   const int64_t n = probs_in.size(0), k = probs_in.size(1);
   int64_t m = 0;
@@ -73,6 +74,7 @@ at::Tensor load_balance_loss_cpu(const at::Tensor& probs_in, const at::Tensor& e
 
 at::Tensor load_balance_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& probs_in,
                                           const at::Tensor& expert, const std::optional<at::Tensor>& mask_in) {
+  const BelowAutograd below_autograd;
   check_load_balance(probs_in, expert, mask_in);
   TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must be a scalar, got shape ", grad_loss.sizes());
   const int64_t n = probs_in.size(0), k = probs_in.size(1);

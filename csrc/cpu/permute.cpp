@@ -50,6 +50,7 @@ std::vector<int64_t> checked_permutation(const at::Tensor& sorted_token_in) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& x_in, const at::Tensor& expert_in,
                                                            int64_t num_experts) {
+  const BelowAutograd below_autograd;
   check_permute(x_in, expert_in, num_experts);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor expert = expert_in.to(at::kLong).contiguous();
@@ -79,6 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& x_i
 }
 
 at::Tensor permute_rows_cpu(const at::Tensor& x_in, const at::Tensor& sorted_token) {
+  const BelowAutograd below_autograd;
   check_permute_rows(x_in, sorted_token, "x");
   const at::Tensor x = x_in.contiguous();
   const std::vector<int64_t> idx = checked_permutation(sorted_token);
@@ -88,6 +90,7 @@ at::Tensor permute_rows_cpu(const at::Tensor& x_in, const at::Tensor& sorted_tok
 }
 
 at::Tensor unpermute_cpu(const at::Tensor& y_in, const at::Tensor& sorted_token) {
+  const BelowAutograd below_autograd;
   check_permute_rows(y_in, sorted_token, "y_sorted");
   const at::Tensor y = y_in.contiguous();
   const std::vector<int64_t> idx = checked_permutation(sorted_token);

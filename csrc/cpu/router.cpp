@@ -38,6 +38,7 @@ void router_row(const scalar_t* logits, int64_t k, acc_t* probs, int32_t* expert
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> router_top1_cpu(const at::Tensor& logits_in) {
+  const BelowAutograd below_autograd;
   check_router_top1(logits_in);
   const at::Tensor logits = logits_in.contiguous();
   const int64_t n = logits.size(0), k = logits.size(1);
@@ -58,6 +59,7 @@ std::tuple<at::Tensor, at::Tensor> router_top1_cpu(const at::Tensor& logits_in) 
 }
 
 at::Tensor router_top1_backward_cpu(const at::Tensor& grad_in, const at::Tensor& probs_in) {
+  const BelowAutograd below_autograd;
   check_router_top1_backward(grad_in, probs_in);
   const at::Tensor probs = probs_in.contiguous();
   const at::Tensor grad = grad_in.to(probs.scalar_type()).contiguous();
