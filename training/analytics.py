@@ -30,10 +30,10 @@ class RoutingStats:
     def update(self, layer: int, probs: torch.Tensor, expert: torch.Tensor, token_domain: torch.Tensor,
                is_image: torch.Tensor, mask: torch.Tensor) -> None:
         """probs [N, K] float, expert [N] int, token_domain [N] long, is_image / mask [N] bool."""
-        m = mask.bool()
-        p = probs.detach().float()[m]
-        e = expert.long()[m]
-        cell = token_domain[m].long() * 2 + is_image[m].long()  # (domain, kind) flattened
+        m = mask.bool().cpu()
+        p = probs.detach().float().cpu()[m]
+        e = expert.long().cpu()[m]
+        cell = token_domain.cpu()[m].long() * 2 + is_image.cpu()[m].long()  # (domain, kind) flattened
         D = len(self.domains)
         idx = cell * self.K + e
         c = torch.bincount(idx.cpu(), minlength=D * 2 * self.K).double()

@@ -146,7 +146,6 @@ def build_base(cfg: ModelConfig):
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
-        CLIPImageProcessor,
         CLIPVisionModel,
         LlamaConfig,
         LlavaConfig,
@@ -160,7 +159,9 @@ def build_base(cfg: ModelConfig):
     if cfg.source == "llava":
         model = LlavaForConditionalGeneration.from_pretrained(cfg.llava_path, dtype=dtype)
         try:
-            proc = CLIPImageProcessor.from_pretrained(cfg.llava_path)
+            from transformers import CLIPImageProcessorPil
+
+            proc = CLIPImageProcessorPil.from_pretrained(cfg.llava_path)
         except OSError:
             proc = _image_processor(model.config.vision_config.image_size)
         if model.config.image_token_id != image_token_id:
