@@ -1,0 +1,56 @@
+# Two commands matter: `make demo` (the main job) and `make test` (the test suite). Both work on
+# a fresh clone: they create .venv, install torch and the pinned requirements, and build the
+# extension in place the first time (and rebuild it when csrc/ or setup.py change).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.14.1
+
+# The nvcc on PATH may be a wrapper outside the toolkit; point torch at the toolkit root.
+CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),$(realpath /usr/local/cuda),)
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0a
+export CUDA_HOME TORCH_CUDA_ARCH_LIST
+
+DEPS := $(VENV)/.deps-stamp
+BUILT := $(VENV)/.build-stamp
+SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
+
+.PHONY: install demo toy test host-test pytest bench info clean
+
+install: $(BUILT)
+
+$(DEPS): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(BUILT): $(DEPS) $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+demo: $(BUILT)
+	$(PY) -m training.demo
+
+toy: $(BUILT)
+	$(PY) examples/toy_multidomain.py
+
+test: host-test pytest
+
+host-test:
+	cmake -S . -B build/cmake -DMOLE_EXT_BUILD_EXTENSION=OFF -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build build/cmake
+	ctest --test-dir build/cmake --output-on-failure
+
+pytest: $(BUILT)
+	$(PY) -m pytest -q tests
+
+bench: $(BUILT)
+	$(PY) bench/mole_ffn.py
+
+info: $(BUILT)
+	$(PY) -m mole_ext.info
+
+clean:
+	rm -rf build python/mole_ext/_C*.so python/mole_ext/_build_info.json $(BUILT)
