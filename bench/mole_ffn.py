@@ -1,0 +1,151 @@
+"""MoLE FFN forward+backward against the baselines, side by side in one process.
+
+Providers (all with the same frozen base SwiGLU FFN and trainable LoRA of rank r):
+  mole_ext     MoLEFFN, top-1 routing through the grouped path (route, permute once, grouped
+               LoRA, unpermute once)
+  single_lora  one plain LoRA per projection (PyTorch Linear + LoRA, what PEFT does)
+  expert_loop  the released LLaVA-MoLE code's style: a Python loop over experts in token order
+               (mole_ext.reference.mole_ffn)
+  dense        every expert on every token, weighted by the router (MoLEFFN routing="dense")
+  base         the frozen FFN without any LoRA (the floor every provider sits above)
+
+Each timed call is forward + backward (gradients for x and the trainable parameters). Providers
+are timed round-robin so machine noise hits all alike; ratios come from the same run.
+
+  python bench/mole_ffn.py              # CPU: float32, N=2048, d=1024, m=2816, r=32, K in {2,4,8}
+  python bench/mole_ffn.py --quick      # tiny shapes, a smoke run
+On CUDA (when available) the LLaMA-7B shapes of issue 4 run in bf16 instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+from mole_ext import MoLEFFN, reference as ref  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    n: int
+    d: int
+    m: int
+    r: int
+    k: int
+    dtype: torch.dtype
+
+
+CPU_CONFIGS = [Config(2048, 1024, 2816, 32, k, torch.float32) for k in (2, 4, 8)]
+CUDA_CONFIGS = [Config(n, 4096, 11008, 32, k, torch.bfloat16) for n in (8192, 16384) for k in (3, 4, 8)]
+QUICK_CONFIGS = [Config(256, 128, 352, 8, k, torch.float32) for k in (2, 4)]
+
+
+class SingleLoRAFFN(nn.Module):
+    """Frozen SwiGLU FFN with one LoRA per projection (PEFT's computation)."""
+
+    def __init__(self, base: MoLEFFN):
+        super().__init__()
+        self.base = base
+        d, m, r = base.hidden_size, base.intermediate_size, base.rank
+        kw = {"dtype": base.gate_proj.weight.dtype, "device": base.gate_proj.weight.device}
+        self.a = nn.ParameterDict({p: nn.Parameter(torch.randn(r, i, **kw) * i ** -0.5)
+                                   for p, i in (("gate", d), ("up", d), ("down", m))})
+        self.b = nn.ParameterDict({p: nn.Parameter(torch.randn(o, r, **kw) * 0.01)
+                                   for p, o in (("gate", m), ("up", m), ("down", d))})
+
+    def forward(self, x):
+        s = self.base.scaling
+
+        def proj(z, name, layer):
+            return F.linear(z, layer.weight) + F.linear(F.linear(z, self.a[name]), self.b[name]) * s
+
+        h = F.silu(proj(x, "gate", self.base.gate_proj)) * proj(x, "up", self.base.up_proj)
+        return proj(h, "down", self.base.down_proj)
+
+
+def make_providers(cfg: Config, device: str):
+    torch.manual_seed(0)
+    mole = MoLEFFN(cfg.d, cfg.m, cfg.k, cfg.r, 2.0 * cfg.r, dtype=cfg.dtype, device=device)
+    with torch.no_grad():  # trained-looking LoRA and a router that spreads tokens
+        for p in (mole.gate_proj, mole.up_proj, mole.down_proj):
+            p.lora_B.normal_(0, 0.01)
+        mole.router.weight.normal_(0, cfg.d ** -0.5)
+    dense = MoLEFFN(cfg.d, cfg.m, cfg.k, cfg.r, 2.0 * cfg.r, routing="dense", dtype=cfg.dtype, device=device)
+    dense.load_state_dict(mole.state_dict())
+    single = SingleLoRAFFN(mole)
+    x = torch.randn(cfg.n, cfg.d, dtype=cfg.dtype, device=device, requires_grad=True)
+    grad = torch.randn(cfg.n, cfg.d, dtype=cfg.dtype, device=device)
+    proj = lambda p: ref.Projection(p.weight, p.bias, p.lora_A, p.lora_B)
+
+    def fwd_bwd(f):
+        def run():
+            x.grad = None
+            f(x).backward(grad)
+        return run
+
+    return {
+        "mole_ext": fwd_bwd(mole),
+        "single_lora": fwd_bwd(single),
+        "expert_loop": fwd_bwd(lambda t: ref.mole_ffn(t, mole.router.weight, mole.router.bias, proj(mole.gate_proj),
+                                                        proj(mole.up_proj), proj(mole.down_proj), mole.scaling)[0]),
+        "dense": fwd_bwd(dense),
+        "base": fwd_bwd(lambda t: ref.base_ffn(t, mole.gate_proj.weight, mole.up_proj.weight, mole.down_proj.weight)),
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke run)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--no-save", action="store_true", help="do not write bench/results/")
+    args = ap.parse_args(argv)
+    device = args.device
+    configs = QUICK_CONFIGS if args.quick else (CUDA_CONFIGS if device == "cuda" else CPU_CONFIGS)
+    reps = args.reps or (3 if args.quick else (20 if device == "cuda" else 7))
+    env = harness.environment(device)
+    if device == "cpu":
+        print(f"CPU run ({env['device']}): float32 at CPU sizes; GPU numbers come from the GPU check.")
+    rows = []
+    for cfg in configs:
+        times = harness.time_interleaved(make_providers(cfg, device), device, warmup=1 if device == "cpu" else 3,
+                                         reps=reps)
+        q = {name: harness.quantiles(t) for name, t in times.items()}
+        base, single = q["base"]["median"], q["single_lora"]["median"]
+        for name, stats in q.items():
+            rows.append({
+                "bench": "mole_ffn", "provider": name, "N": cfg.n, "d": cfg.d, "m": cfg.m, "r": cfg.r, "K": cfg.k,
+                "dtype": str(cfg.dtype).replace("torch.", ""), "ms": stats["median"] * 1e3,
+                "p20_ms": stats["p20"] * 1e3, "p80_ms": stats["p80"] * 1e3,
+                "vs_single_lora": stats["median"] / single,
+                "overhead_vs_base_ms": (stats["median"] - base) * 1e3,
+                "speedup_mole_ext": stats["median"] / q["mole_ext"]["median"],
+            })
+    cols = ["provider", "N", "d", "m", "r", "K", "dtype", "ms", "p20_ms", "p80_ms", "vs_single_lora",
+            "overhead_vs_base_ms", "speedup_mole_ext"]
+    harness.print_table(rows, cols)
+    worst = max(r["vs_single_lora"] for r in rows if r["provider"] == "mole_ext")
+    slower_than_loop = [r["K"] for r in rows if r["provider"] == "expert_loop" and r["speedup_mole_ext"] < 1]
+    target = 1.10 if device == "cpu" else 1.05
+    verdict = (f"mole_ext / single_lora worst {worst:.3f} (target <= {target}): {'MET' if worst <= target else 'MISSED'}; "
+               f"slower than the expert loop at K = {slower_than_loop or 'none'}")
+    print(verdict)
+    if not args.no_save and not args.quick:
+        md = (f"# bench/mole_ffn.py\n\n{env['device']}, torch {env['torch']}, commit {env['git_commit']}, "
+              f"{env['date']}\n\nCommand: `python bench/mole_ffn.py`; forward+backward per call, median of "
+              f"{reps} round-robin reps.\n\n" + harness.markdown_table(rows, cols) + f"\n{verdict}\n")
+        print("wrote", harness.write_results("mole_ffn", env, rows, md))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
