@@ -100,12 +100,18 @@ def heatmap(stats: RoutingStats, path: str | Path) -> None:
 
     D, L, K = len(stats.domains), len(stats.layer_names), stats.K
     kinds = [k for k in range(2) if stats.counts[:, :, k].sum() > 0]
-    fig, axes = plt.subplots(len(kinds), D, figsize=(1.2 + 0.45 * K * D + 1.0 * D, 1.2 + 0.3 * L * len(kinds)), squeeze=False)
+    fig, axes = plt.subplots(len(kinds), D, figsize=(1.5 + (0.4 * K + 1.0) * D, 1.0 + (0.25 * L + 1.0) * len(kinds)),
+                             squeeze=False, constrained_layout=True)
     im = None
     for r, kind in enumerate(kinds):
         for d in range(D):
             ax = axes[r][d]
             c = stats.counts[:, d, kind]
+            if c.sum() == 0:
+                ax.set_title(f"{stats.domains[d]} / {KINDS[kind]}", fontsize=8)
+                ax.text(0.5, 0.5, "no tokens", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+                ax.set_axis_off()
+                continue
             frac = (c / c.sum(-1, keepdim=True).clamp_min(1)).numpy()
             im = ax.imshow(frac, vmin=0, vmax=1, cmap="viridis", aspect="auto")
             ax.set_title(f"{stats.domains[d]} / {KINDS[kind]}", fontsize=8)
@@ -115,7 +121,8 @@ def heatmap(stats: RoutingStats, path: str | Path) -> None:
             ax.set_yticklabels([str(i) for i in range(L)] if d == 0 else [], fontsize=6)
             if d == 0:
                 ax.set_ylabel("MoLE layer", fontsize=7)
-    fig.colorbar(im, ax=axes, fraction=0.02, label="token fraction")
+    fig.colorbar(im, ax=axes, fraction=0.05, label="token fraction")
+    fig.suptitle("routing: token fraction per MoLE layer and expert", fontsize=9)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

