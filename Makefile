@@ -2,6 +2,9 @@
 # a fresh clone: they create .venv, install torch and the pinned requirements, and build the
 # extension in place the first time (and rebuild it when csrc/ or setup.py change).
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# pip prints one warning per missing local index folder on this machine; keep logs readable.
+QUIET := 2>&1 | (grep -v 'is ignored: it is neither a file nor a directory' || true)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -20,14 +23,15 @@ SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.
 
 install: $(BUILT)
 
-$(DEPS): requirements.txt
+$(DEPS): requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(QUIET)
+	$(PY) -m pip install -q -r requirements.txt $(QUIET)
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt $(QUIET)
 	touch $@
 
 $(BUILT): $(DEPS) $(SOURCES)
-	$(PY) -m pip install -q --no-build-isolation -e .
+	$(PY) -m pip install -q --no-build-isolation -e . $(QUIET)
 	touch $@
 
 demo: $(BUILT)

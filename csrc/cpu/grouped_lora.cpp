@@ -43,7 +43,8 @@ at::Tensor grouped_lora_cpu(const at::Tensor& x_in, const at::Tensor& lora_a_in,
   const at::Tensor x = x_in.to(acc).contiguous();
   const at::Tensor lora_a = lora_a_in.to(acc).contiguous();
   const at::Tensor lora_b = lora_b_in.to(acc).contiguous();
-  at::Tensor y = at::zeros({n, out_f}, x.options());
+  // Valid offsets cover every row exactly once, so every row of y is written below.
+  at::Tensor y = at::empty({n, out_f}, x.options());
   for (int64_t e = 0; e < k; ++e) {
     const int64_t b = off[e], len = off[e + 1] - off[e];
     if (len == 0) continue;
@@ -76,10 +77,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward
   const at::Tensor lora_b = lora_b_in.to(acc).contiguous();
   const at::Tensor grad_y = grad_y_in.to(acc).contiguous();
 
-  at::Tensor grad_x = at::zeros_like(x);
+  at::Tensor grad_x = at::empty_like(x);  // every row lies in exactly one segment
   at::Tensor grad_a = at::zeros_like(lora_a);  // empty experts keep exactly zero gradients
   at::Tensor grad_b = at::zeros_like(lora_b);
-  at::Tensor grad_rs = row_scale.has_value() ? at::zeros({n}, x.options()) : at::empty({0}, x.options());
+  at::Tensor grad_rs = at::empty({row_scale.has_value() ? n : 0}, x.options());
   for (int64_t e = 0; e < k; ++e) {
     const int64_t b = off[e], len = off[e + 1] - off[e];
     if (len == 0) continue;
