@@ -361,3 +361,37 @@ def test_cli_train_and_generate(tmp_path, builtin):
     r = subprocess.run([sys.executable, "-m", "training.generate", "--run", str(run), "--prompt", "hi", "--max-new-tokens", "3"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
+    """torchrun with 2 CPU/gloo processes x batch 2 == 1 process x batch 4 (same global batch):
+    the LM loss is a mean over the global batch's answer tokens and the balance loss uses global
+    expert fractions, so the losses agree to float rounding. Dropout off: its masks are per rank."""
+    cfgf = tmp_path / "c.json"
+    cfgf.write_text(json.dumps({
+        "model": {"source": "tiny", "cache_dir": CACHE, "dropout": 0.0},
+        "data": {"builtin_dir": str(tmp_path / "data"), "builtin_per_domain": 8, "samples_per_epoch": 16},
+        "train": {"max_steps": 3, "lr": 1e-2, "projector_lr": 1e-2, "warmup_ratio": 0}}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         "-m", "training.train", "--config", str(cfgf), f"train.output_dir={tmp_path / 'two'}", "train.per_device_batch_size=2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert two.returncode == 0, two.stderr[-4000:]
+    one = subprocess.run(
+        [sys.executable, "-m", "training.train", "--config", str(cfgf), f"train.output_dir={tmp_path / 'one'}",
+         "train.per_device_batch_size=4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert one.returncode == 0, one.stderr[-4000:]
+    rows2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    rows1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert rows2[0]["epoch"] == rows1[0]["epoch"] == 0.25  # 16 samples per epoch: 4 global batches of 4
+    for r1, r2 in zip(rows1, rows2):
+        for k in ("loss", "lm_loss", "balance_loss", "grad_norm"):
+            if k in r1:
+                assert abs(r1[k] - r2[k]) < 2e-5, (k, r1, r2)
+    assert len([r for r in rows1 if "loss" in r]) == 3
