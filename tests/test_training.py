@@ -351,7 +351,7 @@ def test_cli_train_and_generate(tmp_path, builtin):
     cfgf = tmp_path / "c.json"
     cfgf.write_text(json.dumps({"model": {"source": "tiny", "cache_dir": CACHE},
                                 "data": {"builtin_dir": str(tmp_path / "d"), "builtin_per_domain": 4},
-                                "train": {"max_steps": 2, "per_device_batch_size": 2}}))
+                                "train": {"max_steps": 2, "per_device_batch_size": 2, "gradient_checkpointing": True}}))
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-m", "training.train", "--config", str(cfgf), f"train.output_dir={run}"],
@@ -395,3 +395,36 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
             if k in r1:
                 assert abs(r1[k] - r2[k]) < 2e-5, (k, r1, r2)
     assert len([r for r in rows1 if "loss" in r]) == 3
+
+
+def test_gradient_checkpointing_same_loss_and_grads():
+    """Activation checkpointing recomputes the MoLE layers in backward; the loss (LM + balance from
+    ``last_routing`` of the first forward) and every trainable gradient must be unchanged."""
+    from training.trainer import balance_loss
+
+    def run(ckpt):
+        b = build_model(ModelConfig(source="tiny", cache_dir=CACHE, dropout=0.0), stage=2)
+        m = b.model.train()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.requires_grad and p.ndim > 1:
+                    p.normal_(0, 0.05)
+        if ckpt:
+            m.activation_checkpointing_enable({"use_reentrant": False})
+            assert m.model.language_model.layers[0].gradient_checkpointing
+        ids = torch.randint(0, 1000, (2, 10))
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        logits = m(input_ids=ids, use_cache=False).logits
+        moles = [mod for mod in m.modules() if type(mod).__name__ == "MoLEFFN"]
+        bal = torch.stack([balance_loss(x.last_routing.probs, x.last_routing.expert, mask.reshape(-1)) for x in moles]).mean()
+        loss = logits.logsumexp(-1).mean() + 0.01 * bal
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad and p.grad is not None}
+
+    l0, g0 = run(False)
+    l1, g1 = run(True)
+    torch.testing.assert_close(l0, l1)
+    assert g0.keys() == g1.keys() and any("router" in k for k in g0)
+    for k in g0:
+        torch.testing.assert_close(g0[k], g1[k], rtol=1e-4, atol=1e-6, msg=k)

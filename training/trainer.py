@@ -237,8 +237,8 @@ def training_args(cfg: RunConfig) -> TrainingArguments:
         save_total_limit=None,  # rotation is ours (MoLETrainer._rotate)
         seed=t.seed,
         data_seed=t.seed,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_workers,
         report_to=["tensorboard"] if _has_tensorboard() else [],
