@@ -428,3 +428,11 @@ def test_gradient_checkpointing_same_loss_and_grads():
     assert g0.keys() == g1.keys() and any("router" in k for k in g0)
     for k in g0:
         torch.testing.assert_close(g0[k], g1[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_bench_train_step_runs():
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--config", "tiny", "--steps", "2",
+                        "--no-save"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[-2].startswith("lora") and lines[-1].startswith("mole") and lines[-1].endswith("x")
