@@ -112,7 +112,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.mole_ext.grouped_lora, (x, a, b, off, 0.5, rs))
     torch.library.opcheck(torch.ops.mole_ext.grouped_lora, (x, a, b, off, 0.5, None))
     up = torch.randn(17, 6)
-    torch.library.opcheck(torch.ops.mole_ext.grouped_lora_backward, (up, x, a, b, off, 0.5, rs))
+    plain = [t.detach() for t in (x, a, b, rs)]  # the backward op itself is not differentiable
+    torch.library.opcheck(torch.ops.mole_ext.grouped_lora_backward, (up, plain[0], plain[1], plain[2], off, 0.5, plain[3]))
 
 
 def _bad(**kw):
@@ -139,3 +140,11 @@ def _bad(**kw):
 def test_bad_input(kw, match):
     with pytest.raises(RuntimeError, match=match):
         ops.grouped_lora(**_bad(**kw))
+
+
+def test_double_backward_is_refused():
+    x, a, b, off, rs = make(9, 2, 2, 4, 5, torch.float64, "cpu")
+    x.requires_grad_()
+    (gx,) = torch.autograd.grad(ops.grouped_lora(x, a, b, off, 1.0, rs).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="grouped_lora_backward is not differentiable"):
+        gx.sum().backward()

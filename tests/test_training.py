@@ -233,7 +233,7 @@ def trained(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("train")
     cfg = tiny_cfg(tmp, "train.max_steps=8", "train.lr=2e-2", "train.projector_lr=2e-2", "data.samples_per_epoch=8",
-                   "model.dropout=0.0")
+                   "model.dropout=0.0", "train.routing_log_steps=4")
     s = run_training(cfg)
     return cfg, s
 
@@ -250,6 +250,8 @@ def test_loss_goes_down_and_run_dir(trained):
     for r in rows:  # loss = lm + 0.01 * balance
         if "loss" in r:
             assert abs(r["loss"] - (r["lm_loss"] + 0.01 * r["balance_loss"])) < 1e-3
+    snaps = [json.loads(x) for x in (run / "routing.jsonl").read_text().splitlines()]
+    assert [x["global_step"] for x in snaps] == [4, 8] and snaps[0]["cells"]
     for f in ("config.json", "routing.json", "routing_heatmap.png", "adapter/adapter.safetensors", "checkpoint-8/manifest.json"):
         assert (run / f).is_file(), f
 

@@ -262,3 +262,20 @@ def _lb_backward(ctx, grad):
 
 
 torch.library.register_autograd("mole_ext::load_balance_loss", _lb_backward, setup_context=_lb_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward ops have no derivative of their own: differentiating through them (double
+# backward) raises instead of silently returning zeros.
+
+def _no_double_backward(name):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"mole_ext::{name} is not differentiable (double backward through mole_ext ops "
+                           "is not supported)")
+
+    return backward
+
+
+for _name in ("router_top1_backward", "grouped_lora_backward", "load_balance_loss_backward"):
+    torch.library.register_autograd(f"mole_ext::{_name}", _no_double_backward(_name),
+                                    setup_context=lambda ctx, inputs, output: None)
