@@ -14,16 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import checkpoint as ck
-from training.analytics import RoutingStats
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the training package lives at the repository root, not in the wheel
+    sys.path.insert(0, str(ROOT))
+
+from training import checkpoint as ck  # noqa: E402
+from training.analytics import RoutingStats  # noqa: E402
 from training.config import DataConfig, DatasetSpec, ModelConfig, load_config
 from training.data import IGNORE, BadRecord, Collator, LlavaData, MixtureSampler, make_builtin
 from training.lora import LoRALinear
-from training.model import build_model, inject_mole, set_trainable
+from training.model import build_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 CACHE = str(ROOT / ".cache" / "mole_ext")
-TINY = [f"model.source=tiny", f"model.cache_dir={CACHE}", "data.builtin_per_domain=8",
+TINY = ["model.source=tiny", f"model.cache_dir={CACHE}", "data.builtin_per_domain=8",
         "train.per_device_batch_size=4", "train.logging_steps=1", "train.warmup_ratio=0"]
 
 

@@ -133,6 +133,12 @@ class MoLETrainer(Trainer):
             row = {"stage": self.run_cfg.train.stage, "global_step": self.state.global_step, **logs}
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            every = self.run_cfg.train.routing_log_steps
+            if self.moles and every and "loss" in logs and self.state.global_step % every == 0:
+                # cumulative since the start of the run, this process's tokens only
+                snap = {"global_step": self.state.global_step, **self.routing.summary()}
+                with open(Path(self.args.output_dir) / "routing.jsonl", "a") as f:
+                    f.write(json.dumps(snap) + "\n")
 
     # -- checkpoints: safetensors + JSON, atomic ------------------------------------------------
     def _trainable(self):
