@@ -64,7 +64,8 @@ def mole_projection(z: torch.Tensor, proj: Projection, offsets: torch.Tensor, sc
     """
     base = F.linear(z, proj.weight, proj.bias)
     z_lora = F.dropout(z, dropout, training) if dropout > 0 else z
-    return base + ops.grouped_lora(z_lora, proj.lora_a, proj.lora_b, offsets, scaling, row_scale)
+    # In place: neither linear's nor add's backward needs this output, so no extra [N, out] buffer.
+    return base.add_(ops.grouped_lora(z_lora, proj.lora_a, proj.lora_b, offsets, scaling, row_scale))
 
 
 def _dense_projection(z, proj: Projection, probs, scaling, dropout, training):
