@@ -441,3 +441,38 @@ def test_bench_train_step_runs():
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     assert lines[-2].startswith("lora") and lines[-1].startswith("mole") and lines[-1].endswith("x")
+
+
+def test_build_from_local_llava_and_separate_dirs(tiny, tmp_path):
+    """The two ways in for real checkpoints, with tiny random weights saved locally: a LLaVA
+    directory, and separate vision-tower + language-model directories (fresh projector)."""
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    base = build_model(ModelConfig(source="tiny", cache_dir=CACHE), stage=1)
+    llava_dir = tmp_path / "llava"
+    base.model.save_pretrained(llava_dir)
+    base.tokenizer.save_pretrained(llava_dir)
+    base.image_processor.save_pretrained(llava_dir)
+    b = build_model(ModelConfig(source="llava", llava_path=str(llava_dir), num_experts=2), stage=2)
+    assert len(b.mole_layers) == 2 and b.num_image_tokens == base.num_image_tokens
+    ids = torch.randint(0, 1000, (1, 8))
+    with torch.no_grad():  # fresh MoLE (lora_B = 0) == the saved base
+        torch.testing.assert_close(b.model(input_ids=ids).logits, base.model(input_ids=ids).logits)
+
+    lm = LlamaForCausalLM(base.model.config.text_config)
+    lm.model.load_state_dict(base.model.model.language_model.state_dict())
+    lm.lm_head.load_state_dict(base.model.lm_head.state_dict())
+    with torch.no_grad():  # make the saved weights differ from any random init
+        lm.model.layers[1].mlp.up_proj.weight.add_(1.0)
+    lm.save_pretrained(tmp_path / "lm")
+    base.tokenizer.save_pretrained(tmp_path / "lm")
+    vt = CLIPVisionModel(base.model.config.vision_config)
+    vt.load_state_dict(base.model.model.vision_tower.state_dict())
+    with torch.no_grad():
+        vt.post_layernorm.weight.add_(0.5)
+    vt.save_pretrained(tmp_path / "vision")
+    s = build_model(ModelConfig(source="separate", lm_path=str(tmp_path / "lm"), vision_path=str(tmp_path / "vision")), stage=1)
+    torch.testing.assert_close(s.model.model.language_model.layers[1].mlp.up_proj.weight,
+                               lm.model.layers[1].mlp.up_proj.weight)
+    torch.testing.assert_close(s.model.model.vision_tower.post_layernorm.weight, vt.post_layernorm.weight)
+    assert not any(p.requires_grad for p in s.model.model.vision_tower.parameters())  # pretrained tower: frozen
