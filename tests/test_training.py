@@ -63,6 +63,10 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         load_config(None, ["train.max_step=3"])
     with pytest.raises(ValueError, match="section.key=value"):
         load_config(None, ["max_steps=3"])
+    shipped = sorted((ROOT / "training" / "configs").glob("*.json"))
+    assert len(shipped) >= 3
+    for f in shipped:
+        load_config(f)
 
 
 # -- model -----------------------------------------------------------------------------------------
