@@ -108,8 +108,13 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results/")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (default: torch's). On a shared machine use 1: with 2 threads every small "
+                         "GEMM waits for the second thread to be scheduled, which penalises many-GEMM providers")
     args = ap.parse_args(argv)
     device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     configs = QUICK_CONFIGS if args.quick else (CUDA_CONFIGS if device == "cuda" else CPU_CONFIGS)
     reps = args.reps or (3 if args.quick else (20 if device == "cuda" else 7))
     env = harness.environment(device)
@@ -140,8 +145,9 @@ def main(argv=None):
                f"slower than the expert loop at K = {slower_than_loop or 'none'}")
     print(verdict)
     if not args.no_save and not args.quick:
+        cmd = "python bench/mole_ffn.py" + (f" --threads {args.threads}" if args.threads else "")
         md = (f"# bench/mole_ffn.py\n\n{env['device']}, torch {env['torch']}, commit {env['git_commit']}, "
-              f"{env['date']}\n\nCommand: `python bench/mole_ffn.py`; forward+backward per call, median of "
+              f"{env['date']}\n\nCommand: `{cmd}`; forward+backward per call, median of "
               f"{reps} round-robin reps.\n\n" + harness.markdown_table(rows, cols) + f"\n{verdict}\n")
         print("wrote", harness.write_results("mole_ffn", env, rows, md))
     return rows

@@ -1,0 +1,15 @@
+"""The benchmark scripts run (smoke: tiny shapes, nothing written); their numbers are not asserted."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_mole_ffn_bench_quick_runs():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "mole_ffn.py"), "--quick", "--no-save",
+                          "--reps", "1", "--threads", "1"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    for provider in ("mole_ext", "single_lora", "expert_loop", "dense", "base"):
+        assert provider in out
+    assert "mole_ext / single_lora worst" in out
