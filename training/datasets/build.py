@@ -50,10 +50,11 @@ def build(out: str | Path, seed: int = 0, per_domain: int = 600, test_per_domain
     t0 = time.perf_counter()
     counts, timings, captions = {}, {}, []
     for name in domains:
+        state: dict = {}  # shared by a domain's splits (e.g. to keep test charts out of train)
         for split in SPLITS:
             t = time.perf_counter()
             n = per_domain if split == "train" else n_test
-            recs, caps = DOMAINS[name](n, split, seed, out, size, conflict, cache)
+            recs, caps = DOMAINS[name](n, split, seed, out, size, conflict, cache, state=state)
             (out / f"{name}_{split}.json").write_text(json.dumps(recs, indent=1))
             if split == "train":
                 captions += caps

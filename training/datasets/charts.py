@@ -320,9 +320,12 @@ def document_questions(doc: dict, r) -> list[tuple]:
 
 
 def build_charts(n: int, split: str, seed: int, out: Path, size: int, conflict: float, cache,
-                 per_image: int = 2):
-    """About 60% chart questions (relaxed accuracy), 40% document questions (ANLS)."""
+                 state: dict | None = None, per_image: int = 3):
+    """About 60% chart questions (relaxed accuracy), 40% document questions (ANLS). `state` is
+    shared between the splits of one build: a chart drawn for train is never drawn for test."""
     import matplotlib
+
+    seen = (state if state is not None else {}).setdefault("chart_keys", set())
 
     recs, caps = [], []
     r = rng_for(seed, "charts", split)
@@ -330,6 +333,10 @@ def build_charts(n: int, split: str, seed: int, out: Path, size: int, conflict: 
     k = 0
     while len(recs) < n_chart:
         spec = random_chart_spec(r)
+        ident = json.dumps({k: spec[k] for k in ("dataset", "where", "categories", "kind")}, sort_keys=True)
+        if ident in seen:
+            continue
+        seen.add(ident)
         params = {**spec, "size": size, "renderer": CHART_RENDERER_VERSION, "mpl": matplotlib.__version__}
         rel = f"images/charts/{split}/chart_{k:05d}.png"
         cache.materialise("chart", params, out / rel, render_chart)
@@ -349,7 +356,7 @@ def build_charts(n: int, split: str, seed: int, out: Path, size: int, conflict: 
         rel = f"images/charts/{split}/doc_{k:05d}.png"
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         draw_document(doc, size).save(out / rel)
-        for j, (task, q, a, extra) in enumerate(r.sample(document_questions(doc, r), per_image)):
+        for j, (task, q, a, extra) in enumerate(r.sample(document_questions(doc, r), 2)):
             if len(recs) >= n:
                 break
             recs.append(record(f"charts-{split}-doc-{k}-{j}", rel, q, a, domain="charts", metric="anls",

@@ -162,7 +162,8 @@ def scene_records(n: int, split: str, seed: int, out: Path, size: int, conflict:
     return recs, caps
 
 
-def build_general(n: int, split: str, seed: int, out: Path, size: int, conflict: float, cache=None):
+def build_general(n: int, split: str, seed: int, out: Path, size: int, conflict: float, cache=None,
+                  state: dict | None = None):
     """Half easy-VQA, half generated scenes. Returns (records, captions)."""
     n_easy = n // 2
     easy = easy_vqa_records(n_easy, split, seed, out)

@@ -37,6 +37,7 @@ LUMEN = (246, 240, 246)
 # DAB colour deconvolution: a pixel is DAB-positive when its DAB optical density exceeds this.
 DAB_THRESHOLD = 0.05
 DAB_BINS = ((0.3, "low"), (0.7, "moderate"), (1.01, "high"))  # upper bounds of the positive share
+TISSUE_SIZE = 224
 IHC_TILE = 96   # pixels cut from the 512 x 512 image, saved at native resolution
 IHC_TEST_X = 320  # tiles with x >= this column are test tiles, the rest train: no pixel is shared
 
@@ -57,7 +58,7 @@ def render_tissue(params: dict) -> Image.Image:
     base = STROMA[None, None, :] + low[..., None] * np.array([14, 22, 14])
     ang = g.uniform(0, math.pi)
     yy, xx = np.mgrid[0:size, 0:size]
-    fib = np.sin((xx * math.cos(ang) + yy * math.sin(ang)) / (2.5 * s) + g.uniform(0, 6)) * 8
+    fib = np.sin((xx * math.cos(ang) + yy * math.sin(ang)) / (2.5 * s) + g.uniform(0, 6)) * 5
     base = base + fib[..., None] * np.array([0.3, 1.0, 0.6])
     if pattern == "necrosis":  # washed-out, eosinophilic, structureless
         base = base * 0.55 + np.array([238, 200, 214]) * 0.45
@@ -100,7 +101,7 @@ def render_tissue(params: dict) -> Image.Image:
             _ellipse(d, cx, cy, R, R * g.uniform(0.6, 1.0), (240, 214, 226))
         nuclei(int(260 * s * s), 0.6, 1.3, (90, 50, 120))
     img = img.filter(ImageFilter.GaussianBlur(0.8 * s))
-    arr = np.asarray(img, dtype=np.float32) + g.normal(0, 4, (size, size, 3))
+    arr = np.asarray(img, dtype=np.float32) + g.normal(0, 3, (size, size, 3))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
@@ -154,8 +155,10 @@ def ihc_questions(fraction: float, r) -> list[tuple]:
 
 
 def build_medical(n: int, split: str, seed: int, out: Path, size: int, conflict: float, cache,
-                  per_image: int = 2):
-    """About 75% procedural tissue questions, 25% questions on real IHC tiles."""
+                  state: dict | None = None, per_image: int = 2):
+    """About 75% procedural tissue questions, 25% questions on real IHC tiles. Tissue tiles are
+    drawn at min(size, TISSUE_SIZE): texture, not text, so 224 px is plenty."""
+    size = min(size, TISSUE_SIZE)
     recs, caps = [], []
     r = rng_for(seed, "medical", split)
     n_tissue = round(n * 0.75)
