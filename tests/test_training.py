@@ -480,3 +480,17 @@ def test_build_from_local_llava_and_separate_dirs(tiny, tmp_path):
                                lm.model.layers[1].mlp.up_proj.weight)
     torch.testing.assert_close(s.model.model.vision_tower.post_layernorm.weight, vt.post_layernorm.weight)
     assert not any(p.requires_grad for p in s.model.model.vision_tower.parameters())  # pretrained tower: frozen
+
+
+def test_pad_to_square_with_mean_colour(tiny):
+    from PIL import Image
+
+    from training.data import expand2square
+
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    sq = expand2square(img, (122, 116, 104))
+    assert sq.size == (40, 40)
+    assert sq.getpixel((0, 0)) == (122, 116, 104) and sq.getpixel((20, 20)) == (255, 0, 0)
+    assert sq.getpixel((20, 9)) == (122, 116, 104) and sq.getpixel((20, 10)) == (255, 0, 0)  # centred
+    pv = tiny.image_processor(images=sq, return_tensors="pt")["pixel_values"]
+    assert pv.shape == (1, 3, 64, 64)
