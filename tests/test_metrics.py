@@ -32,11 +32,17 @@ def test_exact_match():
     assert exact_match("circles", "circle") == 0.0
     assert exact_match("yes it is", "yes") == 0.0
     assert exact_match("", "") == 1.0
-    # ten human answers: min(1, matches / 3)
-    humans = ["2"] * 2 + ["3"] * 8
-    assert exact_match("two", humans) == pytest.approx(2 / 3)
-    assert exact_match("3", humans) == 1.0
-    assert exact_match("4", humans) == 0.0
+    assert exact_match("2", ["two", "3"]) == 1.0  # any of several answers
+
+
+def test_vqa_accuracy():
+    from training.metrics import vqa_accuracy
+
+    humans = ["2"] * 2 + ["3"] * 8  # ten human answers: min(1, matches / 3)
+    assert vqa_accuracy("two", humans) == pytest.approx(2 / 3)
+    assert vqa_accuracy("3", humans) == 1.0
+    assert vqa_accuracy("4", humans) == 0.0
+    assert vqa_accuracy("Two.", "2") == 1.0  # a single answer: exact match
 
 
 def test_relaxed_accuracy():
@@ -120,3 +126,17 @@ def test_aggregate():
     assert agg["domains"]["general"]["metrics"] == {"exact_match": {"score": 0.5, "n": 2}}
     assert agg["macro"] == pytest.approx(0.5) and agg["n"] == 5
     assert aggregate([]) == {"domains": {}, "macro": 0.0, "n": 0}
+
+
+def test_score_record():
+    from training.metrics import score_record
+
+    rec = {"id": "x", "image": "a.png", "domain": "charts", "metric": "chartqa",
+           "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "100"}]}
+    assert score_record(rec, "103") == {"id": "x", "domain": "charts", "metric": "relaxed_accuracy", "score": 1.0}
+    plain = {"id": "y", "conversations": rec["conversations"]}  # no keys: file domain, exact match
+    assert score_record(plain, "100.0", default_domain="mine") == \
+        {"id": "y", "domain": "mine", "metric": "exact_match", "score": 0.0}
+    assert score_record({**plain, "answers": ["a", "100.0"]}, "100.0")["score"] == 1.0
+    with pytest.raises(ValueError, match="no gpt turn"):
+        score_record({"id": "z", "conversations": []}, "a")

@@ -6,12 +6,14 @@ and returns a score in [0, 1]:
 | name (aliases)                      | benchmark | rule                                                    |
 |-------------------------------------|-----------|---------------------------------------------------------|
 | `exact_match` (`vqa`, `em`)         | VQAv2     | exact match after the official VQA answer normalisation  |
+| `vqa_accuracy`                      | VQAv2     | min(1, matching human answers / 3), same normalisation   |
 | `relaxed_accuracy` (`chartqa`)      | ChartQA   | numeric: within 5% of the target; otherwise exact        |
 | `anls` (`docvqa`)                   | DocVQA    | 1 - normalised Levenshtein distance, 0 below 0.5         |
 | `closed_accuracy` (`pathvqa_closed`)| PathVQA   | yes/no (first yes/no word of the prediction); else exact |
 | `open_recall` (`pathvqa_open`)      | PathVQA   | share of ground-truth tokens found in the prediction     |
 
-`score(name, prediction, answer)` dispatches by name; `aggregate(items)` averages per domain.
+`score(name, prediction, answer)` dispatches by name; `score_record(record, prediction)` reads the
+answer, `metric` and `domain` of a LLaVA-JSON record; `aggregate(items)` averages per domain.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from collections import Counter, defaultdict
 from typing import Iterable, Mapping, Sequence
 
 __all__ = [
-    "normalize_answer", "exact_match", "relaxed_accuracy", "anls", "closed_accuracy", "open_recall",
-    "score", "aggregate", "METRICS", "canonical_metric",
+    "normalize_answer", "exact_match", "vqa_accuracy", "relaxed_accuracy", "anls", "closed_accuracy", "open_recall",
+    "score", "score_record", "aggregate", "METRICS", "canonical_metric",
 ]
 
 # --- VQA answer normalisation (port of the official VQA evaluation, vqaEval.py) ----------------
@@ -102,13 +104,18 @@ def _answers(answer: str | Sequence[str]) -> list[str]:
 # --- metrics ---------------------------------------------------------------------------------
 
 def exact_match(prediction: str, answer: str | Sequence[str]) -> float:
-    """VQA exact match after normalisation. With a list of human answers (VQAv2 has ten), the
-    official soft accuracy min(1, matches / 3)."""
+    """Exact match after the VQA normalisation; with a list, matching any answer counts."""
     pred = normalize_answer(prediction)
-    golds = [normalize_answer(a) for a in _answers(answer)]
-    if len(golds) == 1:
-        return float(pred == golds[0])
-    return min(1.0, sum(g == pred for g in golds) / 3.0)
+    return float(any(normalize_answer(a) == pred for a in _answers(answer)))
+
+
+def vqa_accuracy(prediction: str, answer: str | Sequence[str]) -> float:
+    """VQAv2's soft accuracy over its ten human answers: min(1, matches / 3) after normalisation.
+    A single answer string is treated as exact match."""
+    if isinstance(answer, str):
+        return exact_match(prediction, answer)
+    pred = normalize_answer(prediction)
+    return min(1.0, sum(normalize_answer(a) == pred for a in answer) / 3.0)
 
 
 def _to_float(text: str) -> float | None:
@@ -200,6 +207,7 @@ def open_recall(prediction: str, answer: str | Sequence[str]) -> float:
 
 METRICS = {
     "exact_match": exact_match,
+    "vqa_accuracy": vqa_accuracy,
     "relaxed_accuracy": relaxed_accuracy,
     "anls": anls,
     "closed_accuracy": closed_accuracy,
@@ -230,6 +238,25 @@ def canonical_metric(name: str | None) -> str:
 def score(metric: str | None, prediction: str, answer: str | Sequence[str]) -> float:
     """Score one prediction with the named metric (canonical name or alias, see `METRICS`)."""
     return METRICS[canonical_metric(metric)](prediction, answer)
+
+
+def score_record(record: Mapping, prediction: str, default_domain: str = "default") -> dict:
+    """Score a prediction for a LLaVA-JSON record: the answer is the last `gpt` turn, the metric
+    the record's `metric` key (default `exact_match`), the domain its `domain` key (default
+    `default_domain`, e.g. the JSON file's stem). An `answers` list on the record (several
+    acceptable answers, as in VQAv2 or DocVQA) takes precedence over the gpt turn.
+
+    Returns {"id", "domain", "metric", "score"}: ready for `aggregate`."""
+    if "answers" in record:
+        answer = record["answers"]
+    else:
+        gpt = [t["value"] for t in record.get("conversations", []) if t.get("from") == "gpt"]
+        if not gpt:
+            raise ValueError(f"record {record.get('id')!r} has no gpt turn to score against")
+        answer = gpt[-1]
+    metric = canonical_metric(record.get("metric"))
+    return {"id": record.get("id"), "domain": record.get("domain", default_domain), "metric": metric,
+            "score": METRICS[metric](prediction, answer)}
 
 
 def aggregate(items: Iterable[Mapping]) -> dict:
