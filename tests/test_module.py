@@ -225,3 +225,19 @@ def test_torch_compile_inductor_runs():
     m = randomise_lora(MoLEFFN(16, 24, 3, 4, 8.0))
     x = torch.randn(4, 16)
     assert_close(torch.compile(m)(x), m(x))
+
+
+def test_every_trainable_parameter_gets_a_gradient_even_for_unused_experts():
+    """DDP/FSDP reduce the same parameter set on every rank: an expert that no token of this
+    rank's batch reached must still get a (zero) gradient, never None."""
+    m = randomise_lora(MoLEFFN(16, 24, 4, 4, 8.0))
+    with torch.no_grad():
+        m.router.bias.copy_(torch.tensor([0.0, 0.0, 50.0, 0.0]))  # every token -> expert 2
+    m(torch.randn(9, 16)).sum().backward()
+    assert torch.all(m.last_routing.expert == 2)
+    for name, p in m.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+    for proj in (m.gate_proj, m.up_proj, m.down_proj):
+        for e in (0, 1, 3):
+            assert_equal(proj.lora_A.grad[e], torch.zeros_like(proj.lora_A.grad[e]))
