@@ -288,8 +288,9 @@ def test_resume_equals_uninterrupted(tmp_path):
 
     extra = ["train.max_steps=4", "train.lr=1e-2", "train.projector_lr=1e-2", "data.samples_per_epoch=12",
              "model.dropout=0.1", "train.save_steps=2"]
-    full = tiny_cfg(tmp_path / "a", *extra)
+    full = tiny_cfg(tmp_path / "a", *extra, "train.save_total_limit=1")
     run_training(full)
+    assert sorted(p.name for p in Path(full.train.output_dir).glob("checkpoint-*")) == ["checkpoint-4"]
     part = tiny_cfg(tmp_path / "b", *extra, "train.stop_after_steps=2")
     run_training(part)
     assert (Path(part.train.output_dir) / "checkpoint-2" / "manifest.json").is_file()

@@ -170,14 +170,14 @@ class MoLETrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _rotate(self):
+        """Keep the newest ``save_total_limit`` finished checkpoints."""
+        import shutil
+
         limit = self.args.save_total_limit
         if not limit:
             return
-        ckpts = sorted(Path(self.args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
-        ckpts = [p for p in ckpts if p.name.split("-")[1].isdigit()]
-        import shutil
-
-        for p in ckpts[:-limit]:
+        ckpts = [p for p in Path(self.args.output_dir).glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()]
+        for p in sorted(ckpts, key=lambda p: int(p.name.split("-", 1)[1]))[:-limit]:
             shutil.rmtree(p)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -240,7 +240,7 @@ def training_args(cfg: RunConfig) -> TrainingArguments:
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=save_steps,
-        save_total_limit=None,  # rotation is ours (MoLETrainer._rotate)
+        save_total_limit=t.save_total_limit,  # applied by MoLETrainer._rotate
         seed=t.seed,
         data_seed=t.seed,
         activation_checkpointing=t.gradient_checkpointing,
