@@ -233,11 +233,14 @@ def test_chart_answers_match_vega_tables(built):
             assert _expected_value(spec, cat).quantize(q, rounding="ROUND_HALF_UP") == Decimal(shown), (spec, cat)
         cats, vals = spec["categories"], [Decimal(v) for v in spec["values"]]
         q_text, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        if r["task"] != "largest":
+            assert r["metric"] == "relaxed_accuracy"
         if r["task"] == "value":
             cat = re.search(r"value for (.+)\?$", q_text).group(1)
             assert a == spec["values"][cats.index(cat)]
         elif r["task"] == "largest":
             assert vals[cats.index(a)] == max(vals) and vals.count(max(vals)) == 1
+            assert r["metric"] == ("exact_match" if re.fullmatch(r"[\d.]+", a) else "relaxed_accuracy")
         elif r["task"] == "count":
             assert a == str(len(cats))  # charts always answer counts in digits
         elif r["task"] == "difference":

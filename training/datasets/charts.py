@@ -232,6 +232,14 @@ def render_chart(params: dict) -> Image.Image:
     return img
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def chart_questions(spec: dict, r, conflict: float) -> list[tuple]:
     cats, vals = spec["categories"], [Decimal(v) for v in spec["values"]]
     kind = spec["kind"]
@@ -343,8 +351,11 @@ def build_charts(n: int, split: str, seed: int, out: Path, size: int, conflict: 
         for j, (task, q, a, extra) in enumerate(r.sample(chart_questions(spec, r, conflict), per_image)):
             if len(recs) >= n_chart:
                 break
+            # A category label that reads as a number (a year, a cylinder count) must match exactly:
+            # ChartQA's 5% tolerance would accept 1990 for 1986.
+            metric = "exact_match" if task == "largest" and _is_number(a) else "relaxed_accuracy"
             recs.append(record(f"charts-{split}-chart-{k}-{j}", rel, q, a, domain="charts",
-                               metric="relaxed_accuracy", task=task, meta={"chart": spec, **extra}))
+                               metric=metric, task=task, meta={"chart": spec, **extra}))
         caps.append(record(f"caption-{split}-chart-{k}", rel, "Describe the image briefly.",
                            f"A {spec['kind']} chart titled \"{spec['title']}\" with {len(spec['categories'])} "
                            f"categories: {', '.join(spec['categories'])}.",

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from .common import int_seed, record, rng_for
 
-TISSUE_RENDERER_VERSION = 1
+TISSUE_RENDERER_VERSION = 2
 PATTERNS = ("normal glands", "tumour", "inflammation", "necrosis")
 # closed yes/no wording per pattern
 _PRESENT_Q = {
@@ -65,9 +65,13 @@ def render_tissue(params: dict) -> Image.Image:
     img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
     d = ImageDraw.Draw(img)
 
-    def nuclei(n, r_lo, r_hi, color=NUCLEUS, box=(0, 0, size, size)):
+    def nuclei(n, r_lo, r_hi, color=NUCLEUS, disc=None):
         for _ in range(n):
-            cx, cy = g.uniform(box[0], box[2]), g.uniform(box[1], box[3])
+            if disc is None:
+                cx, cy = g.uniform(0, size), g.uniform(0, size)
+            else:  # a round cluster, denser at the centre
+                a, rad = g.uniform(0, 2 * math.pi), disc[2] * math.sqrt(g.uniform(0, 1)) * g.uniform(0.6, 1.0)
+                cx, cy = disc[0] + rad * math.cos(a), disc[1] + rad * math.sin(a)
             r = g.uniform(r_lo, r_hi) * s
             dark = g.uniform(-15, 15)
             _ellipse(d, cx, cy, r, r * g.uniform(0.7, 1.0), tuple(int(np.clip(c + dark, 0, 255)) for c in color))
@@ -93,7 +97,7 @@ def render_tissue(params: dict) -> Image.Image:
         nuclei(int(40 * s * s), 1.5, 2.5, (110, 60, 140))
         for _ in range(g.integers(2, 4)):  # dense lymphoid clusters plus a diffuse infiltrate
             cx, cy, R = g.uniform(0.2, 0.8) * size, g.uniform(0.2, 0.8) * size, g.uniform(30, 60) * s
-            nuclei(int(120 * s * s), 2.0, 3.0, (45, 25, 95), (cx - R, cy - R, cx + R, cy + R))
+            nuclei(int(120 * s * s), 2.0, 3.0, (45, 25, 95), (cx, cy, R))
         nuclei(int(180 * s * s), 2.0, 3.0, (45, 25, 95))
     else:  # necrosis: ghost outlines and karyorrhectic dust
         for _ in range(g.integers(3, 6)):
