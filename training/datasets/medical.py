@@ -110,7 +110,7 @@ def render_tissue(params: dict) -> Image.Image:
 
 
 def tissue_questions(pattern: str, r) -> list[tuple]:
-    other = r.choice(PATTERNS)
+    other = pattern if r.random() < 0.5 else r.choice([p for p in PATTERNS if p != pattern])  # yes/no balanced
     opts = list(PATTERNS)
     r.shuffle(opts)
     return [
