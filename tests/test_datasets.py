@@ -86,8 +86,10 @@ def test_images_open(built):
     for p in sorted((out / "images").rglob("*.png")):
         with Image.open(p) as im:
             im.verify()
-    sizes = {p.parent.name + "/" + p.name.split("_")[0]: Image.open(p).size for p in (out / "images").rglob("*_*.png")}
-    assert any(s == (160, 160) for s in sizes.values())
+    expect = {"chart": (160, 160), "doc": (160, 160), "scene": (160, 160), "tissue": (160, 160),
+              "ihc": (IHC_TILE, IHC_TILE)}  # drawn at --size (tissue: at most 224); IHC native
+    for p in (out / "images").rglob("*_*.png"):
+        assert Image.open(p).size == expect[p.name.split("_")[0]], p
 
 
 def test_training_loader_accepts_files(built):
@@ -103,8 +105,7 @@ def test_training_loader_accepts_files(built):
 def test_no_test_image_in_train(built):
     out, _ = built
     for d in ("general", "charts", "medical"):
-        train = {tree for tree in (hashlib.sha256((out / r["image"]).read_bytes()).hexdigest()
-                                   for r in load(out, f"{d}_train"))}
+        train = {hashlib.sha256((out / r["image"]).read_bytes()).hexdigest() for r in load(out, f"{d}_train")}
         test = {hashlib.sha256((out / r["image"]).read_bytes()).hexdigest() for r in load(out, f"{d}_test")}
         assert not train & test, d
 
