@@ -28,6 +28,8 @@ $(DEPS): requirements.txt requirements-nodeps.txt
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(QUIET)
 	$(PY) -m pip install -q -r requirements.txt $(QUIET)
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt $(QUIET)
+	@# easy-vqa's wheel also drops a stray top-level test/ package into site-packages
+	rm -rf "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/test"
 	touch $@
 
 $(BUILT): $(DEPS) $(SOURCES)
