@@ -144,8 +144,17 @@ class MoLETrainer(Trainer):
     def _trainable(self):
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Every parameter, unsharded. Under FSDP this is a collective (all ranks must call it) and
+        the full tensors land on rank 0. UNTESTED under FSDP (no multi-GPU machine here)."""
+        if self.is_fsdp_enabled:
+            return self.accelerator.get_state_dict(self.model)
+        return {n: p.detach() for n, p in self.model.named_parameters()}
+
     def _save_checkpoint(self, model, trial):
         from transformers.trainer_callback import ExportableState
+
+        full = self.full_state()
 
         final = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         tmp = final.with_name(final.name + ".tmp")
@@ -157,10 +166,12 @@ class MoLETrainer(Trainer):
         if self.is_world_process_zero():
             for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
                 self.state.stateful_callbacks[cb.__class__.__name__] = cb.state()
+            if self.is_fsdp_enabled:  # sharded optimizer state is not gathered yet: weights-only checkpoint
+                log.warning("FSDP: checkpoint %s holds weights only (no optimizer state); it cannot be resumed", final)
             ck.write_main(
                 tmp,
-                self._trainable(),
-                self.optimizer.state_dict(),
+                {k: full[k] for k in self._sig},
+                None if self.is_fsdp_enabled else self.optimizer.state_dict(),
                 self.lr_scheduler.state_dict(),
                 {"run_config": self.run_cfg.to_dict(), "world_size": self.args.world_size},
             )
@@ -194,7 +205,9 @@ class MoLETrainer(Trainer):
         opt = ck.load_optimizer(Path(checkpoint))
         sched = ck.load_scheduler(Path(checkpoint))
         if opt is None or sched is None:
-            raise ck.CheckpointError(f"{checkpoint}: no optimizer/scheduler state; cannot resume")
+            raise ck.CheckpointError(
+                f"{checkpoint}: no optimizer/scheduler state (an FSDP checkpoint is weights-only); cannot resume"
+            )
         self.optimizer.load_state_dict(opt)
         self.lr_scheduler.load_state_dict(sched)
 
@@ -299,31 +312,33 @@ def run_training(cfg: RunConfig, resume: str | bool | None = None, built: Built 
             raise ck.CheckpointError(f"--resume: no checkpoint-N directory in {out}")
     result = trainer.train(resume_from_checkpoint=resume or None)
     trainer.routing.all_reduce()
+    full = trainer.full_state()
     summary = {"global_step": trainer.state.global_step, "train_loss": result.training_loss,
                "skipped_records": data.skipped, "domains": data.domains}
     if trainer.is_world_process_zero():
         if trainer.moles:
             summary["routing"] = trainer.routing.write(out, "routing")
-        export(built, cfg, out / "adapter")
+        export(built, cfg, out / "adapter", full)
         (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "routing"}, indent=1))
     trainer.accelerator.wait_for_everyone()
     summary["trainer"] = trainer
     return summary
 
 
-def adapter_tensors(built: Built, cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """What a run adds to the base: every trainable weight, the projector, and a random vision tower."""
+def adapter_tensors(built: Built, cfg: RunConfig, full: dict | None = None) -> dict[str, torch.Tensor]:
+    """What a run adds to the base: every trainable weight, the projector, and a random vision tower.
+    ``full``: unsharded parameters (FSDP), else read from the model."""
     out = {}
     for n, p in built.model.named_parameters():
         if p.requires_grad or "multi_modal_projector" in n or (
             cfg.model.source in ("tiny", "smollm2") and "vision_tower" in n
         ):
-            out[n] = p.detach()
+            out[n] = full[n] if full is not None else p.detach()
     return out
 
 
-def export(built: Built, cfg: RunConfig, out_dir) -> Path:
-    return ck.export_adapter(out_dir, adapter_tensors(built, cfg), {"run_config": cfg.to_dict()})
+def export(built: Built, cfg: RunConfig, out_dir, full: dict | None = None) -> Path:
+    return ck.export_adapter(out_dir, adapter_tensors(built, cfg, full), {"run_config": cfg.to_dict()})
 
 
 def load_run_model(adapter_dir, cfg_override=None) -> tuple[Built, RunConfig]:
