@@ -70,7 +70,7 @@ def test_expert_bin():
 @pytest.mark.parametrize("k", [1, 2, 3, 8, 64, 1024])
 def test_permute_tiling(n, k):
     tile, tiles = im.permute_tiling(n, k)
-    assert tile % 32 == 0 and tile >= 256
+    assert tile % 32 == 0 and tile >= 64
     if n == 0:
         assert tiles == 0
         return

@@ -54,7 +54,7 @@ MOLE_HD int32_t expert_bin(IndexT e, int64_t k) {
 // Above this many experts the permute uses a stable device sort instead of the tile histogram
 // (each warp keeps one counter per bin in shared memory).
 constexpr int64_t kPermuteMaxTileExperts = 1024;
-constexpr int64_t kPermuteBaseTile = 256;         // tokens per warp tile, a multiple of 32
+constexpr int64_t kPermuteBaseTile = 64;          // tokens per warp tile, a multiple of 32
 constexpr int64_t kPermuteMaxHistEntries = 1 << 16;  // bins * tiles, scanned by one block
 
 struct PermuteTiling {
@@ -128,7 +128,7 @@ MOLE_HD RowCopyGeometry row_copy_geometry(int64_t vecs_per_row, int block_thread
 
 // ---- load balance: partial sums per block of rows ----
 
-constexpr int64_t kLbTargetElems = 8192;    // probs elements per block
+constexpr int64_t kLbTargetElems = 2048;    // probs elements per block (8 per thread)
 constexpr int64_t kLbMaxBlocks = 2048;
 constexpr int64_t kLbMaxPartials = 1 << 22;  // blocks * k partial entries
 

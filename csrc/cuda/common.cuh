@@ -12,6 +12,9 @@
 //     sync), or from mole_ext._C.cuda_check_errors() (which synchronises first);
 //   * eagerly, in validate mode (MOLE_EXT_CUDA_VALIDATE=1 or mole_ext._C.set_cuda_validate(True)):
 //     the op synchronises its stream and raises before returning, like the CPU kernels do.
+// On a platform where mapped pinned memory cannot be allocated, the slots live in device memory
+// and are read only after a synchronisation (validate mode, cuda_check_errors()); the lazy
+// check at the start of the next op then sees nothing.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -19,8 +19,9 @@ constexpr int kMaxDevices = 64;
 
 struct SlotTable {
   std::mutex mu;
-  std::array<ErrorSlots*, kMaxDevices> host{};    // host view
-  std::array<ErrorSlots*, kMaxDevices> device{};  // device view of the same memory
+  std::array<ErrorSlots*, kMaxDevices> host{};    // host view (mapped) or a host staging copy
+  std::array<ErrorSlots*, kMaxDevices> device{};  // what kernels write
+  std::array<bool, kMaxDevices> mapped{};         // false: device memory, read only after a sync
 };
 
 SlotTable& table() {
@@ -55,14 +56,27 @@ const char* kind_message(int kind) {
   }
 }
 
-// Reads and clears the slots of one device; raises if a flag was set.
-void check_device(int device) {
+// Reads and clears the slots of one device; raises if a flag was set. `synchronized`: the caller
+// has waited for the device (needed to read slots that live in device memory).
+void check_device(int device, bool synchronized) {
   ErrorSlots* s = nullptr;
+  ErrorSlots* d = nullptr;
+  bool mapped = true;
   {
     std::lock_guard<std::mutex> lock(table().mu);
     s = table().host[device];
+    d = table().device[device];
+    mapped = table().mapped[device];
   }
   if (s == nullptr) return;  // no kernel with error reporting ran on this device yet
+  if (!mapped) {
+    if (!synchronized) return;  // fallback mode: errors surface only after a sync
+    c10::cuda::CUDAGuard g(static_cast<c10::DeviceIndex>(device));
+    C10_CUDA_CHECK(cudaMemcpy(s, d, sizeof(ErrorSlots), cudaMemcpyDeviceToHost));
+    bool any = false;
+    for (int k = 0; k < cuda_errors::kNumKinds; ++k) any = any || s->flag[k] != 0;
+    if (any) C10_CUDA_CHECK(cudaMemset(d, 0, sizeof(ErrorSlots)));
+  }
   volatile ErrorSlots* v = s;
   std::ostringstream msg;
   bool any = false;
@@ -71,8 +85,12 @@ void check_device(int device) {
     const int64_t value = v->value[k], where = v->where[k], bound = v->bound[k];
     v->flag[k] = 0;
     if (any) msg << "; ";
-    msg << kind_message(k) << ": found " << value << " at position " << where << " (valid range [0, "
-        << bound << "))";
+    msg << kind_message(k) << ": ";
+    if (k == cuda_errors::kPermuteRowsDuplicate || k == cuda_errors::kUnpermuteDuplicate) {
+      msg << "row " << where << " of " << bound << " is hit " << value << " times";
+    } else {
+      msg << "found " << value << " at position " << where << " (valid range [0, " << bound << "))";
+    }
     any = true;
   }
   TORCH_CHECK(!any, "mole_ext CUDA kernel on cuda:", device, " reported: ", msg.str(),
@@ -91,22 +109,34 @@ ErrorSlots* error_slots(int device) {
   if (t.device[device] == nullptr) {
     // Portable + mapped: any device can write it, the host reads it without a copy.
     void* p = nullptr;
-    C10_CUDA_CHECK(cudaHostAlloc(&p, sizeof(ErrorSlots), cudaHostAllocMapped | cudaHostAllocPortable));
-    std::memset(p, 0, sizeof(ErrorSlots));
     void* d = nullptr;
-    C10_CUDA_CHECK(cudaHostGetDevicePointer(&d, p, 0));
+    bool mapped = cudaHostAlloc(&p, sizeof(ErrorSlots), cudaHostAllocMapped | cudaHostAllocPortable) == cudaSuccess;
+    if (mapped) {
+      std::memset(p, 0, sizeof(ErrorSlots));
+      mapped = cudaHostGetDevicePointer(&d, p, 0) == cudaSuccess;
+      if (!mapped) cudaFreeHost(p);
+    }
+    if (!mapped) {
+      // A platform without mapped pinned memory: slots in device memory, read after a sync
+      // (validate mode, cuda_check_errors); the lazy check of begin_op then sees nothing.
+      (void)cudaGetLastError();  // clear the failed call's error
+      C10_CUDA_CHECK(cudaMalloc(&d, sizeof(ErrorSlots)));
+      C10_CUDA_CHECK(cudaMemset(d, 0, sizeof(ErrorSlots)));
+      p = new ErrorSlots();
+    }
     t.host[device] = static_cast<ErrorSlots*>(p);
     t.device[device] = static_cast<ErrorSlots*>(d);
+    t.mapped[device] = mapped;
   }
   return t.device[device];
 }
 
-void begin_op(int device) { check_device(device); }
+void begin_op(int device) { check_device(device, /*synchronized=*/false); }
 
 void end_op(int device, cudaStream_t stream) {
   if (!cuda_errors::validate()) return;
   C10_CUDA_CHECK(cudaStreamSynchronize(stream));
-  check_device(device);
+  check_device(device, /*synchronized=*/true);
 }
 
 }  // namespace cuda
@@ -119,7 +149,7 @@ void check_pending(int device, bool synchronize) {
       c10::cuda::CUDAGuard g(static_cast<c10::DeviceIndex>(device));
       c10::cuda::device_synchronize();
     }
-    cuda::check_device(device);
+    cuda::check_device(device, synchronize);
     return;
   }
   const int n = static_cast<int>(c10::cuda::device_count());
@@ -134,7 +164,7 @@ void check_pending(int device, bool synchronize) {
       c10::cuda::CUDAGuard g(static_cast<c10::DeviceIndex>(d));
       c10::cuda::device_synchronize();
     }
-    cuda::check_device(d);
+    cuda::check_device(d, synchronize);
   }
 }
 

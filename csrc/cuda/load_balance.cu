@@ -40,37 +40,40 @@ __global__ void __launch_bounds__(kLbThreads) lb_partials_kernel(
   const int64_t r1 = r0 + rows_per_block < n ? r0 + rows_per_block : n;
   const int64_t tid = threadIdx.x;
 
-  // Sum of column c over rows r0 + lane, + step, ... < r1.
+  // Sum of column c over rows r0 + lane, + step, ... < r1. Loads are unconditional (in bounds)
+  // and the row's contribution is selected, so unrolled iterations keep several loads in flight.
   auto column = [&](int64_t c, int64_t lane, int64_t step, double* s_out, int64_t* c_out) {
     double s = 0;
     int64_t cn = 0;
+#pragma unroll 4
     for (int64_t r = r0 + lane; r < r1; r += step) {
       const index_t e = expert[r];
       const int32_t bin = rm::expert_bin(e, k);
-      if (bin == k) {
-        if (c == 0) report_error(slots, cuda_errors::kLoadBalanceExpert, static_cast<int64_t>(e), r, k);
-        continue;
+      const bool bad = bin == k;
+      if (bad && c == 0) report_error(slots, cuda_errors::kLoadBalanceExpert, static_cast<int64_t>(e), r, k);
+      const bool use = !bad && (mask == nullptr || mask[r]);
+      if constexpr (WITH_PSUM) {
+        const double p = static_cast<double>(probs[r * k + c]);
+        s = use ? add_rn(s, p) : s;
       }
-      if (mask != nullptr && !mask[r]) continue;
-      if constexpr (WITH_PSUM) s = add_rn(s, static_cast<double>(probs[r * k + c]));
-      cn += (bin == c) ? 1 : 0;
+      cn += (use && bin == c) ? 1 : 0;
     }
     *s_out = s;
     *c_out = cn;
   };
 
   if (layout.row_lanes == 1) {
-    // k >= threads / 2: each thread owns whole columns.
+    // k > threads / 2: each thread owns whole columns.
     for (int64_t c = tid; c < k; c += kLbThreads) {
       double s;
       int64_t cn;
       column(c, 0, 1, &s, &cn);
-      if (WITH_PSUM) psum[blk * k + c] = s;
+      if constexpr (WITH_PSUM) psum[blk * k + c] = s;
       cnt[blk * k + c] = cn;
     }
     return;
   }
-  // k < threads / 2: row_lanes threads per column, then a fixed-order combine in shared memory.
+  // k <= threads / 2: row_lanes threads per column, then a fixed-order combine in shared memory.
   double s = 0;
   int64_t cn = 0;
   if (tid < layout.active) column(tid % layout.col_threads, tid / layout.col_threads, layout.row_lanes, &s, &cn);
@@ -84,22 +87,57 @@ __global__ void __launch_bounds__(kLbThreads) lb_partials_kernel(
       ss = add_rn(ss, s_sum[q * k + tid]);
       cc += s_cnt[q * k + tid];
     }
-    if (WITH_PSUM) psum[blk * k + tid] = ss;
+    if constexpr (WITH_PSUM) psum[blk * k + tid] = ss;
     cnt[blk * k + tid] = cc;
   }
 }
 
-// Column c's totals over the blocks' partials, in block order.
-__device__ __forceinline__ void column_totals(const double* psum, const int64_t* cnt, int64_t blocks, int64_t k,
-                                              int64_t c, double* s_out, int64_t* c_out) {
+// For every column c < k, the totals over the blocks' partials (psum may be null), in a fixed
+// order; calls f(c, sum, count) once per column, from some thread of the block. Every thread of
+// the block must call this (it has barriers). Uses the partial kernel's layout: for k <= 128,
+// row_lanes threads per column each add a contiguous run of blocks, then one thread per column
+// adds the runs in order; otherwise each thread adds whole columns.
+template <typename F>
+__device__ __forceinline__ void for_each_column_total(const double* psum, const int64_t* cnt, int64_t blocks,
+                                                      int64_t k, double* s_sum, int64_t* s_cnt, F&& f) {
+  const rm::LbLayout layout = rm::lb_layout(k, kLbThreads);
+  const int64_t tid = threadIdx.x;
+  if (layout.row_lanes == 1) {
+    for (int64_t c = tid; c < k; c += kLbThreads) {
+      double s = 0;
+      int64_t cn = 0;
+      for (int64_t b = 0; b < blocks; ++b) {
+        if (psum != nullptr) s = add_rn(s, psum[b * k + c]);
+        cn += cnt[b * k + c];
+      }
+      f(c, s, cn);
+    }
+    return;
+  }
   double s = 0;
   int64_t cn = 0;
-  for (int64_t b = 0; b < blocks; ++b) {
-    if (psum != nullptr) s = add_rn(s, psum[b * k + c]);
-    cn += cnt[b * k + c];
+  if (tid < layout.active) {
+    const int64_t c = tid % layout.col_threads, q = tid / layout.col_threads;
+    int64_t b0 = 0, b1 = 0;
+    rm::block_partition(blocks, layout.row_lanes, q, &b0, &b1);
+    for (int64_t b = b0; b < b1; ++b) {
+      if (psum != nullptr) s = add_rn(s, psum[b * k + c]);
+      cn += cnt[b * k + c];
+    }
   }
-  *s_out = s;
-  *c_out = cn;
+  s_sum[tid] = s;
+  s_cnt[tid] = cn;
+  __syncthreads();
+  if (tid < k) {
+    double ss = 0;
+    int64_t cc = 0;
+    for (int64_t q = 0; q < layout.row_lanes; ++q) {
+      ss = add_rn(ss, s_sum[q * k + tid]);
+      cc += s_cnt[q * k + tid];
+    }
+    f(tid, ss, cc);
+  }
+  __syncthreads();  // s_sum / s_cnt may be reused right after
 }
 
 // One block: loss = K * sum_c count_c * psum_c / M^2 (0 when M == 0), M = sum_c count_c.
@@ -107,17 +145,16 @@ template <typename out_t>
 __global__ void __launch_bounds__(kLbThreads) lb_loss_kernel(const double* __restrict__ psum,
                                                              const int64_t* __restrict__ cnt, int64_t blocks,
                                                              int64_t k, out_t* __restrict__ loss) {
+  __shared__ double s_sum[kLbThreads];
+  __shared__ int64_t s_cnt[kLbThreads];
   __shared__ double sd[kWarp];
   __shared__ int64_t sc[kWarp];
   double dot = 0;
   int64_t m = 0;
-  for (int64_t c = threadIdx.x; c < k; c += blockDim.x) {
-    double s;
-    int64_t cn;
-    column_totals(psum, cnt, blocks, k, c, &s, &cn);
+  for_each_column_total(psum, cnt, blocks, k, s_sum, s_cnt, [&](int64_t, double s, int64_t cn) {
     dot = add_rn(dot, mul_rn(static_cast<double>(cn), s));
     m += cn;
-  }
+  });
   dot = block_sum(dot, sd);
   m = block_sum(m, sc);
   if (threadIdx.x == 0) {
@@ -134,31 +171,25 @@ __global__ void __launch_bounds__(kLbThreads) lb_loss_kernel(const double* __res
 __global__ void __launch_bounds__(kLbThreads) lb_grad_col_kernel(const int64_t* __restrict__ cnt, int64_t blocks,
                                                                  int64_t k, const double* __restrict__ grad_loss,
                                                                  double* __restrict__ col) {
+  __shared__ double s_sum[kLbThreads];
+  __shared__ int64_t s_cnt[kLbThreads];
   __shared__ int64_t sc[kWarp];
   __shared__ int64_t m_all;
   int64_t m = 0;
-  for (int64_t c = threadIdx.x; c < k; c += blockDim.x) {
-    double s;
-    int64_t cn;
-    column_totals(nullptr, cnt, blocks, k, c, &s, &cn);
+  // first pass: M; the counts go to col (as doubles, exact below 2^53) for the second pass
+  for_each_column_total(nullptr, cnt, blocks, k, s_sum, s_cnt, [&](int64_t c, double, int64_t cn) {
     m += cn;
-  }
+    col[c] = static_cast<double>(cn);
+  });
   m = block_sum(m, sc);
   if (threadIdx.x == 0) m_all = m;
-  __syncthreads();
+  __syncthreads();  // also orders the col[] writes above before the reads below
   m = m_all;
   const double g = grad_loss[0];
+  const double mm = static_cast<double>(m);
   for (int64_t c = threadIdx.x; c < k; c += blockDim.x) {
-    double s;
-    int64_t cn;
-    column_totals(nullptr, cnt, blocks, k, c, &s, &cn);
-    double v = 0;
-    if (m > 0) {
-      // CPU: g * double(k) * double(counts[j]) / (double(m) * m)
-      const double mm = static_cast<double>(m);
-      v = div_rn(mul_rn(mul_rn(g, static_cast<double>(k)), static_cast<double>(cn)), mul_rn(mm, mm));
-    }
-    col[c] = v;
+    // CPU: g * double(k) * double(counts[j]) / (double(m) * m)
+    col[c] = m > 0 ? div_rn(mul_rn(mul_rn(g, static_cast<double>(k)), col[c]), mul_rn(mm, mm)) : 0.0;
   }
 }
 
@@ -204,6 +235,7 @@ int64_t launch_partials(const at::Tensor& probs, const at::Tensor& expert, const
 // for float64 probs)
 at::Tensor load_balance_loss_cuda(const at::Tensor& probs_in, const at::Tensor& expert_in,
                                   const std::optional<at::Tensor>& mask_in) {
+  const BelowAutograd below_autograd;  // ATen calls inside record no autograd history
   check_load_balance(probs_in, expert_in, mask_in);
   MOLE_CHECK_CUDA_TENSOR(probs_in, "probs");
   const c10::cuda::OptionalCUDAGuard guard(probs_in.device());
@@ -239,6 +271,7 @@ at::Tensor load_balance_loss_cuda(const at::Tensor& probs_in, const at::Tensor& 
 // in probs' dtype
 at::Tensor load_balance_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& probs_in,
                                            const at::Tensor& expert_in, const std::optional<at::Tensor>& mask_in) {
+  const BelowAutograd below_autograd;  // ATen calls inside record no autograd history
   check_load_balance(probs_in, expert_in, mask_in);
   TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must be a scalar, got shape ", grad_loss.sizes());
   MOLE_CHECK_CUDA_TENSOR(probs_in, "probs");

@@ -292,6 +292,7 @@ void sort_by_device_sort(const at::Tensor& expert, int64_t n, int64_t k, at::Ten
 // offsets [K+1] int32
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& x_in, const at::Tensor& expert_in,
                                                             int64_t num_experts) {
+  const BelowAutograd below_autograd;  // ATen calls inside record no autograd history
   check_permute(x_in, expert_in, num_experts);
   MOLE_CHECK_CUDA_TENSOR(x_in, "x");
   const c10::cuda::OptionalCUDAGuard guard(x_in.device());
@@ -320,6 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& x_
 
 // x [N, d] any dtype, sorted_token [N] int32/int64 -> out [N, d], out[i] = x[sorted_token[i]]
 at::Tensor permute_rows_cuda(const at::Tensor& x_in, const at::Tensor& sorted_token_in) {
+  const BelowAutograd below_autograd;  // ATen calls inside record no autograd history
   check_permute_rows(x_in, sorted_token_in, "x");
   MOLE_CHECK_CUDA_TENSOR(x_in, "x");
   const c10::cuda::OptionalCUDAGuard guard(x_in.device());
@@ -339,6 +341,7 @@ at::Tensor permute_rows_cuda(const at::Tensor& x_in, const at::Tensor& sorted_to
 
 // y_sorted [N, d] any dtype, sorted_token [N] int32/int64 -> y [N, d], y[sorted_token[i]] = y_sorted[i]
 at::Tensor unpermute_cuda(const at::Tensor& y_in, const at::Tensor& sorted_token_in) {
+  const BelowAutograd below_autograd;  // ATen calls inside record no autograd history
   check_permute_rows(y_in, sorted_token_in, "y_sorted");
   MOLE_CHECK_CUDA_TENSOR(y_in, "y_sorted");
   const c10::cuda::OptionalCUDAGuard guard(y_in.device());

@@ -183,6 +183,7 @@ void dispatch_small_k(int64_t k, int64_t limit, F&& f) {
 // logits [N, K] float32/bf16/fp16/fp64 -> probs [N, K] float32 (float64 for float64),
 // expert [N] int32
 std::tuple<at::Tensor, at::Tensor> router_top1_cuda(const at::Tensor& logits_in) {
+  const BelowAutograd below_autograd;  // ATen calls inside record no autograd history
   check_router_top1(logits_in);
   MOLE_CHECK_CUDA_TENSOR(logits_in, "logits");
   const c10::cuda::OptionalCUDAGuard guard(logits_in.device());
@@ -218,6 +219,7 @@ std::tuple<at::Tensor, at::Tensor> router_top1_cuda(const at::Tensor& logits_in)
 
 // grad_probs [N, K] float, probs [N, K] float -> grad_logits [N, K] in probs' dtype
 at::Tensor router_top1_backward_cuda(const at::Tensor& grad_in, const at::Tensor& probs_in) {
+  const BelowAutograd below_autograd;  // ATen calls inside record no autograd history
   check_router_top1_backward(grad_in, probs_in);
   MOLE_CHECK_CUDA_TENSOR(probs_in, "probs");
   const c10::cuda::OptionalCUDAGuard guard(probs_in.device());
