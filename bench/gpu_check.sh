@@ -227,7 +227,7 @@ json.dump(summary, open(os.path.join(dest, "gpu_check.json"), "w"), indent=1, de
 md = ["# mole_ext GPU check", ""]
 if bench:
     e = bench["env"]
-    md.append(f"{e.get('device_name')} · torch {e.get('torch')} (CUDA {e.get('torch_cuda')}) · commit {e.get('git_commit')} · {e.get('date')} · {total} s in all")
+    md.append(f"{e.get('device')} · torch {e.get('torch')} (CUDA {e.get('cuda')}) · commit {e.get('git_commit')} · {e.get('date')} · {total} s in all")
     md.append("")
 md += ["| stage | status | rc | seconds |", "|---|---|---|---|"]
 for s in stages:

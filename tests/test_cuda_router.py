@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import mole_ext
+from mole_ext import _C
 from mole_ext import reference as ref
 
 from cuda_testing import PROB_RTOL, assert_close, assert_equal, cpu_op, cuda_params, require_cuda
@@ -166,3 +167,28 @@ def test_router_opcheck(device):
 def test_router_kernel_is_registered(device):
     backend = mole_ext.ops.cuda_backend()
     assert backend["router_top1"] == "kernel" and backend["router_top1_backward"] == "kernel"
+
+
+# ---- runs without a GPU too -------------------------------------------------------------------
+
+def test_routing_kernels_registered_when_built():
+    # a build with CUDA kernels registers every routing op for the CUDA key, which turns the
+    # reference fallback of mole_ext.ops off for them (grouped_lora is issue 4's)
+    if not _C.compiled_with_cuda():
+        pytest.skip("built without CUDA kernels")
+    backend = mole_ext.ops.cuda_backend()
+    for op in ("router_top1", "router_top1_backward", "permute", "permute_rows", "unpermute",
+               "load_balance_loss", "load_balance_loss_backward"):
+        assert backend[op] == "kernel", (op, backend[op])
+
+
+def test_error_api_without_pending_errors():
+    old = _C.cuda_validate()
+    try:
+        _C.set_cuda_validate(True)
+        assert _C.cuda_validate() is _C.compiled_with_cuda()
+        _C.set_cuda_validate(False)
+        assert _C.cuda_validate() is False
+    finally:
+        _C.set_cuda_validate(old)
+    _C.cuda_check_errors(False)  # nothing pending, no GPU needed

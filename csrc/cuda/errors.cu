@@ -107,6 +107,10 @@ ErrorSlots* error_slots(int device) {
   SlotTable& t = table();
   std::lock_guard<std::mutex> lock(t.mu);
   if (t.device[device] == nullptr) {
+    // The first routing op may run inside a CUDA graph capture; allocation is not a stream
+    // operation, so let it through the capture (relaxed mode) and restore the mode after.
+    cudaStreamCaptureMode capture_mode = cudaStreamCaptureModeRelaxed;
+    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&capture_mode));
     // Portable + mapped: any device can write it, the host reads it without a copy.
     void* p = nullptr;
     void* d = nullptr;
@@ -127,6 +131,7 @@ ErrorSlots* error_slots(int device) {
     t.host[device] = static_cast<ErrorSlots*>(p);
     t.device[device] = static_cast<ErrorSlots*>(d);
     t.mapped[device] = mapped;
+    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&capture_mode));
   }
   return t.device[device];
 }
@@ -135,6 +140,11 @@ void begin_op(int device) { check_device(device, /*synchronized=*/false); }
 
 void end_op(int device, cudaStream_t stream) {
   if (!cuda_errors::validate()) return;
+  // Under CUDA graph capture nothing has run yet: validate mode cannot check there (the error
+  // still surfaces lazily after a replay).
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return;
   C10_CUDA_CHECK(cudaStreamSynchronize(stream));
   check_device(device, /*synchronized=*/true);
 }
