@@ -198,3 +198,70 @@ def test_simulated_permute_invalid_ids_go_last():
 
 def test_simulated_permute_empty():
     assert im.simulate_permute([], 4) == ([], [0, 0, 0, 0, 0])
+
+
+# ---- the load-balance reduction, emulated with the kernels' layout functions -----------------
+
+def _emulate_lb(expert, probs, mask, k, threads=256):
+    """csrc/cuda/load_balance.cu's two launches, thread by thread: per-block partial sums and
+    counts (row lanes x columns, then a fixed-order combine), then the one-block totals (runs of
+    blocks per thread, then a fixed-order combine). Returns (counts, psum) per expert."""
+    n = len(expert)
+    rows = im.lb_rows_per_block(n, k)
+    blocks = -(-n // rows)
+    col_threads, row_lanes, active = im.lb_layout(k, threads)
+    psum = [[0.0] * k for _ in range(blocks)]
+    cnt = [[0] * k for _ in range(blocks)]
+    for blk in range(blocks):
+        r0, r1 = blk * rows, min(blk * rows + rows, n)
+
+        def column(c, lane, step):
+            s, cn = 0.0, 0
+            for r in range(r0 + lane, r1, step):
+                b = im.expert_bin(expert[r], k)
+                use = b != k and (mask is None or mask[r])
+                if use:
+                    s += probs[r][c]
+                    cn += b == c
+            return s, cn
+
+        if row_lanes == 1:
+            for c in range(k):
+                psum[blk][c], cnt[blk][c] = column(c, 0, 1)
+        else:
+            part = [column(t % col_threads, t // col_threads, row_lanes) if t < active else (0.0, 0)
+                    for t in range(threads)]
+            for c in range(k):
+                psum[blk][c] = sum(part[q * k + c][0] for q in range(row_lanes))
+                cnt[blk][c] = sum(part[q * k + c][1] for q in range(row_lanes))
+    tot_s, tot_c = [0.0] * k, [0] * k
+    if row_lanes == 1:
+        for c in range(k):
+            tot_s[c] = sum(psum[b][c] for b in range(blocks))
+            tot_c[c] = sum(cnt[b][c] for b in range(blocks))
+    else:
+        runs = {}
+        for t in range(active):
+            c, q = t % col_threads, t // col_threads
+            b0, b1 = im.block_partition(blocks, row_lanes, q)
+            runs[(q, c)] = (sum(psum[b][c] for b in range(b0, b1)), sum(cnt[b][c] for b in range(b0, b1)))
+        for c in range(k):
+            tot_s[c] = sum(runs[(q, c)][0] for q in range(row_lanes))
+            tot_c[c] = sum(runs[(q, c)][1] for q in range(row_lanes))
+    return tot_c, tot_s
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (97, 3), (1025, 8), (3000, 129), (700, 300), (5000, 2)])
+def test_emulated_load_balance_reduction_matches_cpu(n, k):
+    g = torch.Generator().manual_seed(n + k)
+    probs = torch.softmax(torch.randn(n, k, generator=g, dtype=torch.float64), -1)
+    expert = torch.randint(0, k, (n,), generator=g)
+    mask = torch.rand(n, generator=g) < 0.7
+    counts, psum = _emulate_lb(expert.tolist(), probs.tolist(), mask.tolist(), k)
+    keep = mask
+    assert counts == torch.bincount(expert[keep], minlength=k).tolist()
+    assert psum == pytest.approx(probs[keep].sum(0).tolist(), rel=1e-12, abs=1e-12)
+    m = sum(counts)
+    loss = k * sum(c * s for c, s in zip(counts, psum)) / (m * m)
+    want = float(torch.ops.mole_ext.load_balance_loss(probs, expert, mask))
+    assert loss == pytest.approx(want, rel=1e-12)
