@@ -1,0 +1,260 @@
+#!/usr/bin/env bash
+# The GPU check: one command for a fresh GPU machine (built for an H200: sm_90a) with no internet.
+#
+#   bash bench/gpu_check.sh            # from the repository root
+#
+# Stages, each recorded (exit code, seconds, log) and none fatal to the others:
+#   env        nvidia-smi, python / torch / nvcc versions
+#   build      python setup.py build_ext --inplace, MOLE_EXT_FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=9.0a
+#   info       python -m mole_ext.info (which ops have a CUDA kernel)
+#   tests      pytest: tests/test_index_math.py, tests/test_cuda_*.py and every CUDA-parametrised case in tests/
+#   memcheck   compute-sanitizer --tool memcheck over bench/gpu_check_kernels.py (each kernel once)
+#   racecheck  compute-sanitizer --tool racecheck over the same script
+#   bench      python bench/routing.py --quick (+ bench/grouped_gemm.py / bench/mole_ffn.py if present)
+# Output: gpu_check.json and gpu_check.md (summary), gpu_check.log (every stage's output),
+# junit.xml, the benchmarks' tables (routing-cuda.md, ...), in $OUT when set, else
+# bench/results/gpu_check-<UTC date>/. At most 8 files, so a caller that brings back only a
+# few files gets all of them. The whole run stays under 8 minutes: each stage gets a time cap,
+# cut further to what is left of the budget (GPU_CHECK_BUDGET_S, default 470 s).
+# GPU_CHECK_STAGES="env tests bench" runs a subset (e.g. after a build already done).
+#
+# Python packages the machine lacks travel as wheels in the git-ignored folder .whl/ at the
+# repository root (download them on a machine with internet, for the GPU machine's Python, e.g.
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl NAME==VERSION
+# ). When .whl/ holds wheels this script installs them with
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+# and puts /tmp/site on PYTHONPATH. mole_ext itself needs only torch and numpy, which the H200
+# image has, so .whl/ is normally absent.
+
+set -u
+cd "$(dirname "$0")/.." || exit 2
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
+T0=$(date +%s)
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+DEST=${OUT:-$ROOT/bench/results/gpu_check-$STAMP}
+mkdir -p "$DEST"
+WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
+STAGES="$WORK/stages.tsv"
+: > "$STAGES"
+export PYTHONUNBUFFERED=1
+
+# ---- environment ------------------------------------------------------------------------------
+if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$ROOT"/.whl/*.whl > "$WORK/wheels.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
+if [ -z "${CUDA_HOME:-}" ]; then
+  if [ -x /usr/local/cuda/bin/nvcc ]; then
+    export CUDA_HOME=/usr/local/cuda
+  elif command -v nvcc >/dev/null 2>&1; then
+    export CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+  fi
+fi
+NPROC=$(nproc 2>/dev/null || echo 8)
+
+# GPU_CHECK_STAGES picks stages (e.g. "env tests bench" to rerun without rebuilding).
+WANTED=${GPU_CHECK_STAGES:-env build info tests memcheck racecheck bench}
+export ROOT PY WORK NPROC
+
+# run_stage NAME CAP_SECONDS FUNCTION: runs the (exported) shell function under a timeout (the
+# cap, or what is left of the budget), logs to $WORK/NAME.log, records "name rc seconds".
+run_stage() {
+  local name=$1 cap=$2 fn=$3
+  local now left limit rc start
+  case " $WANTED " in *" $name "*) ;; *) return ;; esac
+  now=$(date +%s)
+  left=$((BUDGET - (now - T0) - 15))
+  limit=$cap
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 5 ]; then
+    echo "skipped: out of the time budget" > "$WORK/$name.log"
+    printf '%s\t%s\t%s\n' "$name" "skipped" 0 >> "$STAGES"
+    echo "== $name: skipped (out of the time budget)"
+    return
+  fi
+  start=$(date +%s)
+  echo "== $name (cap ${limit}s)"
+  timeout --signal=TERM --kill-after=10 "$limit" bash -c "$fn" > "$WORK/$name.log" 2>&1
+  rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" $(( $(date +%s) - start )) >> "$STAGES"
+  echo "   -> rc=$rc in $(( $(date +%s) - start ))s"
+  tail -n 5 "$WORK/$name.log" | sed 's/^/   | /'
+}
+
+env_stage() {
+  nvidia-smi || true
+  echo "python: $(command -v "$PY") $("$PY" --version 2>&1)"
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+  echo "CUDA_HOME=${CUDA_HOME:-unset}"
+  "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version || nvcc --version || true
+  command -v compute-sanitizer || echo "compute-sanitizer not on PATH"
+  git -C "$ROOT" log --oneline -1 || true
+}
+
+build_stage() {
+  cd "$ROOT" && MOLE_EXT_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" \
+    MAX_JOBS="${MAX_JOBS:-$NPROC}" "$PY" setup.py build_ext --inplace
+}
+
+info_stage() {
+  cd "$ROOT" && "$PY" -m mole_ext.info
+}
+
+tests_stage() {
+  cd "$ROOT" || return 2
+  local mine others rc=0 rc2
+  mine=$(ls tests/test_index_math.py tests/test_cuda_*.py 2>/dev/null)
+  # -p no:cacheprovider keeps the tree clean; -rs lists the reasons of skips
+  "$PY" -m pytest -q -p no:cacheprovider -rs --junitxml="$WORK/junit.xml" $mine || rc=$?
+  # everyone else's CUDA cases (ids containing "cuda"); exit code 5 = none collected
+  others=$(ls tests/test_*.py 2>/dev/null | grep -v -e '/test_cuda_' -e '/test_index_math.py')
+  if [ -n "$others" ]; then
+    echo "== other test files, -k cuda: $others"
+    "$PY" -m pytest -q -p no:cacheprovider -rs -k cuda --junitxml="$WORK/junit_others.xml" $others
+    rc2=$?
+    [ "$rc2" -ne 0 ] && [ "$rc2" -ne 5 ] && rc=$rc2
+  fi
+  return $rc
+}
+
+# sanitizer_stage TOOL: compute-sanitizer over bench/gpu_check_kernels.py. Only kernels whose
+# name contains mole_ext are instrumented (torch's own kernels run uninstrumented), which keeps
+# the run short; without that filter option (an older compute-sanitizer) it checks everything.
+sanitizer_stage() {
+  cd "$ROOT" || return 2
+  local tool=$1 cs rc
+  cs=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+  "$cs" --tool "$tool" --error-exitcode 99 --kernel-name kns=mole_ext "$PY" bench/gpu_check_kernels.py 2>&1 \
+    | tee "$WORK/$tool.raw"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ] && grep -qi -e "unrecognized option" -e "unknown option" -e "invalid option" "$WORK/$tool.raw"; then
+    echo "== retrying without --kernel-name"
+    "$cs" --tool "$tool" --error-exitcode 99 "$PY" bench/gpu_check_kernels.py
+    rc=$?
+  fi
+  return $rc
+}
+memcheck_stage() { sanitizer_stage memcheck; }
+racecheck_stage() { sanitizer_stage racecheck; }
+
+bench_stage() {
+  cd "$ROOT" || return 2
+  local rc=0 b
+  "$PY" bench/routing.py --quick --json "$WORK/routing.json" || rc=$?
+  # the other benchmarks of the project, when they exist (issue 4), each time-boxed
+  for b in grouped_gemm mole_ffn; do
+    if [ -f "bench/$b.py" ]; then
+      echo "== bench/$b.py"
+      timeout 120 "$PY" "bench/$b.py" || rc=$?
+    fi
+  done
+  return $rc
+}
+
+export -f env_stage build_stage info_stage tests_stage sanitizer_stage memcheck_stage racecheck_stage bench_stage
+export CUDA_HOME BUDGET
+
+run_stage env 30 env_stage
+run_stage build 240 build_stage
+run_stage info 30 info_stage
+run_stage tests 150 tests_stage
+run_stage memcheck 60 memcheck_stage
+run_stage racecheck 60 racecheck_stage
+run_stage bench 150 bench_stage
+
+# ---- summary: gpu_check.json, gpu_check.md, gpu_check.log (+ rows, junit) ---------------------
+{
+  for f in env build info tests memcheck racecheck bench; do
+    [ -f "$WORK/$f.log" ] && { echo "################ $f"; cat "$WORK/$f.log"; }
+  done
+} > "$WORK/all.log"
+# keep the log under 15 MiB (the file limit of the device tool): head and tail of it
+if [ "$(stat -c %s "$WORK/all.log")" -gt 15000000 ]; then
+  { head -c 5000000 "$WORK/all.log"; echo; echo "[... log cut ...]"; tail -c 9000000 "$WORK/all.log"; } > "$DEST/gpu_check.log"
+else
+  cp "$WORK/all.log" "$DEST/gpu_check.log"
+fi
+[ -f "$WORK/junit.xml" ] && cp "$WORK/junit.xml" "$DEST/junit.xml"
+[ -f "$WORK/junit_others.xml" ] && cp "$WORK/junit_others.xml" "$DEST/junit_others.xml"
+# the benchmarks' latest tables (bench/harness.py writes bench/results/<name>-cuda.md); their
+# rows are appended to bench/results/<name>.jsonl in the tree
+for f in routing mole_ffn grouped_gemm; do
+  [ -f "bench/results/$f-cuda.md" ] && [ "bench/results/$f-cuda.md" -nt "$STAGES" ] && cp "bench/results/$f-cuda.md" "$DEST/"
+done
+
+"$PY" - "$WORK" "$DEST" "$(( $(date +%s) - T0 ))" <<'PYEOF'
+import json, os, re, sys, xml.etree.ElementTree as ET
+work, dest, total = sys.argv[1], sys.argv[2], int(sys.argv[3])
+stages = []
+for line in open(os.path.join(work, "stages.tsv")):
+    name, rc, secs = line.rstrip("\n").split("\t")
+    log = open(os.path.join(work, name + ".log"), errors="replace").read() if os.path.exists(os.path.join(work, name + ".log")) else ""
+    st = {"stage": name, "rc": rc, "seconds": int(secs),
+          "status": "skipped" if rc == "skipped" else ("ok" if rc == "0" else ("timeout" if rc in ("124", "137") else "failed")),
+          "tail": log.strip().splitlines()[-15:]}
+    if name in ("memcheck", "racecheck"):
+        m = re.findall(r"ERROR SUMMARY: (\d+) error", log)
+        st["sanitizer_errors"] = [int(x) for x in m]
+        st["hazards"] = re.findall(r"RACECHECK SUMMARY: .*", log)
+    stages.append(st)
+tests = {}
+for jn in ("junit.xml", "junit_others.xml"):
+    p = os.path.join(work, jn)
+    if os.path.exists(p):
+        try:
+            root = ET.parse(p).getroot()
+            suites = [root] if root.tag == "testsuite" else list(root)
+            agg = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+            fails = [f"{c.get('classname')}::{c.get('name')}" for s in suites for c in s
+                     if c.find("failure") is not None or c.find("error") is not None]
+            agg["failed_cases"] = fails[:50]
+            tests[jn] = agg
+        except Exception as exc:
+            tests[jn] = {"parse_error": repr(exc)}
+bench = None
+p = os.path.join(work, "routing.json")
+if os.path.exists(p):
+    bench = json.load(open(p))
+env_log = open(os.path.join(work, "env.log"), errors="replace").read() if os.path.exists(os.path.join(work, "env.log")) else ""
+summary = {"total_seconds": total, "stages": stages, "tests": tests, "env_log": env_log.splitlines()[:40],
+           "routing_bench": bench}
+json.dump(summary, open(os.path.join(dest, "gpu_check.json"), "w"), indent=1, default=str)
+
+md = ["# mole_ext GPU check", ""]
+if bench:
+    e = bench["env"]
+    md.append(f"{e.get('device')} · torch {e.get('torch')} (CUDA {e.get('cuda')}) · commit {e.get('git_commit')} · {e.get('date')} · {total} s in all")
+    md.append("")
+md += ["| stage | status | rc | seconds |", "|---|---|---|---|"]
+for s in stages:
+    extra = ""
+    if "sanitizer_errors" in s:
+        extra = f" (errors: {s['sanitizer_errors']})"
+    md.append(f"| {s['stage']} | {s['status']}{extra} | {s['rc']} | {s['seconds']} |")
+md.append("")
+for jn, t in tests.items():
+    md.append(f"**{jn}**: {t}")
+    md.append("")
+if bench:
+    md += ["## bench/routing.py (--quick)", "",
+           "| op | mode | N | K | d | mole_ext us (p20-p80) | GB/s | of copy | reference us | speed-up | target |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    refs = {(r["op"], r["mode"], r["n"], r["k"]): r for r in bench["rows"] if r["provider"] == "reference"}
+    for r in bench["rows"]:
+        if r["provider"] != "mole_ext":
+            continue
+        rf = refs.get((r["op"], r["mode"], r["n"], r["k"]), {})
+        md.append(f"| {r['op']} | {r['mode']} | {r['n']} | {r['k']} | {r['d']} | {r['median_us']:.1f} ({r['p20_us']:.1f}-{r['p80_us']:.1f}) | "
+                  f"{r['gbps']:.0f} | {r['frac_of_copy']:.0%} | {rf.get('median_us', float('nan')):.1f} | "
+                  f"{r.get('speedup_vs_reference', float('nan')):.2f}x | {r.get('target') or '-'} |")
+    md.append("")
+md.append("Command: `bash bench/gpu_check.sh`; every stage's output is in gpu_check.log.")
+open(os.path.join(dest, "gpu_check.md"), "w").write("\n".join(md) + "\n")
+print("\n".join(md))
+PYEOF
+echo "gpu_check: results in $DEST ($(ls "$DEST" | tr '\n' ' '))"
+rm -rf "$WORK"

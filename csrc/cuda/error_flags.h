@@ -1,0 +1,33 @@
+// Host side of the CUDA kernels' error reporting, in plain C++ so python_module.cpp (built by the
+// host compiler) can expose it. See common.cuh for the device side and the semantics.
+#pragma once
+
+#include <cstdint>
+
+namespace mole_ext {
+namespace cuda_errors {
+
+// What a kernel found wrong. One flag per kind, so concurrent reports never need atomics.
+enum Kind : int {
+  kPermuteExpert = 0,         // permute: expert id outside [0, num_experts)
+  kLoadBalanceExpert = 1,     // load_balance_loss(_backward): expert id outside [0, K)
+  kPermuteRowsIndex = 2,      // permute_rows: sorted_token entry outside [0, N)
+  kUnpermuteIndex = 3,        // unpermute: sorted_token entry outside [0, N)
+  kPermuteRowsDuplicate = 4,  // permute_rows, validate mode: sorted_token not a permutation
+  kUnpermuteDuplicate = 5,    // unpermute, validate mode: sorted_token not a permutation
+  kNumKinds = 6,
+};
+
+// Raises (TORCH_CHECK) if a kernel on `device` (-1: any device) has reported an error since the
+// last check, clearing the report. With synchronize, first waits for the device(s) so every
+// kernel launched so far has finished. Without it the check reads host memory only: no sync.
+void check_pending(int device, bool synchronize);
+
+// Validate mode: every routing op synchronises its stream after its kernels and raises at once;
+// permute_rows / unpermute also verify that sorted_token is a permutation. Off by default; the
+// environment variable MOLE_EXT_CUDA_VALIDATE=1 turns it on at start-up.
+void set_validate(bool on);
+bool validate();
+
+}  // namespace cuda_errors
+}  // namespace mole_ext
