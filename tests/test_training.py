@@ -495,3 +495,21 @@ def test_pad_to_square_with_mean_colour(tiny):
     assert sq.getpixel((20, 9)) == (122, 116, 104) and sq.getpixel((20, 10)) == (255, 0, 0)  # centred
     pv = tiny.image_processor(images=sq, return_tensors="pt")["pixel_values"]
     assert pv.shape == (1, 3, 64, 64)
+
+
+def test_demo_end_to_end_tiny(tmp_path):
+    """``python -m training.demo`` on the tiny model: both stages, evaluation, the run directory's
+    files, and the run directory as the last printed line."""
+    out = tmp_path / "demo"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "training.demo", "--model", "tiny", "--steps1", "1", "--steps2", "2",
+                        "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stdout.strip().splitlines()[-1] == str(out.resolve())
+    for f in ("config.json", "metrics.json", "metrics.jsonl", "loss_curve.png", "routing_heatmap.png",
+              "routing_eval_heatmap.png", "stage1/adapter/adapter.safetensors", "stage2/checkpoint-2/manifest.json"):
+        assert (out / f).is_file(), f
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["eval_loss"]) == {"shapes", "charts", "text", "all"}
+    stages = {json.loads(x).get("stage") for x in (out / "metrics.jsonl").read_text().splitlines()}
+    assert stages == {1, 2}
