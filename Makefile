@@ -19,7 +19,7 @@ DEPS := $(VENV)/.deps-stamp
 BUILT := $(VENV)/.build-stamp
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: install demo toy test host-test pytest bench info clean
+.PHONY: install demo toy test host-test pytest bench gpu-check info clean
 
 install: $(BUILT)
 
@@ -54,6 +54,9 @@ pytest: $(BUILT)
 
 bench: $(BUILT)
 	$(PY) bench/mole_ffn.py
+
+gpu-check:
+	bash bench/gpu_check.sh
 
 info: $(BUILT)
 	$(PY) -m mole_ext.info

@@ -20,6 +20,7 @@ def build_info() -> dict:
     info["runtime_torch"] = torch.__version__
     info["cuda_available"] = torch.cuda.is_available()
     info["cuda_backend"] = ops.cuda_backend()
+    info["cuda_validate"] = ops.cuda_validate()
     return info
 
 

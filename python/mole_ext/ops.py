@@ -20,7 +20,7 @@ from . import reference as _ref
 
 __all__ = [
     "router_top1", "permute", "permute_rows", "unpermute", "grouped_lora", "load_balance_loss",
-    "cuda_backend",
+    "cuda_backend", "cuda_check_errors", "set_cuda_validate", "cuda_validate",
 ]
 
 _OPS = ("router_top1", "router_top1_backward", "permute", "permute_rows", "unpermute",
@@ -37,6 +37,29 @@ for _name in _OPS:
 def cuda_backend() -> dict:
     """Which implementation each op uses for CUDA tensors: "kernel" or "reference"."""
     return {n: ("reference" if n in _CUDA_FALLBACK else "kernel") for n in _OPS}
+
+
+def cuda_check_errors(synchronize: bool = True) -> None:
+    """Raises the error a mole_ext CUDA kernel reported (expert id out of range, ``sorted_token``
+    not a permutation), if any.
+
+    CPU kernels raise in the failing call. CUDA kernels never read or write out of bounds on bad
+    ids (such rows are set aside, see ``permute``), but to avoid a host synchronisation per op
+    they report the error asynchronously: the next mole_ext CUDA op on that device raises it, or
+    this function does. Validate mode (``set_cuda_validate(True)`` or the environment variable
+    ``MOLE_EXT_CUDA_VALIDATE=1``) synchronises and raises in the failing call instead.
+    """
+    _C.cuda_check_errors(synchronize)
+
+
+def set_cuda_validate(on: bool) -> None:
+    """Turns CUDA validate mode on or off (see ``cuda_check_errors``)."""
+    _C.set_cuda_validate(bool(on))
+
+
+def cuda_validate() -> bool:
+    """Whether CUDA validate mode is on."""
+    return bool(_C.cuda_validate())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +113,9 @@ def permute(x: torch.Tensor, expert: torch.Tensor, num_experts: int):
 
     Args:
         x: [N, d] any dtype.
-        expert: [N] int32/int64 in [0, num_experts).
+        expert: [N] int32/int64 in [0, num_experts). On CPU an id outside raises here; on CUDA
+            such rows go after all valid rows (offsets[K] then counts only valid rows) and the
+            error is raised asynchronously (see ``cuda_check_errors``).
         num_experts: K >= 1.
     Returns:
         x_sorted: [N, d], rows of x in expert order (differentiable in x).
