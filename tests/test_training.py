@@ -368,6 +368,12 @@ def test_cli_train_and_generate(tmp_path, builtin):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == str(run)
+    r = subprocess.run([sys.executable, "-m", "training.train", "--config", str(cfgf), "--resume",
+                        f"train.output_dir={run}", "train.max_steps=3"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "global_step=3" in r.stdout
+    assert json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
     r = subprocess.run([sys.executable, "-m", "training.generate", "--run", str(run), "--prompt", "hi", "--max-new-tokens", "3"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
