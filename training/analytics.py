@@ -29,31 +29,36 @@ class RoutingStats:
     @torch.no_grad()
     def update(self, layer: int, probs: torch.Tensor, expert: torch.Tensor, token_domain: torch.Tensor,
                is_image: torch.Tensor, mask: torch.Tensor) -> None:
-        """probs [N, K] float, expert [N] int, token_domain [N] long, is_image / mask [N] bool."""
-        m = mask.bool().cpu()
-        p = probs.detach().float().cpu()[m]
-        e = expert.long().cpu()[m]
-        cell = token_domain.cpu()[m].long() * 2 + is_image.cpu()[m].long()  # (domain, kind) flattened
+        """probs [N, K] float, expert [N] int, token_domain [N] long, is_image / mask [N] bool.
+        Accumulates on the tensors' device (no host sync per step on a GPU)."""
+        dev = probs.device
+        if self.counts.device != dev:
+            self.counts, self.entropy = self.counts.to(dev), self.entropy.to(dev)
+        m = mask.to(dev).bool()
+        p = probs.detach().float()[m]
+        e = expert.to(dev).long()[m]
+        cell = token_domain.to(dev)[m].long() * 2 + is_image.to(dev)[m].long()  # (domain, kind) flattened
         D = len(self.domains)
-        idx = cell * self.K + e
-        c = torch.bincount(idx.cpu(), minlength=D * 2 * self.K).double()
+        c = torch.bincount(cell * self.K + e, minlength=D * 2 * self.K).to(self.counts.dtype)
         self.counts[layer] += c.view(D, 2, self.K)
         h = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
-        self.entropy[layer] += torch.zeros(D * 2, dtype=torch.float64).index_add_(0, cell.cpu(), h.double().cpu()).view(D, 2)
+        ent = torch.zeros(D * 2, dtype=self.entropy.dtype, device=dev).index_add_(0, cell, h.to(self.entropy.dtype))
+        self.entropy[layer] += ent.view(D, 2)
 
     def all_reduce(self) -> None:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for t in (self.counts, self.entropy):
-                buf = t.float() if dist.get_backend() == "nccl" else t
-                buf = buf.to("cuda") if dist.get_backend() == "nccl" else buf
+            dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            for name in ("counts", "entropy"):
+                buf = getattr(self, name).to(dev)
                 dist.all_reduce(buf)
-                t.copy_(buf.cpu())
+                setattr(self, name, buf)
 
     def summary(self, min_fraction: float = 0.01) -> dict:
         """JSON-ready fractions and entropies; ``warnings`` lists experts under ``min_fraction``
         of a layer's tokens (all domains and kinds together)."""
+        self.counts, self.entropy = self.counts.cpu(), self.entropy.cpu()
         out = {"layers": self.layer_names, "domains": self.domains, "num_experts": self.K, "cells": [], "warnings": []}
         tot = self.counts.sum(-1)  # [L, D, 2]
         for l in range(len(self.layer_names)):
