@@ -341,11 +341,12 @@ def export(built: Built, cfg: RunConfig, out_dir, full: dict | None = None) -> P
     return ck.export_adapter(out_dir, adapter_tensors(built, cfg, full), {"run_config": cfg.to_dict()})
 
 
-def load_run_model(adapter_dir, cfg_override=None) -> tuple[Built, RunConfig]:
-    """A fresh base model with an exported adapter on it (for generation and evaluation)."""
+def load_run_model(adapter_dir, device: str | None = None) -> tuple[Built, RunConfig]:
+    """A fresh base model with an exported adapter on it (for generation and evaluation), on
+    ``device`` (default: CUDA when available)."""
     meta, _ = ck.read_adapter(adapter_dir)
     cfg = RunConfig.from_dict(meta["config"]["run_config"])
     built = build_model(cfg.model, stage=cfg.train.stage)
     ck.load_adapter_into(built.model, adapter_dir, strict=True)
-    built.model.eval()
+    built.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     return built, cfg
