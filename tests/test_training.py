@@ -27,7 +27,7 @@ from training.model import build_model  # noqa: E402
 
 CACHE = str(ROOT / ".cache" / "mole_ext")
 TINY = ["model.source=tiny", f"model.cache_dir={CACHE}", "data.builtin_per_domain=8",
-        "train.per_device_batch_size=4", "train.logging_steps=1", "train.warmup_ratio=0"]
+        "train.per_device_batch_size=4", "train.logging_steps=1", "train.warmup_ratio=0", "train.device=cpu"]
 
 
 def tiny_cfg(tmp, *extra):
@@ -268,7 +268,7 @@ def test_export_import_identical_logits(trained, builtin):
 
     cfg, s = trained
     model = s["trainer"].model.eval()
-    fresh, _ = load_run_model(Path(cfg.train.output_dir) / "adapter")
+    fresh, _ = load_run_model(Path(cfg.train.output_dir) / "adapter", device="cpu")
     ds = _data(fresh, builtin["instruct"])
     b = Collator(fresh.tokenizer.pad_token_id)([ds[0], ds[9], ds[len(ds) - 1]])
     b.pop("labels"), b.pop("domain")
@@ -338,7 +338,7 @@ def test_generate_greedy_kv_cache_and_sampled(trained, builtin):
     from training.trainer import load_run_model
 
     cfg, _ = trained
-    built, rcfg = load_run_model(Path(cfg.train.output_dir) / "adapter")
+    built, rcfg = load_run_model(Path(cfg.train.output_dir) / "adapter", device="cpu")
     img = Image.open(Path(builtin["instruct"][0].path).parent / "images" / "shape_0001.png")
     out = generate(built, rcfg, "What shape is shown?", img, max_new_tokens=6)
     assert isinstance(out, str)
@@ -361,7 +361,8 @@ def test_cli_train_and_generate(tmp_path, builtin):
     cfgf = tmp_path / "c.json"
     cfgf.write_text(json.dumps({"model": {"source": "tiny", "cache_dir": CACHE},
                                 "data": {"builtin_dir": str(tmp_path / "d"), "builtin_per_domain": 4},
-                                "train": {"max_steps": 2, "per_device_batch_size": 2, "gradient_checkpointing": True}}))
+                                "train": {"max_steps": 2, "per_device_batch_size": 2, "gradient_checkpointing": True,
+                                          "device": "cpu"}}))
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-m", "training.train", "--config", str(cfgf), f"train.output_dir={run}"],
@@ -387,7 +388,7 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     cfgf.write_text(json.dumps({
         "model": {"source": "tiny", "cache_dir": CACHE, "dropout": 0.0},
         "data": {"builtin_dir": str(tmp_path / "data"), "builtin_per_domain": 8, "samples_per_epoch": 16},
-        "train": {"max_steps": 3, "lr": 1e-2, "projector_lr": 1e-2, "warmup_ratio": 0}}))
+        "train": {"max_steps": 3, "lr": 1e-2, "projector_lr": 1e-2, "warmup_ratio": 0, "device": "cpu"}}))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     import socket
 

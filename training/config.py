@@ -78,6 +78,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     balance_weight: float = 0.01
     gradient_checkpointing: bool = False
+    device: str = "auto"  # "auto" (CUDA when available) or "cpu"
     bf16: bool | None = None  # None = bf16 autocast on GPU, float32 on CPU
     logging_steps: int = 1
     save_steps: int = 0  # 0 = only at the end

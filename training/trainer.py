@@ -232,7 +232,9 @@ class StopAfter(TrainerCallback):
 
 def training_args(cfg: RunConfig) -> TrainingArguments:
     t = cfg.train
-    on_gpu = torch.cuda.is_available()
+    if t.device not in ("auto", "cpu"):
+        raise ValueError(f"train.device must be 'auto' or 'cpu', got {t.device!r}")
+    on_gpu = torch.cuda.is_available() and t.device == "auto"
     bf16 = on_gpu if t.bf16 is None else t.bf16
     save_steps = t.save_steps or t.max_steps
     kw = {}
