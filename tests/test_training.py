@@ -92,9 +92,14 @@ def test_model_structure_and_freezing(tiny):
 def test_mole_layers_subset():
     from mole_ext import MoLEFFN
 
-    b = build_model(ModelConfig(source="tiny", cache_dir=CACHE, mole_layers=[1]), stage=2)
+    b = build_model(ModelConfig(source="tiny", cache_dir=CACHE, mole_layers=[1], num_experts=4, rank=2, alpha=6,
+                                gate_mode="straight_through", routing="dense"), stage=2)
     kinds = [isinstance(l.mlp, MoLEFFN) for l in b.model.model.language_model.layers]
     assert kinds == [False, True]
+    m = b.model.model.language_model.layers[1].mlp
+    assert (m.num_experts, m.rank, m.scaling, m.gate_mode, m.routing) == (4, 2, 3.0, "straight_through", "dense")
+    b.model(input_ids=torch.randint(0, 1000, (1, 5)))
+    assert m.last_routing.probs.shape == (5, 4)
     with pytest.raises(ValueError, match="mole_layers"):
         build_model(ModelConfig(source="tiny", cache_dir=CACHE, mole_layers=[5]), stage=2)
 
@@ -195,10 +200,9 @@ def test_bad_records_error_or_skip(tiny, builtin, tmp_path):
     spec = _write(tmp_path, recs)
     with pytest.raises(BadRecord, match=r"d\.json: record missing-img: image file .*nope\.png is missing"):
         _data(tiny, [spec])
-    ds = _data(tiny, [spec], on_bad_record="skip")
-    assert ds.skipped == 2 and [r.id for r in ds.records] == ["good", "unreadable"]
-    ds[1]  # unreadable image: replaced by another record of the domain, counted
-    assert ds.skipped == 3
+    ds = _data(tiny, [spec], on_bad_record="skip")  # skip mode also checks every image up front
+    assert ds.skipped == 3 and [r.id for r in ds.records] == ["good"]
+    assert ds[0]["pixel_values"].shape == (3, 64, 64)
     spec2 = _write(tmp_path, [recs[0], recs[3]], "e.json")
     with pytest.raises(BadRecord, match=r"e\.json: record unreadable: cannot read image .*broken\.png"):
         _data(tiny, [spec2])[1]

@@ -63,7 +63,7 @@ def parse_records(spec: DatasetSpec, domain: int, on_bad: str) -> tuple[list[Rec
     for i, r in enumerate(raw):
         rid = r.get("id", f"#{i}") if isinstance(r, dict) else f"#{i}"
         try:
-            out.append(_parse_one(r, rid, path, root, domain))
+            out.append(_parse_one(r, rid, path, root, domain, check_image=on_bad == "skip"))
         except BadRecord as e:
             if on_bad == "skip":
                 skipped += 1
@@ -73,7 +73,7 @@ def parse_records(spec: DatasetSpec, domain: int, on_bad: str) -> tuple[list[Rec
     return out, skipped
 
 
-def _parse_one(r, rid, path: Path, root: Path, domain: int) -> Record:
+def _parse_one(r, rid, path: Path, root: Path, domain: int, check_image: bool = False) -> Record:
     where = f"{path}: record {rid}"
     if not isinstance(r, dict):
         raise BadRecord(f"{where}: a record must be an object")
@@ -96,6 +96,14 @@ def _parse_one(r, rid, path: Path, root: Path, domain: int) -> Record:
         image = str(root / image)
         if not os.path.isfile(image):
             raise BadRecord(f"{where}: image file {image} is missing")
+        if check_image:  # skip mode: find unreadable images up front, so every skip is counted here
+            from PIL import Image
+
+            try:
+                with Image.open(image) as im:
+                    im.verify()
+            except Exception as e:  # PIL raises many kinds for a bad file
+                raise BadRecord(f"{where}: cannot read image {image}: {e}") from e
         if n_tags == 0:  # LLaVA puts the image before the first question when the tag is absent
             turns[0] = ("<image>\n" + turns[0][0], turns[0][1])
         elif n_tags > 1 or "<image>" not in turns[0][0]:
