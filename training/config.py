@@ -86,7 +86,7 @@ class TrainConfig:
     stop_after_steps: int | None = None  # stop early (simulates an interrupted run, for resume)
     seed: int = 0
     dataloader_workers: int = 0
-    fsdp: str = ""  # e.g. "full_shard auto_wrap": passed to TrainingArguments (untested, see README)
+    fsdp: str = ""  # "", "full_shard" or "shard_grad_op": FSDP2 on GPUs (untested, see training/README.md)
     routing_log_steps: int = 0  # 0 = once at the end; N = a routing snapshot every N steps
 
 

@@ -238,9 +238,19 @@ def training_args(cfg: RunConfig) -> TrainingArguments:
     bf16 = (on_gpu and mole_autocast_ok("cuda")) if t.bf16 is None else t.bf16
     save_steps = t.save_steps or t.max_steps
     kw = {}
-    if t.fsdp:  # untested here (no multi-GPU machine); see training/README.md
-        kw["fsdp"] = t.fsdp
-        kw["fsdp_config"] = {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer", "CLIPEncoderLayer"], "use_orig_params": True}
+    if t.fsdp:  # UNTESTED (no multi-GPU machine here); see training/README.md
+        if t.fsdp not in ("full_shard", "shard_grad_op"):
+            raise ValueError(f"train.fsdp must be '', 'full_shard' or 'shard_grad_op', got {t.fsdp!r}")
+        if not on_gpu:
+            # accelerate does not shard on CPU: the run would silently be plain DDP
+            raise ValueError("train.fsdp needs CUDA GPUs; on CPU use DDP (torchrun without train.fsdp)")
+        kw["fsdp"] = True
+        kw["fsdp_config"] = {
+            "version": 2,
+            "reshard_after_forward": t.fsdp == "full_shard",
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer", "CLIPEncoderLayer"],
+        }
     return TrainingArguments(
         output_dir=t.output_dir,
         max_steps=t.max_steps,
