@@ -339,6 +339,15 @@ def test_corrupt_or_mismatched_checkpoint_refused(trained, tmp_path):
     shutil.copytree(src, Path(other.train.output_dir) / "checkpoint-8")
     with pytest.raises(ck.CheckpointError, match="does not match this model's configuration.*differ in shape"):
         run_training(other, resume=True)
+    # same shapes, different meaning (alpha) or data: refused too
+    for i, change in enumerate(["model.alpha=4", "data.template=chat"]):
+        same = tiny_cfg(tmp_path / f"s{i}", "train.max_steps=9", "train.lr=2e-2", "train.projector_lr=2e-2",
+                        "data.samples_per_epoch=8", "model.dropout=0.0", "train.routing_log_steps=4", change)
+        same.data.builtin_dir = cfg.data.builtin_dir
+        Path(same.train.output_dir).mkdir(parents=True)
+        shutil.copytree(src, Path(same.train.output_dir) / "checkpoint-8")
+        with pytest.raises(ck.CheckpointError, match="different settings: " + change.split("=")[0]):
+            run_training(same, resume=True)
 
 
 def test_generate_greedy_kv_cache_and_sampled(trained, builtin):

@@ -191,8 +191,30 @@ class MoLETrainer(Trainer):
         for p in sorted(ckpts, key=lambda p: int(p.name.split("-", 1)[1]))[:-limit]:
             shutil.rmtree(p)
 
+    def _check_run_config(self, ckpt: Path) -> None:
+        """Refuse a checkpoint whose run changed what the weights mean or what data come next:
+        any model setting but local paths, the data mixture, the seed and the batch geometry."""
+        import json as _json
+
+        saved = _json.loads((ckpt / "info.json").read_text())
+        old, new = saved["run_config"], self.run_cfg.to_dict()
+        paths = {"llava_path", "vision_path", "lm_path", "cache_dir"}
+        diffs = [f"model.{k}" for k in new["model"] if k not in paths and old["model"].get(k) != new["model"][k]]
+        data_keys = ("datasets", "builtin", "builtin_per_domain", "template", "max_length", "samples_per_epoch")
+        diffs += [f"data.{k}" for k in data_keys if old["data"].get(k) != new["data"][k]]
+        diffs += [f"train.{k}" for k in ("stage", "seed", "per_device_batch_size", "grad_accum")
+                  if old["train"].get(k) != new["train"][k]]
+        if saved.get("world_size") != self.args.world_size:
+            diffs.append(f"world size ({saved.get('world_size')} -> {self.args.world_size})")
+        if diffs:
+            raise ck.CheckpointError(
+                f"{ckpt} was written by a run with different settings: {', '.join(diffs)}; "
+                "resume with the same configuration (or start a new run with train.init_adapter)"
+            )
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         ck.verify(Path(resume_from_checkpoint), self._sig)
+        self._check_run_config(Path(resume_from_checkpoint))
         tensors = ck.load_trainable(Path(resume_from_checkpoint))
         params = dict((model or self.model).named_parameters())
         with torch.no_grad():
