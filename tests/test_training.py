@@ -539,3 +539,6 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert set(m["eval_loss"]) == {"shapes", "charts", "text", "all"}
     stages = {json.loads(x).get("stage") for x in (out / "metrics.jsonl").read_text().splitlines()}
     assert stages == {1, 2}
+    g = subprocess.run([sys.executable, "-m", "training.generate", "--run", str(out), "--prompt", "What is 2 plus 3?",
+                        "--max-new-tokens", "3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert g.returncode == 0, g.stderr[-3000:]

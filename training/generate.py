@@ -62,7 +62,8 @@ def generate(built, cfg, prompt: str, image=None, max_new_tokens: int = 32, samp
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="run directory (its adapter/ is used) or an adapter directory")
+    ap.add_argument("--run", required=True,
+                    help="run directory (its adapter/, or a demo's stage2/adapter/) or an adapter directory")
     ap.add_argument("--image", help="image file (omit for a text-only prompt)")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -74,7 +75,9 @@ def main(argv=None) -> int:
     from .trainer import load_run_model
 
     run = Path(args.run)
-    adapter = run / "adapter" if (run / "adapter" / "adapter_config.json").is_file() else run
+    # a train run (RUN/adapter), a demo run (RUN/stage2/adapter), or an adapter directory itself
+    candidates = [run / "adapter", run / "stage2" / "adapter", run]
+    adapter = next((c for c in candidates if (c / "adapter_config.json").is_file()), run)
     built, cfg = load_run_model(adapter)
     image = None
     if args.image:
