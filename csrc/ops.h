@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <optional>
 #include <tuple>
@@ -13,8 +15,12 @@ namespace mole_ext {
 
 // Kernels compose ATen ops (mm, to, copy_) on their inputs. Autograd of each mole_ext op is
 // registered around the whole op (python/mole_ext/ops.py), so the calls inside a kernel must
-// not record history: every entry point holds one of these.
-using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+// not record history, and autocast must not recast them (a kernel picks its own accumulation
+// dtype; under autocast an inner mm would come back in bf16): every entry point holds one.
+struct BelowAutograd {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+};
 
 // ---- shape/dtype checks shared by every backend (checks.cpp) ----
 // Value checks (expert ids in range, offsets well formed) are backend-specific.

@@ -241,3 +241,23 @@ def test_every_trainable_parameter_gets_a_gradient_even_for_unused_experts():
     for proj in (m.gate_proj, m.up_proj, m.down_proj):
         for e in (0, 1, 3):
             assert_equal(proj.lora_A.grad[e], torch.zeros_like(proj.lora_A.grad[e]))
+
+
+@pytest.mark.parametrize("routing", ["top1", "dense"])
+def test_autocast_bf16_matches_reference_and_routes_in_float32(routing):
+    """Mixed precision: float32 module under bf16 autocast (how Trainer runs bf16 on GPU)."""
+    m = randomise_lora(MoLEFFN(32, 48, 3, 8, 16.0, routing=routing))
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        y_ref, probs_ref, expert_ref = reference_forward(m, x.detach())
+    assert y.dtype == torch.bfloat16
+    # the router ignores autocast: identical float32 routing to the float32 reference outside it
+    _, probs32, expert32 = reference_forward(m, x.detach())
+    assert m.last_routing.probs.dtype == torch.float32
+    assert_equal(m.last_routing.expert, expert32)
+    assert_close(m.last_routing.probs, probs32)
+    assert_close(y.float(), reference_forward(m, x.detach())[0], dtype=torch.bfloat16, atol=5e-2, rtol=5e-2)
+    y.float().sum().backward()
+    assert m.gate_proj.lora_A.grad.dtype == torch.float32 and m.gate_proj.lora_A.grad.abs().sum() > 0
+    assert x.grad is not None and m.router.weight.grad is not None

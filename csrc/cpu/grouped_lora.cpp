@@ -1,7 +1,10 @@
 // CPU kernels for grouped_lora: per expert segment, a shrink (x_k @ A_k^T, [n_k, r]) and an
 // expand (h_k @ B_k^T, [n_k, out]) through ATen's BLAS-backed mm in the accumulation type, and
-// the backward from the same two products. The per-row scale is applied to the rank-r
-// intermediate, where it costs n_k * r instead of n_k * out multiplications.
+// the backward from the same products. The per-row scale is applied to the rank-r
+// intermediate (n_k * r multiplications instead of n_k * out) in plain loops: at LoRA ranks
+// these are tiny, and separate ATen ops would cost more in dispatch and thread wake-ups than
+// in arithmetic.
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -23,10 +26,18 @@ std::vector<int64_t> checked_offsets(const at::Tensor& offsets, int64_t n) {
   return v;
 }
 
-// Per-row multiplier scaling * row_scale for rows [b, b + len), as an [len, 1] column in acc.
-at::Tensor row_multiplier(const std::optional<at::Tensor>& row_scale, double scaling, int64_t b,
-                          int64_t len, at::ScalarType acc) {
-  return row_scale->narrow(0, b, len).to(acc).mul(scaling).unsqueeze(1);
+// Multiplier of row i: scaling * row_scale[i] (or scaling alone).
+template <typename acc_t>
+inline acc_t row_mult(const acc_t* rs, int64_t i, double scaling) {
+  return rs ? static_cast<acc_t>(scaling) * rs[i] : static_cast<acc_t>(scaling);
+}
+
+// Zeroes the expert slices of a [K, ...] gradient whose segment is empty; the others are
+// fully written by mm_out.
+void zero_empty_experts(at::Tensor& grad, const std::vector<int64_t>& off) {
+  for (size_t e = 0; e + 1 < off.size(); ++e) {
+    if (off[e + 1] == off[e]) grad[static_cast<int64_t>(e)].zero_();
+  }
 }
 
 }  // namespace
@@ -43,20 +54,26 @@ at::Tensor grouped_lora_cpu(const at::Tensor& x_in, const at::Tensor& lora_a_in,
   const at::Tensor x = x_in.to(acc).contiguous();
   const at::Tensor lora_a = lora_a_in.to(acc).contiguous();
   const at::Tensor lora_b = lora_b_in.to(acc).contiguous();
+  const at::Tensor rs = row_scale.has_value() ? row_scale->to(acc).contiguous() : at::Tensor();
   // Valid offsets cover every row exactly once, so every row of y is written below.
   at::Tensor y = at::empty({n, out_f}, x.options());
-  for (int64_t e = 0; e < k; ++e) {
-    const int64_t b = off[e], len = off[e + 1] - off[e];
-    if (len == 0) continue;
-    at::Tensor h = at::mm(x.narrow(0, b, len), lora_a[e].t());  // [len, r]
-    if (row_scale.has_value()) {
-      h.mul_(row_multiplier(row_scale, scaling, b, len, acc));
-    } else {
-      h.mul_(scaling);
+  AT_DISPATCH_FLOATING_TYPES(acc, "grouped_lora_cpu", [&] {
+    using acc_t = scalar_t;
+    const acc_t* rsp = rs.defined() ? rs.const_data_ptr<acc_t>() : nullptr;
+    for (int64_t e = 0; e < k; ++e) {
+      const int64_t b = off[e], len = off[e + 1] - off[e];
+      if (len == 0) continue;
+      at::Tensor h = at::mm(x.narrow(0, b, len), lora_a[e].t());  // [len, r]
+      acc_t* hp = h.mutable_data_ptr<acc_t>();
+      const int64_t r = h.size(1);
+      for (int64_t i = 0; i < len; ++i) {
+        const acc_t m = row_mult(rsp, b + i, scaling);
+        for (int64_t j = 0; j < r; ++j) hp[i * r + j] *= m;
+      }
+      at::Tensor y_seg = y.narrow(0, b, len);
+      at::mm_out(y_seg, h, lora_b[e].t());  // [len, out]
     }
-    at::Tensor y_seg = y.narrow(0, b, len);
-    at::mm_out(y_seg, h, lora_b[e].t());  // [len, out]
-  }
+  });
   return y.to(x_in.scalar_type());
 }
 
@@ -76,32 +93,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward
   const at::Tensor lora_a = lora_a_in.to(acc).contiguous();
   const at::Tensor lora_b = lora_b_in.to(acc).contiguous();
   const at::Tensor grad_y = grad_y_in.to(acc).contiguous();
+  const at::Tensor rs = row_scale.has_value() ? row_scale->to(acc).contiguous() : at::Tensor();
 
   at::Tensor grad_x = at::empty_like(x);  // every row lies in exactly one segment
-  at::Tensor grad_a = at::zeros_like(lora_a);  // empty experts keep exactly zero gradients
-  at::Tensor grad_b = at::zeros_like(lora_b);
+  at::Tensor grad_a = at::empty_like(lora_a);
+  at::Tensor grad_b = at::empty_like(lora_b);
+  zero_empty_experts(grad_a, off);  // empty experts get exactly zero gradients
+  zero_empty_experts(grad_b, off);
   at::Tensor grad_rs = at::empty({row_scale.has_value() ? n : 0}, x.options());
-  for (int64_t e = 0; e < k; ++e) {
-    const int64_t b = off[e], len = off[e + 1] - off[e];
-    if (len == 0) continue;
-    const at::Tensor xe = x.narrow(0, b, len);
-    const at::Tensor gy = grad_y.narrow(0, b, len);
-    const at::Tensor h = at::mm(xe, lora_a[e].t());   // [len, r], unscaled shrink
-    const at::Tensor gb = at::mm(gy, lora_b[e]);      // [len, r] = grad_y @ B
-    at::Tensor mult;
-    if (row_scale.has_value()) {
-      mult = row_multiplier(row_scale, scaling, b, len, acc);
-      // d row_scale[i] = scaling * <grad_y[i], B h[i]> = scaling * <gb[i], h[i]>
-      grad_rs.narrow(0, b, len).copy_((gb * h).sum(1).mul_(scaling));
-    } else {
-      mult = at::scalar_tensor(scaling, x.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "grouped_lora_backward_cpu", [&] {
+    using acc_t = scalar_t;
+    const acc_t* rsp = rs.defined() ? rs.const_data_ptr<acc_t>() : nullptr;
+    acc_t* grsp = rs.defined() ? grad_rs.mutable_data_ptr<acc_t>() : nullptr;
+    for (int64_t e = 0; e < k; ++e) {
+      const int64_t b = off[e], len = off[e + 1] - off[e];
+      if (len == 0) continue;
+      const at::Tensor xe = x.narrow(0, b, len);
+      const at::Tensor gy = grad_y.narrow(0, b, len);
+      at::Tensor h = at::mm(xe, lora_a[e].t());   // [len, r], unscaled shrink
+      at::Tensor gb = at::mm(gy, lora_b[e]);      // [len, r] = grad_y @ B
+      acc_t* hp = h.mutable_data_ptr<acc_t>();
+      acc_t* gp = gb.mutable_data_ptr<acc_t>();
+      const int64_t r = h.size(1);
+      for (int64_t i = 0; i < len; ++i) {
+        const acc_t m = row_mult(rsp, b + i, scaling);
+        if (grsp) {  // d row_scale[i] = scaling * <grad_y[i], B h[i]> = scaling * <gb[i], h[i]>
+          acc_t dot = 0;
+          for (int64_t j = 0; j < r; ++j) dot += gp[i * r + j] * hp[i * r + j];
+          grsp[b + i] = static_cast<acc_t>(scaling) * dot;
+        }
+        for (int64_t j = 0; j < r; ++j) {
+          gp[i * r + j] *= m;  // -> dh = grad wrt the shrink output
+          hp[i * r + j] *= m;  // -> the scaled shrink the expand consumed
+        }
+      }
+      at::Tensor ga = grad_a[e], gbw = grad_b[e], gx = grad_x.narrow(0, b, len);
+      at::mm_out(gbw, gy.t(), h);         // [out, r]
+      at::mm_out(ga, gb.t(), xe);         // [r, in]
+      at::mm_out(gx, gb, lora_a[e]);      // [len, in]
     }
-    const at::Tensor dh = gb * mult;                  // [len, r]
-    at::Tensor ga = grad_a[e], gbw = grad_b[e], gx = grad_x.narrow(0, b, len);
-    at::mm_out(gbw, gy.t(), h * mult);                // [out, r]
-    at::mm_out(ga, dh.t(), xe);                       // [r, in]
-    at::mm_out(gx, dh, lora_a[e]);                    // [len, in]
-  }
+  });
   const at::ScalarType rs_t = row_scale.has_value() ? row_scale->scalar_type() : x_in.scalar_type();
   return {grad_x.to(x_in.scalar_type()), grad_a.to(lora_a_in.scalar_type()), grad_b.to(lora_b_in.scalar_type()),
           grad_rs.to(rs_t)};

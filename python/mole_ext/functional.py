@@ -32,7 +32,9 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: Optional[to
         x: [N, d]; router_weight: [K, d]; router_bias: [K] or None.
     """
     acc = acc_dtype(x.dtype)
-    logits = F.linear(x.to(acc), router_weight.to(acc), None if router_bias is None else router_bias.to(acc))
+    # Autocast would run this linear in bf16/fp16; routing decisions are made in float32.
+    with torch.autocast(x.device.type, enabled=False):
+        logits = F.linear(x.to(acc), router_weight.to(acc), None if router_bias is None else router_bias.to(acc))
     return Routing(*ops.router_top1(logits))
 
 
@@ -64,8 +66,16 @@ def mole_projection(z: torch.Tensor, proj: Projection, offsets: torch.Tensor, sc
     """
     base = F.linear(z, proj.weight, proj.bias)
     z_lora = F.dropout(z, dropout, training) if dropout > 0 else z
+    a, b, z_lora = _lora_operands(base.dtype, proj, z_lora)
     # In place: neither linear's nor add's backward needs this output, so no extra [N, out] buffer.
-    return base.add_(ops.grouped_lora(z_lora, proj.lora_a, proj.lora_b, offsets, scaling, row_scale))
+    return base.add_(ops.grouped_lora(z_lora, a, b, offsets, scaling, row_scale))
+
+
+def _lora_operands(dtype, proj: Projection, z):
+    """The LoRA operands in the dtype the base projection produced. Without autocast that is
+    already their dtype (no copy); under autocast the base linear runs in bf16/fp16, and the
+    LoRA branch follows it (the float32 master weights receive float32 gradients)."""
+    return proj.lora_a.to(dtype), proj.lora_b.to(dtype), z.to(dtype)
 
 
 def _dense_projection(z, proj: Projection, probs, scaling, dropout, training):
@@ -77,7 +87,8 @@ def _dense_projection(z, proj: Projection, probs, scaling, dropout, training):
     if dropout > 0:
         z_rep = F.dropout(z_rep, dropout, training)
     offsets = torch.arange(0, (k + 1) * n, n, dtype=torch.int32, device=z.device)
-    delta = ops.grouped_lora(z_rep, proj.lora_a, proj.lora_b, offsets, scaling, probs.t().reshape(-1))
+    a, b, z_rep = _lora_operands(base.dtype, proj, z_rep)
+    delta = ops.grouped_lora(z_rep, a, b, offsets, scaling, probs.t().reshape(-1))
     return base + delta.view(k, n, -1).sum(0)
 
 
