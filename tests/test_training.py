@@ -542,3 +542,16 @@ def test_demo_end_to_end_tiny(tmp_path):
     g = subprocess.run([sys.executable, "-m", "training.generate", "--run", str(out), "--prompt", "What is 2 plus 3?",
                         "--max-new-tokens", "3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert g.returncode == 0, g.stderr[-3000:]
+
+
+def test_bf16_autocast_training_step(tmp_path):
+    """train.bf16=true (the GPU default) trains MoLE under autocast; here on the CPU."""
+    import math
+
+    from training.trainer import run_training
+
+    cfg = tiny_cfg(tmp_path, "train.max_steps=2", "train.bf16=true", "data.samples_per_epoch=8")
+    s = run_training(cfg)
+    losses = _losses(Path(cfg.train.output_dir))
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert s["trainer"].args.bf16

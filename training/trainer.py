@@ -257,7 +257,7 @@ def training_args(cfg: RunConfig) -> TrainingArguments:
     if t.device not in ("auto", "cpu"):
         raise ValueError(f"train.device must be 'auto' or 'cpu', got {t.device!r}")
     on_gpu = torch.cuda.is_available() and t.device == "auto"
-    bf16 = (on_gpu and mole_autocast_ok("cuda")) if t.bf16 is None else t.bf16
+    bf16 = on_gpu if t.bf16 is None else t.bf16
     save_steps = t.save_steps or t.max_steps
     kw = {}
     if t.fsdp:  # UNTESTED (no multi-GPU machine here); see training/README.md
@@ -301,21 +301,6 @@ def training_args(cfg: RunConfig) -> TrainingArguments:
         use_cpu=not on_gpu,
         **kw,
     )
-
-
-def mole_autocast_ok(device: str) -> bool:
-    """Whether ``MoLEFFN`` runs under bf16 autocast on ``device`` (see training/NOTES_FOR_LEAD.md);
-    the default ``train.bf16=None`` falls back to float32 with a warning when it does not."""
-    from mole_ext import MoLEFFN
-
-    try:
-        m = MoLEFFN(8, 16, num_experts=2, rank=2, alpha=4).to(device)
-        with torch.autocast(device, dtype=torch.bfloat16):
-            m(torch.randn(3, 8, device=device)).float().sum().backward()
-        return True
-    except RuntimeError as e:
-        log.warning("MoLEFFN does not run under bf16 autocast here (%s); training in the model's dtype", e)
-        return False
 
 
 def _has_tensorboard() -> bool:
