@@ -259,8 +259,8 @@ def test_loss_goes_down_and_run_dir(trained):
     cfg, s = trained
     run = Path(cfg.train.output_dir)
     losses = _losses(run)
-    # 8 samples per epoch, batch 4: steps 1,3,5,7 see the same batch (same data order each epoch? no:
-    # new order per epoch), so compare the first and the last two steps
+    # 8 samples per epoch at batch 4: each pair of steps covers the same 8 samples (reshuffled per
+    # epoch), so compare the sum over the first pair with the sum over the last pair
     assert sum(losses[k] for k in (7, 8)) < sum(losses[k] for k in (1, 2)) - 0.5, losses
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("lm_loss" in r and "balance_loss" in r for r in rows if "loss" in r)
