@@ -555,3 +555,47 @@ def test_bf16_autocast_training_step(tmp_path):
     losses = _losses(Path(cfg.train.output_dir))
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
     assert s["trainer"].args.bf16
+
+
+def test_generate_batch_equals_one_by_one(trained, builtin):
+    """Batched greedy generation (left padding, image and text-only rows mixed) gives each row the
+    answer it gets alone."""
+    from PIL import Image
+
+    from training.generate import generate, generate_batch
+    from training.trainer import load_run_model
+
+    cfg, _ = trained
+    built, rcfg = load_run_model(Path(cfg.train.output_dir) / "adapter", device="cpu")
+    shapes = Path(builtin["instruct"][0].path)
+    texts = json.loads(Path(builtin["instruct"][2].path).read_text())
+    prompts = ["What shape is shown?", texts[0]["conversations"][0]["value"], "Describe the image in detail please.",
+               "hi", texts[1]["conversations"][0]["value"]]
+    images = [Image.open(shapes.parent / "images" / "shape_0001.png"), None,
+              Image.open(shapes.parent / "images" / "shape_0002.png"), None, None]
+    batched = generate_batch(built, rcfg, prompts, images, max_new_tokens=6)
+    alone = [generate(built, rcfg, p, im, max_new_tokens=6) for p, im in zip(prompts, images)]
+    assert batched == alone
+
+
+def test_evaluate_cli_scores_per_domain_with_record_metrics(trained, builtin, tmp_path):
+    from training.evaluate import main
+
+    cfg, _ = trained
+    src = Path(builtin["instruct"][1].path)  # charts: records without domain/metric keys
+    recs = json.loads(src.read_text())[:4]
+    tagged = [{**r, "image": str(src.parent / r["image"]) if r.get("image") else None,
+               "domain": "chartqa", "metric": "relaxed_accuracy"} for r in recs[:2]]
+    tagged += [{**r, "image": str(src.parent / r["image"]) if r.get("image") else None} for r in recs[2:]]
+    mixed = tmp_path / "mine.json"
+    mixed.write_text(json.dumps(tagged))
+    out = tmp_path / "eval"
+    assert main(["--run", cfg.train.output_dir, "--data", str(src), "--data", str(mixed), "--out", str(out),
+                 "--limit", "4", "--batch-size", "3", "--max-new-tokens", "4"]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    doms = res["scores"]["domains"]
+    assert doms["charts"]["n"] == 4 and doms["chartqa"]["n"] == 2 and doms["mine"]["n"] == 2
+    assert set(doms["chartqa"]["metrics"]) == {"relaxed_accuracy"}
+    assert len(res["predictions"]) == 8 and all(0.0 <= p["score"] <= 1.0 for p in res["predictions"])
+    assert "| charts | 4 |" in (out / "eval.md").read_text()
+    assert (out / "routing_eval_heatmap.png").is_file() and set(res["answer_loss"]) >= {"charts", "all"}

@@ -59,6 +59,46 @@ def generate(built, cfg, prompt: str, image=None, max_new_tokens: int = 32, samp
     return built.tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
+def find_adapter(run) -> Path:
+    """The adapter of a train run (RUN/adapter), a demo run (RUN/stage2/adapter), or RUN itself."""
+    run = Path(run)
+    candidates = [run / "adapter", run / "stage2" / "adapter", run]
+    return next((c for c in candidates if (c / "adapter_config.json").is_file()), run)
+
+
+@torch.no_grad()
+def generate_batch(built, cfg, prompts: list[str], images: list, max_new_tokens: int = 32) -> list[str]:
+    """Greedy answers for several prompts at once (left-padded; prompts with and without an image
+    run as separate batches, since every image-bearing row needs its pixel values)."""
+    model = built.model.eval()
+    tok = built.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    answers: list[str] = [""] * len(prompts)
+    for with_image in (True, False):
+        rows = [i for i, im in enumerate(images) if (im is not None) == with_image]
+        if not rows:
+            continue
+        ids = [build_prompt(built, cfg.data.template, prompts[i], with_image)[0] for i in rows]
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, x in enumerate(ids):  # left padding: every row's answer starts at column `width`
+            input_ids[r, width - len(x):] = x
+            mask[r, width - len(x):] = 1
+        kw = {}
+        if with_image:
+            bg = tuple(int(v * 255) for v in built.image_processor.image_mean)
+            sq = [expand2square(images[i].convert("RGB"), bg) for i in rows]
+            kw["pixel_values"] = built.image_processor(images=sq, return_tensors="pt")["pixel_values"].to(
+                model.device, model.dtype)
+        out = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
+                             max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                             eos_token_id=tok.eos_token_id, pad_token_id=pad, **kw)
+        for r, i in enumerate(rows):
+            answers[i] = tok.decode(out[r, width:], skip_special_tokens=True)
+    return answers
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,11 +114,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from .trainer import load_run_model
 
-    run = Path(args.run)
-    # a train run (RUN/adapter), a demo run (RUN/stage2/adapter), or an adapter directory itself
-    candidates = [run / "adapter", run / "stage2" / "adapter", run]
-    adapter = next((c for c in candidates if (c / "adapter_config.json").is_file()), run)
-    built, cfg = load_run_model(adapter)
+    built, cfg = load_run_model(find_adapter(args.run))
     image = None
     if args.image:
         from PIL import Image
