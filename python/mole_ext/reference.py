@@ -78,9 +78,7 @@ def grouped_lora(x, lora_a, lora_b, offsets, scaling, row_scale=None):
         if row_scale is not None:
             y = y * row_scale[s:e].to(acc)[:, None]
         pieces.append(y)
-    if not pieces:
-        return x.new_zeros(x.shape[0], lora_b.shape[1])
-    return torch.cat(pieces).to(x.dtype)
+    return torch.cat(pieces).to(x.dtype)  # K >= 1 pieces, empty segments included
 
 
 def grouped_lora_backward(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale=None):
