@@ -1,4 +1,4 @@
-"""training.datasets: schema, determinism, answers consistent with what was drawn, the conflict
+"""training.data: schema, determinism, answers consistent with what was drawn, the conflict
 knob, the render cache and the build time, on a small build (about 30 s on 2 shared cores)."""
 import csv
 import hashlib
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.datasets import build_datasets, conflicted_templates, SHARED_COUNT_TEMPLATES
-from training.datasets.charts import load_vega, local_vega_datasets, vega_dir
-from training.datasets.common import NUMBER_WORDS
-from training.datasets.general import COLORS, GRID, easy_vqa_dir
-from training.datasets.medical import DAB_BINS, DAB_THRESHOLD, IHC_TEST_X, IHC_TILE
+from training.data import build_datasets, conflicted_templates, SHARED_COUNT_TEMPLATES
+from training.data.charts import load_vega, local_vega_datasets, vega_dir
+from training.data.common import NUMBER_WORDS
+from training.data.general import COLORS, GRID, easy_vqa_dir
+from training.data.medical import DAB_BINS, DAB_THRESHOLD, IHC_TEST_X, IHC_TILE
 from training.metrics import METRICS
 
 SMALL = dict(seed=3, per_domain=24, test_per_domain=12, size=160)
@@ -356,7 +356,7 @@ def test_conflict_rejects_out_of_range(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    from training.datasets.build import main
+    from training.data.build import main
 
     main(["--out", str(tmp_path), "--per-domain", "4", "--test-per-domain", "2", "--domains", "general",
           "--conflict", "1", "--no-cache"])

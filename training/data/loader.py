@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .config import DataConfig, DatasetSpec
+from ..config import DataConfig, DatasetSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Build the three offline domains as LLaVA-JSON files plus images.
 
-    python -m training.datasets.build --out DIR [--seed N] [--per-domain N] [--conflict F]
+    python -m training.data.build --out DIR [--seed N] [--per-domain N] [--conflict F]
 
 writes DIR/{general,charts,medical}_{train,test}.json, DIR/captions.json (stage 1: one caption per
 generated training image), DIR/manifest.json (options, counts, timings) and DIR/images/. Image
@@ -74,7 +74,7 @@ def build(out: str | Path, seed: int = 0, per_domain: int = 600, test_per_domain
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m training.datasets.build", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m training.data.build", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output folder (its data files are replaced)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per-domain", type=int, default=600, help="training records per domain (default 600)")
