@@ -30,6 +30,9 @@ class ModelConfig:
     tiny_intermediate_size: int = 128
     tiny_layers: int = 2
     tiny_heads: int = 4
+    # Keep only the first N decoder layers of a pretrained language model (sources smollm2 and
+    # separate): a smaller model of the same family for CPU-sized experiments. None = all.
+    lm_layers: int | None = None
     # MoLE / LoRA.
     num_experts: int = 3
     rank: int = 8
@@ -86,7 +89,7 @@ class TrainConfig:
     stop_after_steps: int | None = None  # stop early (simulates an interrupted run, for resume)
     seed: int = 0
     dataloader_workers: int = 0
-    fsdp: str = ""  # "", "full_shard" or "shard_grad_op": FSDP2 on GPUs (untested, see training/README.md)
+    fsdp: str = ""  # "", "full_shard" or "shard_grad_op": FSDP2 under torchrun (GPUs, or CPU/gloo), see training/README.md
     routing_log_steps: int = 0  # 0 = once at the end; N = a routing snapshot every N steps
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,6 +202,10 @@ def build_base(cfg: ModelConfig):
             vision_cfg = vision.config
         else:
             raise ValueError(f"model.source must be tiny, smollm2, llava or separate, got {cfg.source!r}")
+        if cfg.lm_layers is not None:
+            if cfg.source not in ("smollm2", "separate"):
+                raise ValueError(f"model.lm_layers applies to sources smollm2 and separate, not {cfg.source!r}")
+            text_cfg = _truncated_config(text_cfg, cfg.lm_layers)
         config = LlavaConfig(
             vision_config=vision_cfg,
             text_config=text_cfg,
@@ -212,7 +217,7 @@ def build_base(cfg: ModelConfig):
         )
         model = LlavaForConditionalGeneration(config).to(dtype)
         if lm is not None:
-            model.model.language_model.load_state_dict(lm.model.state_dict())
+            model.model.language_model.load_state_dict(_first_layers(lm.model.state_dict(), text_cfg.num_hidden_layers))
             model.lm_head.load_state_dict(lm.lm_head.state_dict())
         if vision is not None:
             model.model.vision_tower.load_state_dict(vision.state_dict())
@@ -226,6 +231,27 @@ def build_base(cfg: ModelConfig):
     if model.config.vision_feature_select_strategy == "full":
         n_img += 1
     return model, tok, proc, n_img
+
+
+def _truncated_config(text_cfg, n: int):
+    """The language model's config with only its first n decoder layers."""
+    total = text_cfg.num_hidden_layers
+    if not 1 <= n <= total:
+        raise ValueError(f"model.lm_layers must be between 1 and {total} (the model's layers), got {n}")
+    text_cfg.num_hidden_layers = n
+    if isinstance(getattr(text_cfg, "layer_types", None), list):
+        text_cfg.layer_types = text_cfg.layer_types[:n]
+    return text_cfg
+
+
+def _first_layers(state: dict, n: int) -> dict:
+    """A decoder state dict without the weights of layers n and above."""
+    keep = {}
+    for k, v in state.items():
+        m = re.match(r"layers\.(\d+)\.", k)
+        if m is None or int(m.group(1)) < n:
+            keep[k] = v
+    return keep
 
 
 def inject_mole(model: nn.Module, cfg: ModelConfig) -> list[str]:
