@@ -63,12 +63,6 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         load_config(None, ["train.max_step=3"])
     with pytest.raises(ValueError, match="section.key=value"):
         load_config(None, ["max_steps=3"])
-    from training.trainer import training_args
-
-    with pytest.raises(ValueError, match="train.fsdp needs CUDA GPUs"):
-        training_args(load_config(None, ["train.fsdp=full_shard", "train.device=cpu"]))
-    with pytest.raises(ValueError, match="train.fsdp must be"):
-        training_args(load_config(None, ["train.fsdp=zero3", "train.device=cpu"]))
     shipped = sorted((ROOT / "training" / "configs").glob("*.json"))
     assert len(shipped) >= 3
     for f in shipped:

@@ -64,6 +64,13 @@ class MoLETrainer(Trainer):
         self._acc = torch.zeros(2)  # lm, balance since the last log (already / grad_accum)
         self._sig = ck.signature(self._trainable())
         self.metrics_path = Path(self.args.output_dir) / "metrics.jsonl"
+        self._fsdp_ready = False
+
+    # -- FSDP on CPU ----------------------------------------------------------------------------
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
+            _fsdp_on_cpu(self)
 
     # -- data --------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -82,6 +89,9 @@ class MoLETrainer(Trainer):
 
     # -- loss ----------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.is_fsdp_enabled and not self._fsdp_ready:
+            _fsdp_same_collectives(model)
+            self._fsdp_ready = True
         inputs = dict(inputs)
         domain = inputs.pop("domain")
         labels = inputs.pop("labels")
@@ -144,17 +154,42 @@ class MoLETrainer(Trainer):
     def _trainable(self):
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def full_state(self) -> dict[str, torch.Tensor]:
-        """Every parameter, unsharded. Under FSDP this is a collective (all ranks must call it) and
-        the full tensors land on rank 0. UNTESTED under FSDP (no multi-GPU machine here)."""
-        if self.is_fsdp_enabled:
-            return self.accelerator.get_state_dict(self.model)
-        return {n: p.detach() for n, p in self.model.named_parameters()}
+    def gather_params(self, names) -> dict[str, torch.Tensor]:
+        """The named parameters as full CPU tensors. Under FSDP each is all-gathered from its shards
+        (a collective: every rank must call this, and every rank gets the tensors); only the named
+        ones are gathered, never the frozen base."""
+        from torch.distributed.tensor import DTensor
+
+        names = set(names)
+        out = {}
+        for n, p in self.model.named_parameters():
+            if n in names:
+                t = p.detach()
+                out[n] = (t.full_tensor() if isinstance(t, DTensor) else t).cpu()
+        return out
+
+    def _optimizer_state(self) -> dict:
+        """The optimizer's state dict in torch's single-process layout (integer parameter ids in
+        ``param_groups`` order). Under FSDP the sharded AdamW moments are gathered to full tensors
+        (a collective; rank 0 gets them), so FSDP and non-FSDP checkpoints have the same files."""
+        if not self.is_fsdp_enabled:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        sd = get_optimizer_state_dict(self.model, _unwrap_opt(self.optimizer),
+                                      options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.is_world_process_zero():
+            return {}
+        ids, groups = {}, []
+        for g in sd["param_groups"]:
+            groups.append({**g, "params": [ids.setdefault(fqn, len(ids)) for fqn in g["params"]]})
+        return {"state": {ids[fqn]: st for fqn, st in sd["state"].items()}, "param_groups": groups}
 
     def _save_checkpoint(self, model, trial):
         from transformers.trainer_callback import ExportableState
 
-        full = self.full_state()
+        trainable = self.gather_params(self._sig)
+        opt_sd = self._optimizer_state()
 
         final = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         tmp = final.with_name(final.name + ".tmp")
@@ -166,12 +201,10 @@ class MoLETrainer(Trainer):
         if self.is_world_process_zero():
             for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
                 self.state.stateful_callbacks[cb.__class__.__name__] = cb.state()
-            if self.is_fsdp_enabled:  # sharded optimizer state is not gathered yet: weights-only checkpoint
-                log.warning("FSDP: checkpoint %s holds weights only (no optimizer state); it cannot be resumed", final)
             ck.write_main(
                 tmp,
-                {k: full[k] for k in self._sig},
-                None if self.is_fsdp_enabled else self.optimizer.state_dict(),
+                trainable,
+                opt_sd,
                 self.lr_scheduler.state_dict(),
                 {"run_config": self.run_cfg.to_dict(), "world_size": self.args.world_size},
             )
@@ -216,7 +249,13 @@ class MoLETrainer(Trainer):
         ck.verify(Path(resume_from_checkpoint), self._sig)
         self._check_run_config(Path(resume_from_checkpoint))
         tensors = ck.load_trainable(Path(resume_from_checkpoint))
-        params = dict((model or self.model).named_parameters())
+        model = model or self.model
+        if self.is_fsdp_enabled:  # every rank holds the full tensors and keeps its own shards
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
+            return
+        params = dict(model.named_parameters())
         with torch.no_grad():
             for k, v in tensors.items():
                 params[k].copy_(v)
@@ -227,16 +266,96 @@ class MoLETrainer(Trainer):
         opt = ck.load_optimizer(Path(checkpoint))
         sched = ck.load_scheduler(Path(checkpoint))
         if opt is None or sched is None:
-            raise ck.CheckpointError(
-                f"{checkpoint}: no optimizer/scheduler state (an FSDP checkpoint is weights-only); cannot resume"
-            )
-        self.optimizer.load_state_dict(opt)
+            raise ck.CheckpointError(f"{checkpoint}: no optimizer/scheduler state; cannot resume")
+        if self.is_fsdp_enabled:
+            _load_fsdp_optimizer(self.model, _unwrap_opt(self.optimizer), opt)
+        else:
+            self.optimizer.load_state_dict(opt)
         self.lr_scheduler.load_state_dict(sched)
 
     def _load_rng_state(self, checkpoint):
         if checkpoint is not None and not ck.load_rng(Path(checkpoint), self.args.process_index):
             log.warning("%s has no RNG state for process %d; dropout will differ from the original run",
                         checkpoint, self.args.process_index)
+
+
+def _fsdp_on_cpu(trainer: Trainer) -> None:
+    """Turn accelerate's FSDP2 path on for a CPU (gloo) run.
+
+    accelerate 1.15 enables FSDP only for accelerator devices: ``AcceleratorState`` sets
+    ``DistributedType.FSDP`` inside its MULTI_GPU/NPU/XPU/... branch, and a CPU run is MULTI_CPU,
+    so ``fsdp`` in ``TrainingArguments`` would silently give DDP. ``fully_shard`` itself supports a
+    CPU device mesh over gloo (torch/distributed/fsdp/_fully_shard/_fsdp_init.py), so we set the
+    state that accelerate sets on GPUs; from here on the Trainer and accelerate take exactly the
+    FSDP2 code path of a GPU run (prepare, clipping, state dicts).
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    st = trainer.accelerator.state
+    if st.distributed_type != DistributedType.MULTI_CPU:
+        raise ValueError(f"train.fsdp needs torchrun with 2 or more processes (accelerate: {st.distributed_type})")
+    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    if st.mixed_precision != "no":
+        plugin.set_mixed_precision(st.mixed_precision)
+    st.fsdp_plugin = plugin
+    st.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+
+
+def _fsdp_same_collectives(model) -> None:
+    """Make every rank issue the same FSDP2 collectives in the same order whatever its micro-batch.
+
+    A text-only micro-batch differs from one with an image in two ways that FSDP2 would turn into
+    mismatched collectives (seen as a gloo size mismatch, or a hang on NCCL):
+    - the vision tower and projector get no gradient. They live in the root unit, so every rank
+      all-gathers them, but the root's reduce-scatter must also hold the same tensors on every
+      rank: ``set_reduce_scatter_unused_params`` makes FSDP2 send zeros for a trainable parameter
+      without a gradient. (Each expert stack is one parameter, so an expert that got no tokens
+      already has a zero gradient slice, not a missing gradient.)
+    - the input of the first decoder layer does not require grad (the embeddings are frozen and
+      no projector output is merged in). FSDP2 runs a unit's post-backward reduce-scatter from
+      autograd when its input requires grad and at the very end otherwise, so that rank would
+      reduce-scatter the first layer after the root while the others do it before (and in stage
+      1, with nothing trainable in the language model, it would skip the layers' backward
+      all-gathers). The language model's ``inputs_embeds`` are therefore made to require grad.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.set_reduce_scatter_unused_params(True)
+
+    def require_grad(module, args, kwargs):
+        x = kwargs.get("inputs_embeds")
+        if x is not None and torch.is_grad_enabled() and not x.requires_grad:
+            kwargs["inputs_embeds"] = x.detach().requires_grad_()
+            return args, kwargs
+        return None
+
+    model.model.language_model.register_forward_pre_hook(require_grad, with_kwargs=True)
+
+
+def _unwrap_opt(opt):
+    while hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer):
+        opt = opt.optimizer  # accelerate's AcceleratedOptimizer
+    return opt
+
+
+def _load_fsdp_optimizer(model, optimizer, sd: dict) -> None:
+    """Load a single-process-layout optimizer state (full tensors) into an FSDP optimizer: ids are
+    mapped to parameter names in ``param_groups`` order, and each rank keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    fqns = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    n_saved = sum(len(g["params"]) for g in sd["param_groups"])
+    if n_saved != len(fqns):
+        raise ck.CheckpointError(f"optimizer state has {n_saved} parameters, this optimizer {len(fqns)}")
+    groups = [{**g, "params": [fqns[i] for i in g["params"]]} for g in sd["param_groups"]]
+    state = {fqns[int(i)]: st for i, st in sd["state"].items()}
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=True))
 
 
 class StopAfter(TrainerCallback):
@@ -260,18 +379,20 @@ def training_args(cfg: RunConfig) -> TrainingArguments:
     bf16 = on_gpu if t.bf16 is None else t.bf16
     save_steps = t.save_steps or t.max_steps
     kw = {}
-    if t.fsdp:  # UNTESTED (no multi-GPU machine here); see training/README.md
+    if t.fsdp:  # FSDP2; on CPU too (gloo), see MoLETrainer.create_accelerator_and_postprocess
         if t.fsdp not in ("full_shard", "shard_grad_op"):
             raise ValueError(f"train.fsdp must be '', 'full_shard' or 'shard_grad_op', got {t.fsdp!r}")
-        if not on_gpu:
-            # accelerate does not shard on CPU: the run would silently be plain DDP
-            raise ValueError("train.fsdp needs CUDA GPUs; on CPU use DDP (torchrun without train.fsdp)")
+        if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise ValueError("train.fsdp needs torchrun with 2 or more processes (one process has nothing to shard)")
         kw["fsdp"] = True
         kw["fsdp_config"] = {
             "version": 2,
             "reshard_after_forward": t.fsdp == "full_shard",
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer", "CLIPEncoderLayer"],
+            # Decoder layers only. The vision tower stays in the root unit, which every rank gathers
+            # for every micro-batch: wrapping CLIPEncoderLayer would make a rank with a text-only
+            # micro-batch skip those all-gathers while the others run them (a hang).
+            "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
         }
     return TrainingArguments(
         output_dir=t.output_dir,
@@ -346,7 +467,7 @@ def run_training(cfg: RunConfig, resume: str | bool | None = None, built: Built 
             raise ck.CheckpointError(f"--resume: no checkpoint-N directory in {out}")
     result = trainer.train(resume_from_checkpoint=resume or None)
     trainer.routing.all_reduce()
-    full = trainer.full_state()
+    full = trainer.gather_params(adapter_names(built, cfg))  # a collective under FSDP
     summary = {"global_step": trainer.state.global_step, "train_loss": result.training_loss,
                "skipped_records": data.skipped, "domains": data.domains}
     if trainer.is_world_process_zero():
@@ -359,16 +480,18 @@ def run_training(cfg: RunConfig, resume: str | bool | None = None, built: Built 
     return summary
 
 
+def adapter_names(built: Built, cfg: RunConfig) -> list[str]:
+    """What a run adds to the base: every trainable weight, the projector, and a random vision tower."""
+    return [n for n, p in built.model.named_parameters()
+            if p.requires_grad or "multi_modal_projector" in n
+            or (cfg.model.source in ("tiny", "smollm2") and "vision_tower" in n)]
+
+
 def adapter_tensors(built: Built, cfg: RunConfig, full: dict | None = None) -> dict[str, torch.Tensor]:
-    """What a run adds to the base: every trainable weight, the projector, and a random vision tower.
-    ``full``: unsharded parameters (FSDP), else read from the model."""
-    out = {}
-    for n, p in built.model.named_parameters():
-        if p.requires_grad or "multi_modal_projector" in n or (
-            cfg.model.source in ("tiny", "smollm2") and "vision_tower" in n
-        ):
-            out[n] = full[n] if full is not None else p.detach()
-    return out
+    """The adapter's tensors (``adapter_names``). ``full``: unsharded parameters (from
+    ``MoLETrainer.gather_params`` under FSDP), else read from the model."""
+    params = dict(built.model.named_parameters())
+    return {n: full[n] if full is not None else params[n].detach() for n in adapter_names(built, cfg)}
 
 
 def export(built: Built, cfg: RunConfig, out_dir, full: dict | None = None) -> Path:
