@@ -107,6 +107,18 @@ void check_grouped_lora(const at::Tensor& x, const at::Tensor& lora_a, const at:
   }
 }
 
+void check_grouped_lora_add_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
+                                const at::Tensor& lora_b, const at::Tensor& offsets,
+                                const std::optional<at::Tensor>& row_scale) {
+  check_grouped_lora(x, lora_a, lora_b, offsets, row_scale);
+  check_dim(out, 2, "out", "[tokens, out_features]");
+  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == lora_b.size(1), "out must be [", x.size(0), ", ",
+              lora_b.size(1), "] (rows of x, out_features of lora_b), got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "out must have the dtype of x (", x.scalar_type(), "), got ",
+              out.scalar_type());
+  check_same_device(x, "x", out, "out");
+}
+
 void check_load_balance(const at::Tensor& probs, const at::Tensor& expert,
                         const std::optional<at::Tensor>& mask) {
   check_dim(probs, 2, "probs", "[tokens, experts]");

@@ -30,6 +30,10 @@ void check_permute(const at::Tensor& x, const at::Tensor& expert, int64_t num_ex
 void check_permute_rows(const at::Tensor& x, const at::Tensor& sorted_token, const char* name);
 void check_grouped_lora(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                         const at::Tensor& offsets, const std::optional<at::Tensor>& row_scale);
+// out [N, out_features] of x's dtype, on x's device; then check_grouped_lora.
+void check_grouped_lora_add_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
+                                const at::Tensor& lora_b, const at::Tensor& offsets,
+                                const std::optional<at::Tensor>& row_scale);
 void check_load_balance(const at::Tensor& probs, const at::Tensor& expert,
                         const std::optional<at::Tensor>& mask);
 // Accumulation type: float32 for float32/bfloat16/float16, float64 for float64.
@@ -59,6 +63,11 @@ at::Tensor grouped_lora_cpu(const at::Tensor& x, const at::Tensor& lora_a, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
     const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale);
+
+// out [N, out] (x's dtype) += grouped_lora(x, ...), rounded once from the accumulation type
+void grouped_lora_add_out_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
+                              const at::Tensor& lora_b, const at::Tensor& offsets, double scaling,
+                              const std::optional<at::Tensor>& row_scale);
 
 // probs [N, K] float, expert [N] int, mask [N] bool or None -> scalar (float32; float64 for float64 probs)
 at::Tensor load_balance_loss_cpu(const at::Tensor& probs, const at::Tensor& expert,

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/index_math.h"
+#include "core/lora_tiles.h"
 #include "core/routing_math.h"
 #ifdef MOLE_EXT_WITH_CUDA
 #include "cuda/error_flags.h"
@@ -16,6 +17,7 @@
 namespace py = pybind11;
 namespace im = mole_ext::index_math;
 namespace rm = mole_ext::routing_math;
+namespace lt = mole_ext::lora_tiles;
 
 namespace {
 
@@ -153,6 +155,22 @@ PYBIND11_MODULE(_C, m) {
     const rm::LbLayout l = rm::lb_layout(k, threads);
     return py::make_tuple(l.col_threads, l.row_lanes, l.active);
   });
+  // lora_tiles.h: the grouped LoRA kernels' tile map and split plans.
+  im_mod.def("seg_tile_grid", &lt::seg_tile_grid, py::arg("n"), py::arg("k"), py::arg("bm"));
+  im_mod.def("seg_tile_base", [](const std::vector<int64_t>& offsets, int64_t s, int64_t n, int64_t bm) {
+    return lt::seg_tile_base(offsets.data(), s, n, bm);
+  });
+  im_mod.def("seg_tile", [](const std::vector<int64_t>& offsets, int64_t n, int64_t bm, int64_t t) {
+    const lt::SegTile st = lt::seg_tile(offsets.data(), static_cast<int64_t>(offsets.size()) - 1, n, bm, t);
+    return py::make_tuple(st.segment, st.row_begin, st.row_end);
+  }, "Tile t of height bm -> (segment, row_begin, row_end); idle when row_begin >= row_end.");
+  im_mod.def("split_plan", [](int64_t len, int64_t want, int64_t align) {
+    const lt::SplitPlan p = lt::split_plan(len, want, align);
+    return py::make_tuple(p.chunk, p.splits);
+  });
+  im_mod.def("want_splits", &lt::want_splits);
+  im_mod.def("wgrad_chunk_rows", &lt::wgrad_chunk_rows);
+
   im_mod.def("simulate_permute", &simulate_permute, py::arg("expert"), py::arg("num_experts"),
              py::arg("scan_threads") = 1024,
              "The CUDA permute's index algorithm run on the host: (sorted_token, offsets).");

@@ -16,6 +16,8 @@ TORCH_LIBRARY(mole_ext, m) {
   m.def("unpermute(Tensor y_sorted, Tensor sorted_token) -> Tensor");
   // Segmented LoRA: y[i] = scaling * row_scale[i] * lora_b[k] @ (lora_a[k] @ x[i]) for i in segment k.
   m.def("grouped_lora(Tensor x, Tensor lora_a, Tensor lora_b, Tensor offsets, float scaling, Tensor? row_scale) -> Tensor");
+  // In place out += grouped_lora(x, ...) (the LoRA delta lands on the base GEMM's output), rounded once.
+  m.def("grouped_lora_add_out(Tensor(a!) out, Tensor x, Tensor lora_a, Tensor lora_b, Tensor offsets, float scaling, Tensor? row_scale) -> ()");
   // Gradients of grouped_lora: (grad_x, grad_a, grad_b, grad_row_scale; the last is empty without row_scale).
   m.def("grouped_lora_backward(Tensor grad_y, Tensor x, Tensor lora_a, Tensor lora_b, Tensor offsets, float scaling, Tensor? row_scale) -> (Tensor grad_x, Tensor grad_a, Tensor grad_b, Tensor grad_row_scale)");
   // Switch-style balance loss K * sum_k f_k P_k over masked tokens.

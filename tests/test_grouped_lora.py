@@ -148,3 +148,90 @@ def test_double_backward_is_refused():
     (gx,) = torch.autograd.grad(ops.grouped_lora(x, a, b, off, 1.0, rs).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="grouped_lora_backward is not differentiable"):
         gx.sum().backward()
+
+
+# ---- grouped_lora_add_out: out += grouped_lora(...) in place -------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("n,k,r,d_in,d_out", CASES)
+def test_add_out_matches_reference(device, dtype, n, k, r, d_in, d_out):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 is a CPU-only (gradcheck) dtype")
+    x, a, b, off, rs = make(n, k, r, d_in, d_out, dtype, device)
+    base = torch.randn(n, d_out, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+    out = base.clone()
+    ret = ops.grouped_lora_add_out(out, x, a, b, off, 0.75, rs)
+    assert ret is out
+    want = base.clone()
+    ref.grouped_lora_add_out(want, x, a, b, off, 0.75, rs)
+    assert_close(out, want, dtype=dtype)
+    # the same as adding the op's own output, up to one rounding of the delta
+    assert_close(out, (base.double() + ref.grouped_lora(x, a, b, off, 0.75, rs).double()).to(dtype), dtype=dtype)
+
+
+def test_add_out_float32_is_base_plus_grouped_lora_exactly():
+    x, a, b, off, rs = make(97, 3, 8, 33, 17, torch.float32, "cpu", kind="skewed")
+    base = torch.randn(97, 17)
+    out = base.clone()
+    ops.grouped_lora_add_out(out, x, a, b, off, 1.25, rs)
+    assert_equal(out, base + ops.grouped_lora(x, a, b, off, 1.25, rs))
+
+
+def test_add_out_non_contiguous_out_and_empty_experts():
+    x, a, b, off, rs = make(33, 4, 8, 16, 24, torch.float32, "cpu", kind="missing")
+    base = torch.randn(24, 33).t()  # column-major [33, 24]
+    out = base.clone()
+    assert not out.is_contiguous()
+    ops.grouped_lora_add_out(out, x, a, b, off, 0.5, rs)
+    assert_close(out, base + ref.grouped_lora(x, a, b, off, 0.5, rs))
+    assert out.stride() == base.stride()  # updated in place, layout kept
+
+
+def test_add_out_zero_rows():
+    x, a, b, off, rs = make(0, 3, 8, 16, 24, torch.float32, "cpu")
+    out = torch.empty(0, 24)
+    ops.grouped_lora_add_out(out, x, a, b, off, 0.5, rs)
+    assert out.shape == (0, 24)
+
+
+@pytest.mark.parametrize("out,match", [
+    (torch.zeros(6, 4), r"out must be \[6, 5\]"),
+    (torch.zeros(5, 5), r"out must be \[6, 5\]"),
+    (torch.zeros(6, 5, dtype=torch.float64), "out must have the dtype of x"),
+    (torch.zeros(30), "out must be 2-D"),
+])
+def test_add_out_bad_input(out, match):
+    with pytest.raises(RuntimeError, match=match):
+        ops.grouped_lora_add_out(out, **_bad())
+
+
+def test_add_out_opcheck():
+    x, a, b, off, rs = make(17, 3, 4, 8, 6, torch.float32, "cpu")
+    torch.library.opcheck(torch.ops.mole_ext.grouped_lora_add_out, (torch.randn(17, 6), x, a, b, off, 0.5, rs))
+    torch.library.opcheck(torch.ops.mole_ext.grouped_lora_add_out, (torch.randn(17, 6), x, a, b, off, 0.5, None))
+
+
+def test_add_out_compiles():
+    x, a, b, off, rs = make(17, 3, 4, 8, 6, torch.float32, "cpu")
+
+    def f(base, x, a, b, off, rs):
+        y = base * 2
+        torch.ops.mole_ext.grouped_lora_add_out(y, x, a, b, off, 0.5, rs)
+        return y
+
+    base = torch.randn(17, 6)
+    assert_close(torch.compile(f, fullgraph=True)(base, x, a, b, off, rs), f(base, x, a, b, off, rs))
+
+
+def test_mole_projection_inference_uses_the_same_math():
+    from mole_ext import functional
+    from mole_ext.reference import Projection
+    x, a, b, off, rs = make(97, 3, 8, 16, 24, torch.float32, "cpu", kind="skewed")
+    w = torch.randn(24, 16)
+    proj = Projection(w, None, a.requires_grad_(), b)
+    with_grad = functional.mole_projection(x, proj, off, 0.5, rs)
+    with torch.no_grad():
+        no_grad = functional.mole_projection(x, proj, off, 0.5, rs)
+    assert with_grad.requires_grad and not no_grad.requires_grad
+    assert_equal(no_grad, with_grad.detach())

@@ -265,3 +265,75 @@ def test_emulated_load_balance_reduction_matches_cpu(n, k):
     loss = k * sum(c * s for c, s in zip(counts, psum)) / (m * m)
     want = float(torch.ops.mole_ext.load_balance_loss(probs, expert, mask))
     assert loss == pytest.approx(want, rel=1e-12)
+
+
+# ---- lora_tiles.h: the grouped LoRA kernels' tile map ------------------------------------------
+
+def _all_offsets(n, k):
+    """Every non-decreasing list 0 = o_0 <= ... <= o_k = n."""
+    if k == 1:
+        yield [0, n]
+        return
+    for head in _all_offsets(n, k - 1):
+        for v in range(head[-2], n + 1):
+            yield head[:-1] + [v, n]
+
+
+def _check_tile_map(offsets, bm):
+    k, n = len(offsets) - 1, offsets[-1]
+    grid = im.seg_tile_grid(n, k, bm)
+    assert grid <= -(-n // bm) + k
+    hits = [0] * n
+    busy = 0
+    for t in range(grid):
+        seg, b, e = im.seg_tile(offsets, n, bm, t)
+        assert im.seg_tile_base(offsets, seg, n, bm) <= t < im.seg_tile_base(offsets, seg + 1, n, bm)
+        if b >= e:
+            continue
+        busy += 1
+        assert offsets[seg] <= b < e <= offsets[seg + 1] and e - b <= bm
+        for row in range(b, e):
+            hits[row] += 1
+    assert hits == [1] * n
+    assert busy == sum(-(-(offsets[s + 1] - offsets[s]) // bm) for s in range(k))
+
+
+@pytest.mark.parametrize("bm", [1, 2, 3, 4, 64])
+def test_seg_tile_map_exhaustive(bm):
+    # every routing of up to 6 rows over up to 4 experts: empty experts and N = 0 included
+    for k in range(1, 5):
+        for n in range(0, 7):
+            for offsets in _all_offsets(n, k):
+                _check_tile_map(offsets, bm)
+
+
+def test_seg_tile_map_skewed_and_large():
+    rnd = random.Random(3)
+    for _ in range(50):
+        k, n, bm = rnd.choice([1, 2, 3, 8]), rnd.choice([0, 1, 33, 97, 1025]), rnd.choice([32, 64])
+        cuts = sorted(rnd.randint(0, n) for _ in range(k - 1))
+        if rnd.random() < 0.5:  # one expert takes (almost) everything
+            cuts = [0] * (k - 1) if rnd.random() < 0.5 else [n] * (k - 1)
+        _check_tile_map([0] + cuts + [n], bm)
+
+
+def test_seg_tile_ill_formed_offsets_stay_in_range():
+    rnd = random.Random(5)
+    for _ in range(300):
+        k, n, bm = rnd.randint(1, 5), rnd.randint(0, 40), rnd.randint(1, 8)
+        offsets = [rnd.randint(-20, 60) for _ in range(k + 1)]
+        for t in range(im.seg_tile_grid(n, k, bm)):
+            seg, b, e = im.seg_tile(offsets, n, bm, t)
+            assert 0 <= seg < k and 0 <= b <= e <= n and e - b <= bm
+
+
+def test_split_plans():
+    for length in (0, 1, 16, 17, 4096, 11008):
+        for want in (1, 3, 16):
+            chunk, splits = im.split_plan(length, want, 32)
+            assert chunk % 32 == 0 and 1 <= splits <= want
+            if length:
+                assert (splits - 1) * chunk < length <= splits * chunk
+    assert im.want_splits(1032, 264, 4096, 256, 16) == 1      # N = 65536: the row tiles fill the GPU
+    assert im.want_splits(9, 264, 4096, 256, 16) == 16        # N = 33: split the reduction over `in`
+    assert im.wgrad_chunk_rows(65536, 8, 32, 64) == 8192

@@ -40,13 +40,9 @@ void zero_empty_experts(at::Tensor& grad, const std::vector<int64_t>& off) {
   }
 }
 
-}  // namespace
-
-at::Tensor grouped_lora_cpu(const at::Tensor& x_in, const at::Tensor& lora_a_in, const at::Tensor& lora_b_in,
-                            const at::Tensor& offsets, double scaling,
-                            const std::optional<at::Tensor>& row_scale) {
-  const BelowAutograd below_autograd;
-  check_grouped_lora(x_in, lora_a_in, lora_b_in, offsets, row_scale);
+// The forward in the accumulation type: y [N, out] float32 (float64 for float64 x).
+at::Tensor grouped_lora_acc(const at::Tensor& x_in, const at::Tensor& lora_a_in, const at::Tensor& lora_b_in,
+                            const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale) {
   const int64_t n = x_in.size(0), k = lora_a_in.size(0), out_f = lora_b_in.size(1);
   const std::vector<int64_t> off = checked_offsets(offsets, n);
   const auto acc = acc_type_for(x_in.scalar_type());
@@ -74,7 +70,29 @@ at::Tensor grouped_lora_cpu(const at::Tensor& x_in, const at::Tensor& lora_a_in,
       at::mm_out(y_seg, h, lora_b[e].t());  // [len, out]
     }
   });
-  return y.to(x_in.scalar_type());
+  return y;
+}
+
+}  // namespace
+
+at::Tensor grouped_lora_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                            const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale) {
+  const BelowAutograd below_autograd;
+  check_grouped_lora(x, lora_a, lora_b, offsets, row_scale);
+  return grouped_lora_acc(x, lora_a, lora_b, offsets, scaling, row_scale).to(x.scalar_type());
+}
+
+void grouped_lora_add_out_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
+                              const at::Tensor& lora_b, const at::Tensor& offsets, double scaling,
+                              const std::optional<at::Tensor>& row_scale) {
+  const BelowAutograd below_autograd;
+  check_grouped_lora_add_out(out, x, lora_a, lora_b, offsets, row_scale);
+  const at::Tensor delta = grouped_lora_acc(x, lora_a, lora_b, offsets, scaling, row_scale);
+  if (out.scalar_type() == delta.scalar_type()) {
+    out.add_(delta);
+  } else {  // add in the accumulation type, round once (what the CUDA epilogue does)
+    out.copy_(out.to(delta.scalar_type()).add_(delta));
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_cpu(
@@ -140,6 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward
 
 TORCH_LIBRARY_IMPL(mole_ext, CPU, m) {
   m.impl("grouped_lora", &grouped_lora_cpu);
+  m.impl("grouped_lora_add_out", &grouped_lora_add_out_cpu);
   m.impl("grouped_lora_backward", &grouped_lora_backward_cpu);
 }
 

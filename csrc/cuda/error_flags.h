@@ -15,7 +15,8 @@ enum Kind : int {
   kUnpermuteIndex = 3,        // unpermute: sorted_token entry outside [0, N)
   kPermuteRowsDuplicate = 4,  // permute_rows, validate mode: sorted_token not a permutation
   kUnpermuteDuplicate = 5,    // unpermute, validate mode: sorted_token not a permutation
-  kNumKinds = 6,
+  kGroupedLoraOffsets = 6,    // grouped_lora*: offsets not non-decreasing from 0 to N
+  kNumKinds = 7,
 };
 
 // Raises (TORCH_CHECK) if a kernel on `device` (-1: any device) has reported an error since the

@@ -51,6 +51,8 @@ const char* kind_message(int kind) {
       return "permute_rows: sorted_token must be a permutation of [0, N), but a row is hit other than once";
     case cuda_errors::kUnpermuteDuplicate:
       return "unpermute: sorted_token must be a permutation of [0, N), but a row is hit other than once";
+    case cuda_errors::kGroupedLoraOffsets:
+      return "grouped_lora: offsets must be non-decreasing with offsets[0] = 0 and offsets[-1] = N (the rows of x)";
     default:
       return "unknown error";
   }
@@ -88,6 +90,8 @@ void check_device(int device, bool synchronized) {
     msg << kind_message(k) << ": ";
     if (k == cuda_errors::kPermuteRowsDuplicate || k == cuda_errors::kUnpermuteDuplicate) {
       msg << "row " << where << " of " << bound << " is hit " << value << " times";
+    } else if (k == cuda_errors::kGroupedLoraOffsets) {
+      msg << "found offsets[" << where << "] = " << value << " (N = " << bound << ")";
     } else {
       msg << "found " << value << " at position " << where << " (valid range [0, " << bound << "))";
     }

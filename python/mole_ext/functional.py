@@ -67,8 +67,18 @@ def mole_projection(z: torch.Tensor, proj: Projection, offsets: torch.Tensor, sc
     base = F.linear(z, proj.weight, proj.bias)
     z_lora = F.dropout(z, dropout, training) if dropout > 0 else z
     a, b, z_lora = _lora_operands(base.dtype, proj, z_lora)
+    if not _records_autograd(z, proj, row_scale):
+        # Inference: the delta accumulates straight into the base output (no [N, out] temporary).
+        return ops.grouped_lora_add_out(base, z_lora, a, b, offsets, scaling, row_scale)
     # In place: neither linear's nor add's backward needs this output, so no extra [N, out] buffer.
     return base.add_(ops.grouped_lora(z_lora, a, b, offsets, scaling, row_scale))
+
+
+def _records_autograd(z, proj: Projection, row_scale) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    ts = (z, proj.weight, proj.bias, proj.lora_a, proj.lora_b, row_scale)
+    return any(t is not None and t.requires_grad for t in ts)
 
 
 def _lora_operands(dtype, proj: Projection, z):

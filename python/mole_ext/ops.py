@@ -19,12 +19,13 @@ from . import _C  # noqa: F401  (loads the operator library)
 from . import reference as _ref
 
 __all__ = [
-    "router_top1", "permute", "permute_rows", "unpermute", "grouped_lora", "load_balance_loss",
+    "router_top1", "permute", "permute_rows", "unpermute", "grouped_lora", "grouped_lora_add_out", "load_balance_loss",
     "cuda_backend", "cuda_check_errors", "set_cuda_validate", "cuda_validate",
 ]
 
 _OPS = ("router_top1", "router_top1_backward", "permute", "permute_rows", "unpermute",
-        "grouped_lora", "grouped_lora_backward", "load_balance_loss", "load_balance_loss_backward")
+        "grouped_lora", "grouped_lora_add_out", "grouped_lora_backward", "load_balance_loss",
+        "load_balance_loss_backward")
 
 _lib = torch.library.Library("mole_ext", "IMPL")  # noqa: TOR901 (fallback kernels only)
 _CUDA_FALLBACK = []
@@ -216,6 +217,30 @@ def grouped_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, of
 @torch.library.register_fake("mole_ext::grouped_lora")
 def _(x, lora_a, lora_b, offsets, scaling, row_scale):
     return x.new_empty((x.shape[0], lora_b.shape[1]))
+
+
+def grouped_lora_add_out(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                         offsets: torch.Tensor, scaling: float, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """In place ``out += grouped_lora(x, lora_a, lora_b, offsets, scaling, row_scale)``: the LoRA
+    delta lands on an existing output (the base GEMM's) without a second [N, out] tensor. The sum
+    is formed in the accumulation dtype and rounded once to out's dtype.
+
+    Not differentiable (it mutates ``out``); ``mole_ext.functional`` uses it where autograd does
+    not record.
+
+    Args:
+        out: [N, out] with x's dtype and device, updated in place (any strides).
+        x, lora_a, lora_b, offsets, scaling, row_scale: as for ``grouped_lora``.
+    Returns:
+        out.
+    """
+    torch.ops.mole_ext.grouped_lora_add_out(out, x, lora_a, lora_b, offsets, float(scaling), row_scale)
+    return out
+
+
+@torch.library.register_fake("mole_ext::grouped_lora_add_out")
+def _(out, x, lora_a, lora_b, offsets, scaling, row_scale):
+    return None
 
 
 @torch.library.register_fake("mole_ext::grouped_lora_backward")

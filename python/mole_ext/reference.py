@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "acc_dtype", "router_top1", "router_top1_backward", "permute", "permute_rows", "unpermute",
-    "grouped_lora", "grouped_lora_backward", "load_balance_loss", "load_balance_loss_backward",
+    "grouped_lora", "grouped_lora_add_out", "grouped_lora_backward", "load_balance_loss", "load_balance_loss_backward",
     "Projection", "mole_ffn", "base_ffn",
 ]
 
@@ -67,6 +67,19 @@ def unpermute(y_sorted: torch.Tensor, sorted_token: torch.Tensor) -> torch.Tenso
 
 def grouped_lora(x, lora_a, lora_b, offsets, scaling, row_scale=None):
     """y[i] = scaling * row_scale[i] * lora_b[k] @ (lora_a[k] @ x[i]) for i in segment k, in the accumulation dtype."""
+    return _grouped_lora_acc(x, lora_a, lora_b, offsets, scaling, row_scale).to(x.dtype)
+
+
+def grouped_lora_add_out(out, x, lora_a, lora_b, offsets, scaling, row_scale=None):
+    """out += grouped_lora(x, ...) in place: the sum is taken in the accumulation dtype and rounded once."""
+    if out.shape != (x.shape[0], lora_b.shape[1]) or out.dtype != x.dtype:
+        raise RuntimeError(f"out must be [{x.shape[0]}, {lora_b.shape[1]}] of dtype {x.dtype}, got "
+                           f"{tuple(out.shape)} {out.dtype}")
+    delta = _grouped_lora_acc(x, lora_a, lora_b, offsets, scaling, row_scale)
+    out.copy_((out.to(delta.dtype) + delta).to(out.dtype))
+
+
+def _grouped_lora_acc(x, lora_a, lora_b, offsets, scaling, row_scale=None):
     acc = acc_dtype(x.dtype)
     bounds = [int(v) for v in offsets.tolist()]
     if bounds[0] != 0 or bounds[-1] != x.shape[0] or any(b > e for b, e in zip(bounds, bounds[1:])):
@@ -78,7 +91,7 @@ def grouped_lora(x, lora_a, lora_b, offsets, scaling, row_scale=None):
         if row_scale is not None:
             y = y * row_scale[s:e].to(acc)[:, None]
         pieces.append(y)
-    return torch.cat(pieces).to(x.dtype)  # K >= 1 pieces, empty segments included
+    return torch.cat(pieces)  # K >= 1 pieces, empty segments included
 
 
 def grouped_lora_backward(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale=None):

@@ -1,0 +1,289 @@
+"""Grouped LoRA GEMM (shrink + expand over expert segments), forward and backward, against the
+baselines side by side in one process, with the HBM roofline of the bytes each call must move.
+
+Providers:
+  mole_ext     torch.ops.mole_ext.grouped_lora / grouped_lora_backward (segment map on the device)
+  grouped_mm   torch.nn.functional.grouped_mm (PyTorch's CUTLASS grouped GEMM; CUDA, bf16 only)
+  loop         a Python loop over experts (host-synchronising offsets.tolist(), one GEMM pair each)
+  mask         all experts then mask: one GEMM against the K stacked LoRA matrices, the rows'
+               other experts zeroed, one GEMM back (K times the FLOPs, no host sync)
+  roofline     the bytes the call must move (inputs read once, outputs written once) at the
+               device's HBM bandwidth: H200 4.8 TB/s, H100 SXM 3.35 TB/s, A100 2.0 TB/s, else
+               the bandwidth of a large copy_ measured in the same run
+
+Columns: median (p20-p80) microseconds per call, GB/s of those bytes, fraction of the roofline,
+speed-up of mole_ext over each provider. L2 is flushed (a 256 MiB write) before every timed call.
+
+  python bench/grouped_gemm.py           # CUDA: bf16, N in {8192, 16384, 65536}, in = 4096,
+                                         # out = 11008, r in {16, 32, 64, 128}, K in {2, 4, 8},
+                                         # uniform and skewed (99% on one expert) routings
+  python bench/grouped_gemm.py --quick   # a subset (CUDA) / tiny shapes (CPU)
+On a machine without CUDA the CPU kernels run at small float32 sizes, and the script says so.
+Rows are appended to bench/results/grouped_gemm.jsonl; the table goes to
+bench/results/grouped_gemm-<cuda|cpu>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import mole_ext  # noqa: E402,F401
+from mole_ext import ops  # noqa: E402
+
+HBM_PEAK = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}  # bytes/s, by device-name substring
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    n: int
+    d_in: int
+    d_out: int
+    r: int
+    k: int
+    routing: str  # uniform / skewed
+    dtype: str
+
+
+def cuda_configs(quick: bool) -> List[Config]:
+    if quick:
+        return [Config(n, 4096, 11008, r, k, rt, "bfloat16") for n in (16384, 65536) for r in (16, 64)
+                for k in (4, 8) for rt in ("uniform", "skewed")]
+    return [Config(n, 4096, 11008, r, k, rt, "bfloat16") for n in (8192, 16384, 65536) for r in (16, 32, 64, 128)
+            for k in (2, 4, 8) for rt in ("uniform", "skewed")]
+
+
+def cpu_configs(quick: bool) -> List[Config]:
+    if quick:
+        return [Config(256, 128, 344, 8, k, rt, "float32") for k in (2, 4) for rt in ("uniform", "skewed")]
+    return [Config(n, 512, 1376, r, k, rt, "float32") for n in (1024, 4096) for r in (16, 64) for k in (2, 8)
+            for rt in ("uniform", "skewed")]
+
+
+def make_inputs(cfg: Config, device: str):
+    dt = getattr(torch, cfg.dtype)
+    g = torch.Generator().manual_seed(0)
+    if cfg.routing == "uniform":
+        expert = torch.randint(0, cfg.k, (cfg.n,), generator=g)
+    else:  # 99% of the tokens on expert 0
+        expert = torch.where(torch.rand(cfg.n, generator=g) < 0.99, torch.zeros(cfg.n, dtype=torch.long),
+                             torch.randint(0, cfg.k, (cfg.n,), generator=g))
+    expert = expert.sort().values
+    counts = torch.bincount(expert, minlength=cfg.k)
+    off = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32)
+    x = torch.randn(cfg.n, cfg.d_in, generator=g).to(dt)
+    a = (torch.randn(cfg.k, cfg.r, cfg.d_in, generator=g) * cfg.d_in ** -0.5).to(dt)
+    b = (torch.randn(cfg.k, cfg.d_out, cfg.r, generator=g) * cfg.r ** -0.5).to(dt)
+    rs = torch.rand(cfg.n, generator=g)
+    gy = torch.randn(cfg.n, cfg.d_out, generator=g).to(dt)
+    to = lambda t: t.to(device)
+    return to(x), to(a), to(b), to(off), to(rs), to(gy), to(expert)
+
+
+def bytes_moved(cfg: Config, mode: str) -> int:
+    e = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
+    n, i, o, r, k = cfg.n, cfg.d_in, cfg.d_out, cfg.r, cfg.k
+    weights = k * r * (i + o) * e
+    if mode == "fwd":  # x, A, B, row_scale, offsets in; y out
+        return n * i * e + weights + n * 4 + (k + 1) * 4 + n * o * e
+    # grad_y, x, A, B, row_scale in; grad_x, grad_A, grad_B, grad_row_scale out
+    return n * o * e + n * i * e + weights + n * 4 + n * i * e + weights + n * 4
+
+
+# ---- providers: each returns (fwd, bwd) callables ----------------------------------------------
+
+def mole_ext_provider(x, a, b, off, rs, gy, expert, scaling):
+    return (lambda: ops.grouped_lora(x, a, b, off, scaling, rs),
+            lambda: torch.ops.mole_ext.grouped_lora_backward(gy, x, a, b, off, scaling, rs))
+
+
+def grouped_mm_provider(x, a, b, off, rs, gy, expert, scaling):
+    ends = off[1:].contiguous()
+    m = (scaling * rs).to(x.dtype)[:, None]
+    at, bt = a.transpose(-2, -1), b.transpose(-2, -1)
+
+    def fwd():
+        h = F.grouped_mm(x, at, offs=ends) * m
+        return F.grouped_mm(h, bt, offs=ends)
+
+    def bwd():
+        h = F.grouped_mm(x, at, offs=ends)
+        gh = F.grouped_mm(gy, b, offs=ends)
+        grs = scaling * (gh.float() * h.float()).sum(1)
+        dh, hs = gh * m, h * m
+        gx = F.grouped_mm(dh, a, offs=ends)
+        ga = F.grouped_mm(dh.t(), x, offs=ends)
+        gb = F.grouped_mm(gy.t(), hs, offs=ends)
+        return gx, ga, gb, grs
+
+    return fwd, bwd
+
+
+def loop_provider(x, a, b, off, rs, gy, expert, scaling):
+    m = (scaling * rs).to(x.dtype)[:, None]
+
+    def fwd():
+        bounds = off.tolist()  # the host sync of a per-expert loop
+        y = torch.empty(x.shape[0], b.shape[1], dtype=x.dtype, device=x.device)
+        for e in range(a.shape[0]):
+            s, t = bounds[e], bounds[e + 1]
+            if t > s:
+                torch.mm((x[s:t] @ a[e].T) * m[s:t], b[e].T, out=y[s:t])
+        return y
+
+    def bwd():
+        bounds = off.tolist()
+        gx, ga, gb = torch.empty_like(x), torch.zeros_like(a), torch.zeros_like(b)
+        grs = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        for e in range(a.shape[0]):
+            s, t = bounds[e], bounds[e + 1]
+            if t == s:
+                continue
+            h = x[s:t] @ a[e].T
+            gh = gy[s:t] @ b[e]
+            grs[s:t] = scaling * (gh.float() * h.float()).sum(1)
+            dh = gh * m[s:t]
+            torch.mm(dh, a[e], out=gx[s:t])
+            torch.mm(dh.T, x[s:t], out=ga[e])
+            torch.mm(gy[s:t].T, h * m[s:t], out=gb[e])
+        return gx, ga, gb, grs
+
+    return fwd, bwd
+
+
+def mask_provider(x, a, b, off, rs, gy, expert, scaling):
+    k, r = a.shape[0], a.shape[1]
+    a_all = a.reshape(k * r, -1)                        # [K r, in]
+    b_all = b.permute(1, 0, 2).reshape(b.shape[1], -1)  # [out, K r]
+    onehot = F.one_hot(expert, k).to(x.dtype)           # [N, K]
+    m = (scaling * rs).to(x.dtype)[:, None]
+    mask = (onehot * m).repeat_interleave(r, dim=1)     # [N, K r]: the row's expert, scaled
+
+    def fwd():
+        return (x @ a_all.T * mask) @ b_all.T
+
+    def bwd():
+        h = x @ a_all.T
+        gh = gy @ b_all
+        grs = scaling * (gh.float() * h.float() * onehot.repeat_interleave(r, dim=1)).sum(1)
+        dh = gh * mask
+        return dh @ a_all, (dh.T @ x).view(k, r, -1), (gy.T @ (h * mask)).view(-1, k, r).permute(1, 0, 2), grs
+
+    return fwd, bwd
+
+
+PROVIDERS: Dict[str, Callable] = {"mole_ext": mole_ext_provider, "grouped_mm": grouped_mm_provider,
+                                  "loop": loop_provider, "mask": mask_provider}
+
+
+def hbm_bandwidth(device: str, env: dict) -> tuple:
+    """(bytes/s, source) of the roofline."""
+    for key, bw in HBM_PEAK.items():
+        if key in env["device"]:
+            return bw, f"{key} spec"
+    n = 1 << 28 if device == "cuda" else 1 << 25
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = harness.quantiles(harness.time_interleaved({"copy": lambda: dst.copy_(src)}, device, 2, 5)["copy"])
+    return 2 * n / t["median"], "measured copy_"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="subset of the configurations (CUDA) / tiny shapes (CPU)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of " + ",".join(PROVIDERS))
+    ap.add_argument("--no-save", action="store_true", help="do not write bench/results/")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    args = ap.parse_args(argv)
+    device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = harness.environment(device)
+    env["mole_ext_cuda_backend"] = ops.cuda_backend()
+    configs = cuda_configs(args.quick) if device == "cuda" else cpu_configs(args.quick)
+    reps = args.reps or (3 if device == "cpu" and args.quick else (7 if device == "cpu" else 20))
+    wanted = [p for p in args.providers.split(",") if p]
+    if device == "cpu":
+        print(f"CPU run ({env['device']}): the CPU kernels at small float32 sizes; the GPU numbers come from "
+              "bench/gpu_check.sh on a GPU machine. grouped_mm is CUDA-only.")
+        wanted = [p for p in wanted if p != "grouped_mm"]
+    elif not hasattr(F, "grouped_mm"):
+        print(f"torch {torch.__version__} has no torch.nn.functional.grouped_mm: that provider is skipped")
+        wanted = [p for p in wanted if p != "grouped_mm"]
+    bw, bw_src = hbm_bandwidth(device, env)
+    print(f"roofline: {bw / 1e9:.0f} GB/s ({bw_src})")
+    flush_buf = torch.empty(256 << 20 if device == "cuda" else 32 << 20, dtype=torch.uint8, device=device)
+    flush = lambda: flush_buf.zero_()
+
+    rows, skipped = [], {}
+    for cfg in configs:
+        tensors = make_inputs(cfg, device)
+        scaling = 2.0
+        fns = {}
+        for name in wanted:
+            try:
+                fwd, bwd = PROVIDERS[name](*tensors, scaling)
+                fwd(), bwd()  # fails here if the provider cannot run this case
+                fns[(name, "fwd")], fns[(name, "bwd")] = fwd, bwd
+            except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+                skipped.setdefault(name, str(exc).splitlines()[0][:160])
+        for mode in ("fwd", "bwd"):
+            mode_fns = {name: fn for (name, md), fn in fns.items() if md == mode}
+            times = harness.time_interleaved(mode_fns, device, warmup=1 if device == "cpu" else 3, reps=reps,
+                                             flush=flush)
+            q = {name: harness.quantiles(t) for name, t in times.items()}
+            nbytes = bytes_moved(cfg, mode)
+            roof = nbytes / bw
+            mole = q.get("mole_ext", {}).get("median")
+            for name, st in list(q.items()) + [("roofline", {"median": roof, "p20": roof, "p80": roof})]:
+                rows.append({
+                    "bench": "grouped_gemm", "provider": name, "mode": mode, "N": cfg.n, "in": cfg.d_in,
+                    "out": cfg.d_out, "r": cfg.r, "K": cfg.k, "routing": cfg.routing, "dtype": cfg.dtype,
+                    "us": st["median"] * 1e6, "p20_us": st["p20"] * 1e6, "p80_us": st["p80"] * 1e6,
+                    "bytes": nbytes, "GB/s": nbytes / st["median"] / 1e9, "of_roofline": roof / st["median"],
+                    "mole_ext_speedup": (st["median"] / mole) if mole else None, "quick": args.quick,
+                })
+        del tensors, fns
+    cols = ["provider", "mode", "N", "r", "K", "routing", "us", "p20_us", "p80_us", "GB/s", "of_roofline",
+            "mole_ext_speedup"]
+    harness.print_table(rows, cols)
+    for name, why in skipped.items():
+        print(f"provider {name} skipped for some cases: {why}")
+    verdicts = []
+    if device == "cuda":
+        big = [r for r in rows if r["provider"] == "mole_ext" and r["N"] >= 16384]
+        if big:
+            worst = min(r["of_roofline"] for r in big)
+            verdicts.append(f"mole_ext worst fraction of roofline at N >= 16384: {worst:.2f} (target >= 0.80): "
+                            f"{'MET' if worst >= 0.8 else 'MISSED'}")
+        vs = [r for r in rows if r["provider"] == "grouped_mm" and r["r"] <= 64]
+        if vs:
+            worst = min(r["mole_ext_speedup"] for r in vs)
+            verdicts.append(f"mole_ext speed-up over grouped_mm for r <= 64, worst {worst:.2f}x (target >= 1.5x): "
+                            f"{'MET' if worst >= 1.5 else 'MISSED'}")
+    for v in verdicts:
+        print(v)
+    if not args.no_save:
+        cmd = "python bench/grouped_gemm.py" + (" --quick" if args.quick else "")
+        md = (f"# bench/grouped_gemm.py\n\n{env['device']}, torch {env['torch']}, commit {env['git_commit']}, "
+              f"{env['date']}\n\nCommand: `{cmd}`; median of {reps} round-robin reps, L2 flushed before each; "
+              f"roofline {bw / 1e9:.0f} GB/s ({bw_src}).\n\n" + harness.markdown_table(rows, cols) +
+              "".join(f"\n{v}\n" for v in verdicts) +
+              "".join(f"\nprovider {n} skipped for some cases: {w}\n" for n, w in skipped.items()))
+        print("wrote", harness.write_results("grouped_gemm", env, rows, md))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

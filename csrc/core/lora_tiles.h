@@ -1,0 +1,153 @@
+// Tile arithmetic of the CUDA grouped LoRA kernels (csrc/cuda/grouped_lora.cu), in plain C++
+// with __host__ __device__ so the kernels and the CPU tests (csrc/tests/test_lora_tiles.cpp,
+// tests/test_index_math.py through mole_ext._C.index_math) run the same functions.
+//
+// Segment tiles without a host sync
+// ---------------------------------------------------------------------------------------------
+// The grid of a grouped kernel must not depend on the routing (offsets live on the device, and a
+// CUDA graph replays the same grid with new offsets), yet no tile may straddle two experts. With
+// tiles of `bm` rows, segment s = [o_s, o_{s+1}) gets the tile numbers starting at
+//   base(s) = floor(o_s / bm) + s,
+// and needs ceil(n_s / bm) of them. base(s+1) - base(s) = floor(o_{s+1}/bm) - floor(o_s/bm) + 1
+// >= ceil(n_s / bm), so segment s's tiles fit in [base(s), base(s+1)) and the grid
+// base(K) = floor(N / bm) + K (<= ceil(N/bm) + K) covers every segment whatever the routing.
+// A block finds its segment by a binary search of base() over s; the few numbers a segment does
+// not use (at most one per segment, plus the rounding) are idle blocks. An empty segment owns
+// exactly one idle tile, which the weight-gradient partials use to write its zeros.
+//
+// Offsets that are not a valid CSR list (checked and reported elsewhere) are clamped to [0, N]
+// here, so every row a tile names lies in [0, N): bad routing never means an out-of-bounds access.
+#pragma once
+
+#include <cstdint>
+
+#include "index_math.h"
+
+namespace mole_ext {
+namespace lora_tiles {
+
+// Row tile of a segment: rows [row_begin, row_end) of segment `segment`; idle when empty.
+struct SegTile {
+  int64_t segment;
+  int64_t row_begin;
+  int64_t row_end;
+};
+
+// Number of tiles (blocks along the row dimension) for n rows in k segments, tiles of bm rows.
+MOLE_HD int64_t seg_tile_grid(int64_t n, int64_t k, int64_t bm) { return n / bm + k; }
+
+// offsets[s] clamped to [0, n].
+template <typename OffT>
+MOLE_HD int64_t clamped_offset(const OffT* offsets, int64_t s, int64_t n) {
+  const int64_t o = static_cast<int64_t>(offsets[s]);
+  return o < 0 ? 0 : (o > n ? n : o);
+}
+
+// First tile number of segment s (s in [0, k]); base(k) = seg_tile_grid for valid offsets.
+template <typename OffT>
+MOLE_HD int64_t seg_tile_base(const OffT* offsets, int64_t s, int64_t n, int64_t bm) {
+  return clamped_offset(offsets, s, n) / bm + s;
+}
+
+// The segment owning tile number t: the largest s in [0, k) with base(s) <= t (0 if none).
+template <typename OffT>
+MOLE_HD int64_t seg_tile_segment(const OffT* offsets, int64_t k, int64_t n, int64_t bm, int64_t t) {
+  int64_t lo = 0, hi = k;  // answer in [lo, hi)
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (seg_tile_base(offsets, mid, n, bm) <= t) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// Tile t -> (segment, rows). Rows are always inside [0, n); the tile is idle when
+// row_begin >= row_end (then the rows are unspecified but row_begin == row_end).
+template <typename OffT>
+MOLE_HD SegTile seg_tile(const OffT* offsets, int64_t k, int64_t n, int64_t bm, int64_t t) {
+  const int64_t s = seg_tile_segment(offsets, k, n, bm, t);
+  const int64_t o0 = clamped_offset(offsets, s, n);
+  int64_t o1 = clamped_offset(offsets, s + 1, n);
+  if (o1 < o0) o1 = o0;  // ill-formed (decreasing) offsets: an empty segment
+  const int64_t j = t - seg_tile_base(offsets, s, n, bm);
+  SegTile r{s, o0, o0};
+  if (j < 0) return r;
+  const int64_t b = o0 + j * bm;
+  if (b >= o1) return r;
+  r.row_begin = b;
+  r.row_end = b + bm < o1 ? b + bm : o1;
+  return r;
+}
+
+// Split of a reduction of length `len` into at most `want` pieces whose length is a multiple of
+// `align` (the k-step of the kernel): piece p covers [p * chunk, min((p + 1) * chunk, len)).
+// Every piece is non-empty; len == 0 gives one empty piece.
+struct SplitPlan {
+  int64_t chunk;
+  int64_t splits;
+};
+
+MOLE_HD SplitPlan split_plan(int64_t len, int64_t want, int64_t align) {
+  if (want < 1) want = 1;
+  if (len <= 0) return SplitPlan{align, 1};
+  int64_t chunk = index_math::ceil_div(index_math::ceil_div(len, want), align) * align;
+  if (chunk < align) chunk = align;
+  return SplitPlan{chunk, index_math::ceil_div(len, chunk)};
+}
+
+// How many pieces to split the row GEMMs' reduction into: enough blocks to fill the machine
+// (target_blocks, about two per SM) when the row tiles alone do not, but never pieces shorter
+// than min_chunk, and at most max_splits (the fp32 partials cost splits * N * cols * 4 bytes).
+MOLE_HD int64_t want_splits(int64_t blocks_without_split, int64_t target_blocks, int64_t len, int64_t min_chunk,
+                            int64_t max_splits) {
+  if (blocks_without_split < 1) blocks_without_split = 1;
+  int64_t s = index_math::ceil_div(target_blocks, blocks_without_split);
+  const int64_t by_len = len / min_chunk;
+  if (s > by_len) s = by_len;
+  if (s > max_splits) s = max_splits;
+  return s < 1 ? 1 : s;
+}
+
+// Rows per chunk of the weight-gradient partials (dA_k, dB_k reduce over a segment's rows):
+// about `target_chunks` chunks of N rows plus one per segment, each a multiple of `align` rows
+// and at least `min_rows`. The partial workspace is (N / chunk + K) * weight elements.
+MOLE_HD int64_t wgrad_chunk_rows(int64_t n, int64_t target_chunks, int64_t align, int64_t min_rows) {
+  if (target_chunks < 1) target_chunks = 1;
+  int64_t c = index_math::ceil_div(index_math::ceil_div(n, target_chunks), align) * align;
+  return c < min_rows ? min_rows : c;
+}
+
+// ---- the operand layouts of each product (what the CUDA host code passes to its kernels) ----
+// Tensors are contiguous: x [N, in], A [K, r, in], B [K, out, r], dY [N, out], H / dH [N, r].
+
+// row_gemm: C[i, n] = sum_k L[i, k] R_s[k, n] over segment rows i. L is [N, lda] with the
+// reduction contiguous; R_s starts at s * r_seg, element (k, n) at k * r_sk + n * r_sn.
+struct RowGemmShape {
+  int64_t lda;
+  int64_t r_seg, r_sk, r_sn;
+  int64_t ncols, klen;
+};
+// H = X A_k^T: (k, n) = (c, j) -> A[s, j, c]
+MOLE_HD RowGemmShape shrink_shape(int64_t in, int64_t r) { return RowGemmShape{in, r * in, 1, in, r, in}; }
+// Y = Hs B_k^T: (k, n) = (j, o) -> B[s, o, j]
+MOLE_HD RowGemmShape expand_shape(int64_t r, int64_t out) { return RowGemmShape{r, out * r, 1, r, out, r}; }
+// G = dY B_k: (k, n) = (o, j) -> B[s, o, j]
+MOLE_HD RowGemmShape dy_b_shape(int64_t out, int64_t r) { return RowGemmShape{out, out * r, r, 1, r, out}; }
+// dX = dH A_k: (k, n) = (j, c) -> A[s, j, c]
+MOLE_HD RowGemmShape dx_shape(int64_t r, int64_t in) { return RowGemmShape{r, r * in, in, 1, in, r}; }
+
+// wgrad: W_s[m, n] = sum over segment rows i of L[i, m] R[i, n]; L is [N, lda], R is [N, ldb].
+struct WgradShape {
+  int64_t lda, m_rows;
+  int64_t ldb, ncols;
+};
+// dA_k [r, in] = dH_k^T X_k
+MOLE_HD WgradShape grad_a_shape(int64_t r, int64_t in) { return WgradShape{r, r, in, in}; }
+// dB_k [out, r] = dY_k^T Hs_k
+MOLE_HD WgradShape grad_b_shape(int64_t out, int64_t r) { return WgradShape{out, out, r, r}; }
+
+}  // namespace lora_tiles
+}  // namespace mole_ext

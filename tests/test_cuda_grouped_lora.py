@@ -1,0 +1,349 @@
+"""CUDA kernels of grouped_lora / grouped_lora_add_out / grouped_lora_backward against the CPU
+kernel and the reference: awkward shapes (N in 0, 1, 33, 97, 1025; K in 1, 2, 3, 8; r in 1, 8,
+16, 64, 128; in / out not multiples of 16), skewed routing (99% on one expert, empty experts),
+the bf16 rule (error no worse than twice PyTorch's own bf16 error against a float64 oracle),
+determinism (bit-identical reruns), the SIMT cross-check of the tensor-core path, bad offsets,
+and CUDA-graph replays with the routing changed between replays. Skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mole_ext import _C, ops
+from mole_ext import reference as ref
+
+from cuda_testing import assert_equal, cpu_op, cuda_params, require_cuda, validate_mode
+from helpers import assert_close
+
+# (rtol, atol as a fraction of the largest expected magnitude) against the fp32 CPU kernel: the
+# GPU rounds the rank-r intermediate to the input dtype once (as PyTorch's bf16 LoRA does).
+TOL = {torch.float32: (1e-4, 2e-5), torch.bfloat16: (2e-2, 1.5e-2), torch.float16: (4e-3, 3e-3)}
+NS = [0, 1, 33, 97, 1025]
+KS = [1, 2, 3, 8]
+RS = [1, 8, 16, 64, 128]
+D_IN, D_OUT = 40, 72  # not multiples of 16 (nor of the 64-wide tiles)
+
+
+@pytest.fixture(params=cuda_params())
+def device(request):
+    require_cuda(request.param)
+    with validate_mode(True):  # bad offsets raise in the failing call, as on the CPU
+        yield request.param
+    _C.cuda_check_errors(True)  # nothing may be left pending after a test
+
+
+def offsets_of(expert: torch.Tensor, k: int) -> torch.Tensor:
+    counts = torch.bincount(expert.long(), minlength=k)
+    return torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32)
+
+
+def routing(n, k, kind, g):
+    if kind == "uniform":
+        return torch.randint(0, k, (n,), generator=g)
+    if kind == "skewed":  # 99% on expert k - 1, the rest spread
+        e = torch.randint(0, k, (n,), generator=g)
+        return torch.where(torch.rand(n, generator=g) < 0.99, torch.full_like(e, k - 1), e)
+    if kind == "empty":  # only even experts get tokens
+        return (torch.randint(0, (k + 1) // 2, (n,), generator=g) * 2).clamp_max(k - 1)
+    raise ValueError(kind)
+
+
+def make(n, k, r, d_in, d_out, dtype, kind="uniform", row_scale=True, seed=0):
+    """CPU tensors: x [n, d_in], a [k, r, d_in], b [k, d_out, r], offsets [k+1] int32, rs [n] fp32."""
+    g = torch.Generator().manual_seed(seed + 1000 * n + 10 * k + r)
+    off = offsets_of(routing(n, k, kind, g), k)
+    x = torch.randn(n, d_in, generator=g).to(dtype)
+    a = (torch.randn(k, r, d_in, generator=g) / d_in ** 0.5).to(dtype)
+    b = (torch.randn(k, d_out, r, generator=g) / r ** 0.5).to(dtype)
+    rs = torch.rand(n, generator=g) if row_scale else None
+    return x, a, b, off, rs
+
+
+def cuda_args(*ts):
+    return [None if t is None else t.cuda() for t in ts]
+
+
+def close(actual, expected, dtype, what):
+    rtol, afrac = TOL[dtype]
+    scale = expected.detach().abs().max().item() if expected.numel() else 0.0
+    assert_close(actual, expected, rtol=rtol, atol=afrac * scale + 1e-30, msg=what)
+
+
+# ---- forward --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("r", RS)
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("n", NS)
+def test_forward_matches_cpu_and_reference(device, n, k, r, dtype):
+    x, a, b, off, rs = make(n, k, r, D_IN, D_OUT, dtype)
+    y = ops.grouped_lora(*cuda_args(x, a, b, off), 0.75, rs.cuda())
+    assert y.dtype == dtype and y.shape == (n, D_OUT) and y.is_cuda
+    close(y, cpu_op("grouped_lora", x, a, b, off, 0.75, rs), dtype, "vs CPU kernel")
+    close(y, ref.grouped_lora(x, a, b, off, 0.75, rs), dtype, "vs reference")
+
+
+@pytest.mark.parametrize("kind", ["skewed", "empty"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("row_scale", [True, False])
+def test_forward_skewed_routing(device, kind, dtype, row_scale):
+    x, a, b, off, rs = make(1025, 8, 16, 136, 200, dtype, kind=kind, row_scale=row_scale)
+    y = ops.grouped_lora(*cuda_args(x, a, b, off), 1.5, None if rs is None else rs.cuda())
+    close(y, cpu_op("grouped_lora", x, a, b, off, 1.5, rs), dtype, f"{kind} routing")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_forward_long_reduction_is_split(device, dtype):
+    # few rows, a long `in`: the shrink splits its reduction into fp32 partials
+    chunk, splits = _C.index_math.split_plan(4096, 16, 32)
+    assert splits > 1
+    for n in (1, 33):
+        x, a, b, off, rs = make(n, 3, 64, 4096, 300, dtype)
+        y = ops.grouped_lora(*cuda_args(x, a, b, off), 0.5, rs.cuda())
+        close(y, cpu_op("grouped_lora", x, a, b, off, 0.5, rs), dtype, f"split-K n={n}")
+
+
+def test_forward_int64_offsets_and_non_contiguous(device):
+    x, a, b, off, rs = make(97, 3, 8, D_IN, D_OUT, torch.float32)
+    xt = x.t().contiguous().t().cuda()
+    at = a.transpose(1, 2).contiguous().transpose(1, 2).cuda()
+    assert not xt.is_contiguous() and not at.is_contiguous()
+    y = ops.grouped_lora(xt, at, b.cuda(), off.long().cuda(), 0.5, rs.cuda())
+    close(y, cpu_op("grouped_lora", x, a, b, off, 0.5, rs), torch.float32, "non-contiguous, int64 offsets")
+
+
+# ---- add_out ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n", NS)
+def test_add_out_matches_cpu(device, n, dtype):
+    x, a, b, off, rs = make(n, 3, 16, D_IN, D_OUT, dtype, kind="skewed")
+    base = torch.randn(n, D_OUT).to(dtype)
+    out = base.cuda()
+    ops.grouped_lora_add_out(out, *cuda_args(x, a, b, off), 0.75, rs.cuda())
+    want = base.clone()
+    cpu_op("grouped_lora_add_out", want, x, a, b, off, 0.75, rs)
+    close(out, want, dtype, "add_out vs CPU kernel")
+    strided = base.t().contiguous().t().cuda()  # column-major out
+    ops.grouped_lora_add_out(strided, *cuda_args(x, a, b, off), 0.75, rs.cuda())
+    assert_equal(strided, out, "non-contiguous out")
+
+
+# ---- backward ---------------------------------------------------------------------------------
+
+def grads(fn, x, a, b, off, rs, up, scaling=1.25):
+    leaves = [t.clone().requires_grad_() for t in (x, a, b)] + ([rs.clone().requires_grad_()] if rs is not None else [])
+    fn(leaves[0], leaves[1], leaves[2], off, scaling, leaves[3] if rs is not None else None).backward(up)
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("r", [1, 8, 64, 128])
+@pytest.mark.parametrize("n,k", [(1, 1), (33, 2), (97, 3), (1025, 8)])
+@pytest.mark.parametrize("row_scale", [True, False])
+def test_backward_matches_cpu(device, n, k, r, dtype, row_scale):
+    x, a, b, off, rs = make(n, k, r, D_IN, D_OUT, dtype, row_scale=row_scale)
+    up = torch.randn(n, D_OUT).to(dtype)
+    got = grads(ops.grouped_lora, *cuda_args(x, a, b, off, rs, up))
+    want = grads(ops.grouped_lora, x, a, b, off, rs, up)
+    for g, w, name in zip(got, want, ("x", "lora_a", "lora_b", "row_scale")):
+        assert g.dtype == w.dtype, name
+        close(g, w, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("kind", ["skewed", "empty"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_skewed_and_empty_experts(device, kind, dtype):
+    x, a, b, off, rs = make(1025, 8, 16, 136, 200, dtype, kind=kind)
+    up = torch.randn(1025, 200).to(dtype)
+    got = grads(ops.grouped_lora, *cuda_args(x, a, b, off, rs, up))
+    want = grads(ops.grouped_lora, x, a, b, off, rs, up)
+    for g, w, name in zip(got, want, ("x", "lora_a", "lora_b", "row_scale")):
+        close(g, w, dtype, f"grad {name} ({kind})")
+    empty = [e for e in range(8) if off[e + 1] == off[e]]
+    for e in empty:  # exactly zero, not merely small
+        assert_equal(got[1][e], torch.zeros_like(got[1][e]), f"grad lora_a[{e}] of an empty expert")
+        assert_equal(got[2][e], torch.zeros_like(got[2][e]), f"grad lora_b[{e}] of an empty expert")
+
+
+def test_backward_zero_rows(device):
+    x, a, b, off, rs = make(0, 3, 8, D_IN, D_OUT, torch.bfloat16)
+    gx, ga, gb, grs = torch.ops.mole_ext.grouped_lora_backward(
+        torch.zeros(0, D_OUT, dtype=torch.bfloat16, device="cuda"), *cuda_args(x, a, b, off), 1.0, rs.cuda())
+    assert gx.shape == (0, D_IN) and grs.shape == (0,)
+    assert_equal(ga, torch.zeros_like(ga), "grad lora_a at N = 0")
+    assert_equal(gb, torch.zeros_like(gb), "grad lora_b at N = 0")
+
+
+def test_backward_long_reductions(device):
+    # dY B over a long `out` with few rows (split partials), and weight gradients over many rows
+    for n in (2, 3000):
+        x, a, b, off, rs = make(n, 4, 32, 1000, 2750, torch.bfloat16, kind="skewed")
+        up = torch.randn(n, 2750).to(torch.bfloat16)
+        got = grads(ops.grouped_lora, *cuda_args(x, a, b, off, rs, up))
+        want = grads(ops.grouped_lora, x, a, b, off, rs, up)
+        for g, w, name in zip(got, want, ("x", "lora_a", "lora_b", "row_scale")):
+            close(g, w, torch.bfloat16, f"grad {name} n={n}")
+
+
+# ---- bf16: no worse than twice PyTorch's own bf16 error ---------------------------------------
+
+def torch_lora(x, a, b, off, scaling, rs):
+    """Plain PyTorch in the inputs' dtype (what a bf16 PyTorch LoRA computes), per segment."""
+    pieces = []
+    bounds = off.tolist()
+    for e in range(a.shape[0]):
+        s, t = bounds[e], bounds[e + 1]
+        h = x[s:t] @ a[e].T
+        pieces.append((h * (scaling * rs[s:t, None]).to(h.dtype)) @ b[e].T)
+    return torch.cat(pieces)
+
+
+@pytest.mark.parametrize("r", [8, 16, 64, 128])
+@pytest.mark.parametrize("kind", ["uniform", "skewed"])
+def test_bf16_error_at_most_twice_pytorch(device, r, kind):
+    n, k, d_in, d_out = 1025, 4, 1000, 1100
+    x, a, b, off, rs = make(n, k, r, d_in, d_out, torch.bfloat16, kind=kind)
+    up = torch.randn(n, d_out).to(torch.bfloat16)
+    xs, as_, bs, offs, rss, ups = cuda_args(x, a, b, off, rs, up)
+    oracle = [t.double() for t in grads(torch_lora, *(t.double() for t in (x, a, b)), off, rs.double(),
+                                        up.double())]
+    y_oracle = torch_lora(x.double(), a.double(), b.double(), off, 1.25, rs.double())
+    ours = [ops.grouped_lora(xs, as_, bs, offs, 1.25, rss)] + grads(ops.grouped_lora, xs, as_, bs, offs, rss, ups)
+    theirs = [torch_lora(xs, as_, bs, offs, 1.25, rss)] + grads(torch_lora, xs, as_, bs, offs, rss, ups)
+    for o, t, w, name in zip(ours, theirs, [y_oracle] + oracle, ("y", "grad x", "grad lora_a", "grad lora_b",
+                                                                  "grad row_scale")):
+        err_ours = (o.double().cpu() - w).norm().item()
+        err_torch = (t.double().cpu() - w).norm().item()
+        assert err_ours <= 2 * err_torch + 1e-12 * w.norm().item(), \
+            f"{name}: mole_ext error {err_ours:.3e} > 2 x PyTorch bf16 error {err_torch:.3e}"
+
+
+# ---- determinism, the SIMT cross-check -------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bit_identical_reruns(device, dtype):
+    x, a, b, off, rs = make(3000, 4, 64, 520, 700, dtype, kind="skewed")
+    up = torch.randn(3000, 700).to(dtype)
+    args = cuda_args(x, a, b, off, rs, up)
+    y0 = ops.grouped_lora(*args[:4], 0.5, args[4])
+    g0 = torch.ops.mole_ext.grouped_lora_backward(args[5], *args[:4], 0.5, args[4])
+    for _ in range(2):
+        assert_equal(ops.grouped_lora(*args[:4], 0.5, args[4]), y0, "forward rerun")
+        for u, v, name in zip(torch.ops.mole_ext.grouped_lora_backward(args[5], *args[:4], 0.5, args[4]), g0,
+                              ("x", "lora_a", "lora_b", "row_scale")):
+            assert_equal(u, v, f"grad {name} rerun")
+
+
+_SIMT_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_cuda_grouped_lora import make, cuda_args, close, grads
+from mole_ext import ops
+for dtype in (torch.bfloat16, torch.float16):
+    x, a, b, off, rs = make(1025, 3, 64, 200, 136, dtype, kind="skewed")
+    up = torch.randn(1025, 136).to(dtype)
+    close(ops.grouped_lora(*cuda_args(x, a, b, off), 0.5, rs.cuda()), ops.grouped_lora(x, a, b, off, 0.5, rs), dtype, "y")
+    for g, w in zip(grads(ops.grouped_lora, *cuda_args(x, a, b, off, rs, up)), grads(ops.grouped_lora, x, a, b, off, rs, up)):
+        close(g, w, dtype, "grad")
+print("SIMT path OK")
+"""
+
+
+def test_simt_path_for_16_bit_types(device):
+    # MOLE_EXT_GROUPED_LORA_SIMT=1 is read once per process: run the SIMT path in a child process
+    env = dict(os.environ, MOLE_EXT_GROUPED_LORA_SIMT="1")
+    res = subprocess.run([sys.executable, "-c", _SIMT_SCRIPT, os.path.dirname(os.path.abspath(__file__))],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "SIMT path OK" in res.stdout, res.stdout + res.stderr
+
+
+# ---- bad offsets --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [[0, 5, 3, 9], [1, 3, 6, 9], [0, 3, 6, 8], [0, 3, 6, 12], [0, -2, 6, 9]])
+def test_bad_offsets_raise(device, bad):
+    x, a, b, _, rs = make(9, 3, 4, 8, 5, torch.float32)
+    off = torch.tensor(bad, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="offsets must be non-decreasing"):
+        ops.grouped_lora(*cuda_args(x, a, b), off, 1.0, rs.cuda())
+    with pytest.raises(RuntimeError, match="offsets must be non-decreasing"):
+        torch.ops.mole_ext.grouped_lora_backward(torch.randn(9, 5, device="cuda"), *cuda_args(x, a, b), off, 1.0,
+                                                 rs.cuda())
+
+
+def test_bad_offsets_lazy_mode(device):
+    x, a, b, _, rs = make(9, 3, 4, 8, 5, torch.float32)
+    off = torch.tensor([0, 7, 2, 9], dtype=torch.int32, device="cuda")
+    with validate_mode(False):
+        ops.grouped_lora(*cuda_args(x, a, b), off, 1.0, rs.cuda())  # no out-of-bounds access, no raise yet
+        with pytest.raises(RuntimeError, match="offsets must be non-decreasing"):
+            _C.cuda_check_errors(True)
+
+
+# ---- CUDA graphs: new routing between replays --------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_graph_replay_with_changed_routing(device, dtype):
+    n, k, r, d_in, d_out = 1025, 4, 16, 136, 200
+    x, a, b, off, rs = make(n, k, r, d_in, d_out, dtype)
+    up = torch.randn(n, d_out).to(dtype)
+    sx, sa, sb, soff, srs, sup = cuda_args(x, a, b, off, rs, up)
+    with validate_mode(False):  # validate mode synchronises, which a capture forbids
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up (allocations, lazy init) outside the capture
+            for _ in range(2):
+                ops.grouped_lora(sx, sa, sb, soff, 0.5, srs)
+                torch.ops.mole_ext.grouped_lora_backward(sup, sx, sa, sb, soff, 0.5, srs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = ops.grouped_lora(sx, sa, sb, soff, 0.5, srs)
+            gx, ga, gb, grs = torch.ops.mole_ext.grouped_lora_backward(sup, sx, sa, sb, soff, 0.5, srs)
+        g = torch.Generator().manual_seed(42)
+        for kind in ("uniform", "skewed", "empty", "uniform"):
+            new_off = offsets_of(routing(n, k, kind, g), k)
+            soff.copy_(new_off)
+            graph.replay()
+            torch.cuda.synchronize()
+            eager_y = ops.grouped_lora(sx, sa, sb, soff, 0.5, srs)
+            eager_g = torch.ops.mole_ext.grouped_lora_backward(sup, sx, sa, sb, soff, 0.5, srs)
+            assert_equal(y, eager_y, f"graph forward ({kind})")
+            for u, v, name in zip((gx, ga, gb, grs), eager_g, ("x", "lora_a", "lora_b", "row_scale")):
+                assert_equal(u, v, f"graph grad {name} ({kind})")
+            close(y, cpu_op("grouped_lora", x, a, b, new_off, 0.5, rs), dtype, f"graph vs CPU ({kind})")
+
+
+def test_module_under_cuda_graph_with_changed_routing(device):
+    # the whole MoLE FFN forward captured once and replayed on new inputs (so new routings)
+    from mole_ext import MoLEFFN
+    torch.manual_seed(0)
+    m = MoLEFFN(64, 176, 4, 8, 16.0, device="cuda")
+    with torch.no_grad():
+        for p in (m.gate_proj, m.up_proj, m.down_proj):
+            p.lora_B.normal_(0, 0.05)
+        m.router.weight.normal_(0, 1.0)
+    static_x = torch.randn(333, 64, device="cuda")
+    with validate_mode(False), torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                m(static_x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = m(static_x)
+        for seed in range(3):
+            new_x = torch.randn(333, 64, generator=torch.Generator().manual_seed(seed)).cuda()
+            static_x.copy_(new_x)
+            graph.replay()
+            torch.cuda.synchronize()
+            eager = m(new_x)
+            close(static_y, eager, torch.float32, f"graph replay {seed}")
