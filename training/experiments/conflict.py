@@ -64,10 +64,10 @@ class ConflictConfig:
     expert_sweep: list[int] = field(default_factory=lambda: [2, 4, 8])  # (e)
     rank_mult: int = 4  # (c)
     # stage 1 (projector + random vision tower on the captions); 0 skips it (a LLaVA checkpoint)
-    stage1_steps: int = 30
+    stage1_steps: int = 60
     stage1_lr: float = 1e-3
     # stage 2, the same for every run
-    steps: int = 30
+    steps: int = 60
     batch: int = 4
     lr: float = 1e-3
     projector_lr: float = 2e-4
