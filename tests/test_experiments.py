@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:
 
 from training.config import ModelConfig  # noqa: E402
 from training.experiments.conflict import (ConflictConfig, number_format, paired_delta, plan,  # noqa: E402
-                                           run_experiment, significant)
+                                           routing_summary, run_experiment, significant)
 from training.model import build_model  # noqa: E402
 
 CACHE = str(ROOT / ".cache" / "mole_ext")
@@ -65,6 +65,27 @@ def test_number_format():
         ["digits", "words", "words", "digits", "other", "other"]
 
 
+def test_routing_summary(tmp_path):
+    """Domain separation = mean over layers of the largest pairwise total-variation distance."""
+    cells = [
+        {"layer": 0, "domain": "a", "kind": "text", "tokens": 10, "fractions": [1.0, 0.0], "mean_token_entropy": 0.0},
+        {"layer": 0, "domain": "b", "kind": "text", "tokens": 30, "fractions": [0.0, 1.0], "mean_token_entropy": 0.4},
+        {"layer": 1, "domain": "a", "kind": "text", "tokens": 10, "fractions": [0.5, 0.5], "mean_token_entropy": 0.0},
+        {"layer": 1, "domain": "b", "kind": "text", "tokens": 0, "fractions": [0.0, 0.0], "mean_token_entropy": 0.0},
+        {"layer": 0, "domain": "a", "kind": "image", "tokens": 10, "fractions": [0.6, 0.4], "mean_token_entropy": 0.0},
+        {"layer": 0, "domain": "b", "kind": "image", "tokens": 10, "fractions": [0.4, 0.6], "mean_token_entropy": 0.0},
+    ]
+    p = tmp_path / "routing_eval.json"
+    p.write_text(json.dumps({"layers": ["l0", "l1"], "domains": ["a", "b"], "num_experts": 2, "cells": cells,
+                             "warnings": ["w"]}))
+    rs = routing_summary(p)
+    assert rs["separation"]["text"] == pytest.approx(1.0)  # layer 1 has one domain with tokens: no pair
+    assert rs["separation"]["image"] == pytest.approx(0.2)
+    assert rs["entropy_ratio"] == pytest.approx(30 * 0.4 / 70 / torch.log(torch.tensor(2.0)).item())
+    assert rs["n_warnings"] == 1
+    assert routing_summary(tmp_path / "missing.json") is None
+
+
 def test_tiny_experiment_end_to_end_and_reuse(tmp_path):
     """Every run trains and is scored on every domain; results.md/json hold the table, verdict,
     slice and sweep; a second invocation reuses every finished run."""
@@ -85,7 +106,7 @@ def test_tiny_experiment_end_to_end_and_reuse(tmp_path):
     md = (out / "results.md").read_text()
     for needle in ["| (a) LoRA, single domain (own domain) |", "| (b) LoRA r=8, mixture |", "| (c) LoRA r=32, mixture |",
                    "| (d) MoLE K=3 r=8, mixture |", "| (e) MoLE K=2 r=8, mixture |", "## Verdict", "## The knob sweep",
-                   "| LoRA r=8, mixture | 1.0 |", "Commit: `"]:
+                   "| LoRA r=8, mixture | 1.0 |", "Commit: `", "## What the routers learned", "| MoLE K=3 r=8, mixture | "]:
         assert needle in md, needle
     assert (out / "heatmaps" / "mole_3.png").exists() and (out / "heatmaps" / "mole_2.png").exists()
     assert not (out / "heatmaps" / "lora_mix.png").exists()  # one expert: nothing to route

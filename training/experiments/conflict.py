@@ -175,7 +175,7 @@ def _done(run_dir: Path, fp: str) -> dict | None:
     return None
 
 
-def stage1(cfg: ConflictConfig, data: Path) -> str | None:
+def stage1(cfg: ConflictConfig, data: Path, commit: str = "") -> str | None:
     """The shared stage 1: projector (+ the random vision tower) on the captions."""
     if cfg.stage1_steps <= 0:
         return None
@@ -190,7 +190,7 @@ def stage1(cfg: ConflictConfig, data: Path) -> str | None:
         print(f"[conflict] stage 1: projector + vision tower on captions, {cfg.stage1_steps} steps", flush=True)
         s = run_training(rc)
         s.pop("trainer")
-        (out / "done.json").write_text(json.dumps({"fingerprint": fp, "train_loss": s["train_loss"],
+        (out / "done.json").write_text(json.dumps({"fingerprint": fp, "commit": commit, "train_loss": s["train_loss"],
                                                    "seconds": round(time.time() - t, 1)}, indent=1))
     return str(out / "adapter")
 
@@ -200,7 +200,7 @@ def _data_fp(data: Path) -> str:
     return _fingerprint({k: m[k] for k in ("seed", "per_domain", "test_per_domain", "size", "conflict", "counts")})
 
 
-def run_one(cfg: ConflictConfig, spec: RunSpec, data: Path, init_adapter: str | None) -> dict:
+def run_one(cfg: ConflictConfig, spec: RunSpec, data: Path, init_adapter: str | None, commit: str = "") -> dict:
     """Train one stage-2 run and evaluate it on every domain's test set (reused when done)."""
     from training.evaluate import evaluate
     from training.model import build_model
@@ -226,7 +226,7 @@ def run_one(cfg: ConflictConfig, spec: RunSpec, data: Path, init_adapter: str | 
     result, stats = evaluate(built, rc, tests, batch_size=cfg.eval_batch, max_new_tokens=cfg.max_new_tokens)
     routing = stats.write(out, "routing_eval") if spec.experts > 1 else None
     (out / "eval.json").write_text(json.dumps(result, indent=1))
-    done = {"fingerprint": fp, "spec": dataclasses.asdict(spec), "train_loss": s["train_loss"],
+    done = {"fingerprint": fp, "commit": commit, "spec": dataclasses.asdict(spec), "train_loss": s["train_loss"],
             "scores": {d: v["score"] for d, v in result["scores"]["domains"].items()},
             "macro": result["scores"]["macro"], "answer_loss": result["answer_loss"],
             "per_record": {p["id"]: p["score"] for p in result["predictions"]},
@@ -349,9 +349,13 @@ def analyse(cfg: ConflictConfig, specs: list[RunSpec], results: dict[str, dict])
     else:
         verdict["mole_removed"] = None
         deltas = ", ".join(f"{d} {v['delta']:+.3f} (se {v['se']:.3f})" for d, v in verdict["conflict_domains"].items())
-        text = ("No conflict appeared: the plain LoRA on the mixture is not significantly worse than the "
-                f"single-domain runs on any domain ({deltas}), so there was no loss for MoLE to remove. "
-                "The knob sweep below shows how the scores move as the conflict is turned.")
+        mole = ", ".join(f"{d} {v['delta_vs_single']:+.3f} against single-domain, {v['delta_vs_mix']:+.3f} "
+                         f"(se {v['se_vs_mix']:.3f}) against the plain mixture LoRA"
+                         for d, v in verdict["mole_domains"].items())
+        text = ("No significant conflict: against the single-domain runs the plain LoRA on the mixture changed by "
+                f"{deltas}; none of these is beyond two standard errors, so by this experiment's criterion conflict "
+                f"did not appear and there is no loss for MoLE to remove. For the record, MoLE (K={cfg.experts}): "
+                f"{mole}. The knob sweep below shows how the scores move as the conflict is turned.")
     verdict["text"] = text
 
     # the conflict slice and the sweep
@@ -375,12 +379,52 @@ def analyse(cfg: ConflictConfig, specs: list[RunSpec], results: dict[str, dict])
             r = results[s.name]
             sweep_lines.append(f"| {results[base]['spec']['label'] if base in results else base} | {s.conflict:.1f} | "
                                + " | ".join(f"{r['scores'].get(d, float('nan')):.3f}" for d in doms) + f" | {r['macro']:.3f} |")
+    routing_lines = ["| run | domain separation, text | domain separation, image | router entropy / ln K | experts < 1% |",
+                     "|---|---|---|---|---|"]
+    routing = {}
+    for s in specs:
+        rs = routing_summary(Path(cfg.out) / "runs" / s.name / "routing_eval.json")
+        if rs is None:
+            continue
+        routing[s.name] = rs
+        routing_lines.append(f"| {s.label} | {rs['separation']['text']:.3f} | {rs['separation']['image']:.3f} | "
+                             f"{rs['entropy_ratio']:.3f} | {rs['n_warnings']} |")
     sweep_rows = sorted(sweep_lines[2:], key=lambda x: (x.split("|")[1], x.split("|")[2]))
     md = "\n".join(lines + ["", "## Verdict", "", text, "", "## The conflict slice", ""] + slice_lines
                    + ["", "## The knob sweep", "", "Scores as the conflict knob is turned (same seeds, steps and "
                       "samples; only the general domain's answers to conflicted counting templates change).", ""]
-                   + sweep_lines[:2] + sweep_rows)
-    return md, {"verdict": verdict, "conflict_slice": slices}
+                   + sweep_lines[:2] + sweep_rows
+                   + ["", "## What the routers learned", "",
+                      "Domain separation: per MoLE layer, the largest total-variation distance between two domains' "
+                      "expert-load vectors, averaged over layers (0: every domain uses the experts alike; 1: disjoint "
+                      "experts). Router entropy: mean per-token entropy of the router probabilities over ln K (1: "
+                      "uniform probabilities). Experts < 1%: (layer, expert) pairs below 1% of the test tokens. "
+                      "Heatmaps: `heatmaps/`.", ""] + routing_lines)
+    return md, {"verdict": verdict, "conflict_slice": slices, "routing": routing}
+
+
+def routing_summary(path: Path) -> dict | None:
+    """Domain separation and router entropy from a run's routing_eval.json (None without one)."""
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    K = d["num_experts"]
+    out = {"separation": {}, "entropy_ratio": 0.0, "n_warnings": len(d["warnings"])}
+    ent, n_ent = 0.0, 0
+    for kind in ("text", "image"):
+        seps = []
+        for layer in range(len(d["layers"])):
+            cells = [c for c in d["cells"] if c["layer"] == layer and c["kind"] == kind and c["tokens"] > 0]
+            tv = [0.5 * sum(abs(x - y) for x, y in zip(a["fractions"], b["fractions"]))
+                  for i, a in enumerate(cells) for b in cells[i + 1:]]
+            if tv:
+                seps.append(max(tv))
+            for c in cells:
+                ent += c["mean_token_entropy"] * c["tokens"]
+                n_ent += c["tokens"]
+        out["separation"][kind] = sum(seps) / len(seps) if seps else float("nan")
+    out["entropy_ratio"] = ent / n_ent / math.log(K) if n_ent and K > 1 else float("nan")
+    return out
 
 
 # ---- driver ------------------------------------------------------------------------------------
@@ -415,10 +459,10 @@ def run_experiment(cfg: ConflictConfig, argv: list[str]) -> Path:
     knobs = sorted({s.conflict for s in specs})
     for k in knobs:
         build_data(cfg, k)
-    adapter = stage1(cfg, data_dir(cfg, cfg.conflict))
+    adapter = stage1(cfg, data_dir(cfg, cfg.conflict), commit)
     results = {}
     for s in specs:
-        results[s.name] = run_one(cfg, s, data_dir(cfg, s.conflict), adapter)
+        results[s.name] = run_one(cfg, s, data_dir(cfg, s.conflict), adapter, commit)
     md, analysis = analyse(cfg, specs, results)
     heat = out / "heatmaps"
     heat.mkdir(exist_ok=True)
@@ -427,18 +471,25 @@ def run_experiment(cfg: ConflictConfig, argv: list[str]) -> Path:
         if png.exists():
             shutil.copy(png, heat / f"{s.name.replace('@', '_knob')}.png")
     seconds = round(time.time() - t0, 1)
+    s1 = Path(cfg.out) / "stage1" / "done.json"
+    compute = sum(r["seconds"]["train"] + r["seconds"]["eval"] for r in results.values()) + \
+        (json.loads(s1.read_text())["seconds"] if s1.exists() else 0.0)
+    run_commits = sorted({r.get("commit") or "unrecorded" for r in results.values()})
     command = "python -m training.experiments.conflict " + " ".join(argv)
     header = [f"# Data-conflict experiment", "",
               f"Command: `{command.strip()}`  ", f"Commit: `{commit}`  ", f"Seed: {cfg.seed} (data, stage 1 and "
               f"every run)  ", f"Machine: {_machine()}; torch {torch.__version__}  ",
-              f"Wall time: {seconds / 60:.1f} min (this invocation; reused runs cost nothing)  ",
+              f"Runs trained and evaluated at commit(s): {', '.join(f'`{c}`' for c in run_commits)}  ",
+              f"Time: {compute / 60:.1f} min of training and evaluation (stage 1 and every run); this invocation "
+              f"took {seconds / 60:.1f} min (finished runs are reused)  ",
               f"Model: {json.dumps(cfg.model)}; rank {cfg.rank}, alpha {cfg.alpha}; stage 1 {cfg.stage1_steps} steps; "
               f"stage 2 {cfg.steps} steps x batch {cfg.batch} for every run; {cfg.per_domain} training records per "
               f"domain; knob {cfg.conflict}", "", "## Scores", ""]
     (out / "results.md").write_text("\n".join(header) + md + "\n")
     (out / "results.json").write_text(json.dumps({
         "command": command.strip(), "commit": commit, "config": dataclasses.asdict(cfg), "machine": _machine(),
-        "torch": torch.__version__, "seconds": seconds, "runs": {n: {k: v for k, v in r.items() if k != "fingerprint"}
+        "torch": torch.__version__, "seconds": seconds, "compute_seconds": round(compute, 1),
+        "run_commits": run_commits, "runs": {n: {k: v for k, v in r.items() if k != "fingerprint"}
                                                                   for n, r in results.items()},
         **analysis}, indent=1))
     print(md)
