@@ -20,8 +20,8 @@ Change "significant" below means: more than twice the standard error of the pair
 score differences (both runs answer the same test records).
 
 The built-in default is CPU-sized (39 minutes measured on a quiet 2-core machine):
-SmolLM2-135M-Instruct with a 64 px random CLIP tower trained in a shared stage 1. ``training/experiments/conflict_gpu.json`` is the
-GPU-sized configuration (a local LLaVA-1.5-7B, 336 px, full-size data).
+SmolLM2-135M-Instruct with a 64 px random CLIP tower trained in a shared stage 1.
+``training/experiments/conflict_gpu.json`` is the GPU-sized configuration (a local LLaVA-1.5-7B, 336 px, full-size data).
 """
 from __future__ import annotations
 
