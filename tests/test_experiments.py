@@ -119,6 +119,11 @@ def test_tiny_experiment_end_to_end_and_reuse(tmp_path):
     run_experiment(cfg, over)  # everything reused
     assert time.time() - t < 30
     assert json.loads((out / "results.json").read_text())["runs"]["mole_3"]["per_record"] == res["runs"]["mole_3"]["per_record"]
+    mtime = (out / "runs" / "mole_3" / "done.json").stat().st_mtime
+
+    cfg.stage1_lr = cfg.stage1_lr / 2  # a different stage 1 retrains stage 1 and every run after it
+    run_experiment(cfg, over)
+    assert (out / "runs" / "mole_3" / "done.json").stat().st_mtime > mtime
 
 
 def test_lm_layers_truncates_a_pretrained_language_model(tmp_path):

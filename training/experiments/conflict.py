@@ -210,8 +210,11 @@ def run_one(cfg: ConflictConfig, spec: RunSpec, data: Path, init_adapter: str | 
     datasets = [{"path": str(data / f"{d}_train.json"), "domain": d} for d in spec.domains]
     rc = _run_config(cfg, 2, out, datasets, cfg.steps, cfg.lr, cfg.projector_lr, init_adapter,
                      {"num_experts": spec.experts, "rank": spec.rank, "alpha": spec.alpha})
+    # The stage-1 fingerprint too: a retrained stage 1 at the same path invalidates every run.
+    s1 = Path(init_adapter).parent / "done.json" if init_adapter else None
+    s1_fp = json.loads(s1.read_text())["fingerprint"] if s1 and s1.exists() else None
     fp = _fingerprint({"run": rc.to_dict(), "spec": dataclasses.asdict(spec), "data": _data_fp(data),
-                       "eval": [cfg.eval_batch, cfg.max_new_tokens]})
+                       "eval": [cfg.eval_batch, cfg.max_new_tokens], "stage1": s1_fp})
     done = _done(out, fp)
     if done is not None:
         print(f"[conflict] {spec.name}: reused ({out / 'done.json'})", flush=True)
