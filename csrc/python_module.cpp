@@ -105,19 +105,6 @@ PYBIND11_MODULE(_C, m) {
     im::exclusive_scan(counts.data(), static_cast<int64_t>(counts.size()), off.data());
     return off;
   });
-  im_mod.def("segment_of", [](const std::vector<int64_t>& offsets, int64_t row) {
-    return im::segment_of(offsets.data(), static_cast<int64_t>(offsets.size()) - 1, row);
-  });
-  im_mod.def("num_segment_tiles", [](const std::vector<int64_t>& offsets, int64_t tile) {
-    return im::num_segment_tiles(offsets.data(), static_cast<int64_t>(offsets.size()) - 1, tile);
-  });
-  im_mod.def("segment_tile", [](const std::vector<int64_t>& offsets, int64_t tile, int64_t t) -> py::object {
-    int64_t seg = 0, b = 0, e = 0;
-    if (!im::segment_tile(offsets.data(), static_cast<int64_t>(offsets.size()) - 1, tile, t, &seg, &b, &e)) {
-      return py::none();
-    }
-    return py::make_tuple(seg, b, e);
-  });
   im_mod.def("valid_offsets", [](const std::vector<int64_t>& offsets, int64_t n) {
     return im::valid_offsets(offsets.data(), static_cast<int64_t>(offsets.size()) - 1, n);
   });

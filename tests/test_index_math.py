@@ -25,28 +25,6 @@ def test_exclusive_scan():
     assert im.exclusive_scan([3, 0, 2]) == [0, 3, 3, 5]
 
 
-@pytest.mark.parametrize("offsets", [[0, 0, 3, 3, 7], [0, 5], [0, 0, 0, 1]])
-def test_segment_of_matches_linear_search(offsets):
-    k = len(offsets) - 1
-    for row in range(-1, offsets[-1] + 1):
-        want = next((s for s in range(k) if offsets[s] <= row < offsets[s + 1]), -1)
-        assert im.segment_of(offsets, row) == want
-
-
-def test_segment_tiles_cover_each_segment():
-    offsets = [0, 0, 5, 5, 13, 14]
-    tile = 4
-    n = im.num_segment_tiles(offsets, tile)
-    assert n == 0 + 2 + 0 + 2 + 1
-    rows = []
-    for t in range(n):
-        seg, b, e = im.segment_tile(offsets, tile, t)
-        assert offsets[seg] <= b < e <= offsets[seg + 1] and e - b <= tile
-        rows += list(range(b, e))
-    assert rows == list(range(14))
-    assert im.segment_tile(offsets, tile, n) is None
-
-
 # ---- warp lane arithmetic ---------------------------------------------------------------------
 
 def test_lanemask_and_rank():
