@@ -1,21 +1,13 @@
 // Host-side tests of csrc/core/index_math.h: the same functions the CUDA kernels call.
-// Run through ctest (CMakeLists.txt); exits non-zero on the first failure.
+// Run through ctest (CMakeLists.txt); exits non-zero on failure.
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
 
 #include "core/index_math.h"
+#include "expect.h"
 
 namespace im = mole_ext::index_math;
-
-static int failures = 0;
-#define EXPECT(cond)                                                   \
-  do {                                                                 \
-    if (!(cond)) {                                                     \
-      std::fprintf(stderr, "%s:%d: FAILED %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                      \
-    }                                                                  \
-  } while (0)
 
 static void test_exclusive_scan() {
   const std::vector<int> counts = {3, 0, 2, 0};
@@ -40,10 +32,5 @@ static void test_valid_offsets() {
 int main() {
   test_exclusive_scan();
   test_valid_offsets();
-  if (failures) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return EXIT_FAILURE;
-  }
-  std::printf("index_math: all checks passed\n");
-  return EXIT_SUCCESS;
+  return finish("index_math");
 }

@@ -9,18 +9,9 @@
 #include <vector>
 
 #include "core/lora_tiles.h"
+#include "expect.h"
 
 namespace lt = mole_ext::lora_tiles;
-
-static int failures = 0;
-#define EXPECT(cond)                                                         \
-  do {                                                                       \
-    if (!(cond)) {                                                           \
-      std::fprintf(stderr, "%s:%d: FAILED %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                            \
-      if (failures > 20) std::exit(EXIT_FAILURE);                            \
-    }                                                                        \
-  } while (0)
 
 // Every row is covered by exactly one non-idle tile of its own segment; non-idle tiles number
 // sum ceil(n_s / bm); each segment's tiles lie in [base(s), base(s+1)); an empty segment owns
@@ -294,10 +285,5 @@ int main() {
   test_exhaustive();
   test_ill_formed_stays_in_range();
   test_split_plan();
-  if (failures) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return EXIT_FAILURE;
-  }
-  std::printf("lora_tiles: all checks passed\n");
-  return EXIT_SUCCESS;
+  return finish("lora_tiles");
 }
