@@ -36,6 +36,16 @@ def require_cuda(device: str) -> None:
             pytest.skip(SKIP_NO_KERNELS)
 
 
+def validated_device(request):
+    """The ``device`` fixture of the kernel tests (``device = pytest.fixture(params=cuda_params(),
+    name="device")(validated_device)``): skips without CUDA; runs the test in validate mode (bad
+    ids or offsets raise in the failing call, as on the CPU); afterwards no error may be pending."""
+    require_cuda(request.param)
+    with validate_mode(True):
+        yield request.param
+    _C.cuda_check_errors(True)
+
+
 class validate_mode:
     """Context manager: CUDA routing ops raise bad ids in the failing call (on/off)."""
 

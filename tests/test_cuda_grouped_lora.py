@@ -18,7 +18,7 @@ import torch
 from mole_ext import _C, ops
 from mole_ext import reference as ref
 
-from cuda_testing import assert_equal, cpu_op, cuda_params, require_cuda, validate_mode
+from cuda_testing import assert_equal, cpu_op, cuda_params, validate_mode, validated_device
 from helpers import assert_close
 
 # (rtol, atol as a fraction of the largest expected magnitude) against the fp32 CPU kernel: the
@@ -30,12 +30,7 @@ RS = [1, 8, 16, 64, 128]
 D_IN, D_OUT = 40, 72  # not multiples of 16 (nor of the 64-wide tiles)
 
 
-@pytest.fixture(params=cuda_params())
-def device(request):
-    require_cuda(request.param)
-    with validate_mode(True):  # bad offsets raise in the failing call, as on the CPU
-        yield request.param
-    _C.cuda_check_errors(True)  # nothing may be left pending after a test
+device = pytest.fixture(params=cuda_params(), name="device")(validated_device)
 
 
 def offsets_of(expert: torch.Tensor, k: int) -> torch.Tensor:

@@ -14,18 +14,13 @@ import mole_ext
 from mole_ext import _C
 from mole_ext import reference as ref
 
-from cuda_testing import assert_close, assert_equal, cpu_op, cuda_params, require_cuda, validate_mode
+from cuda_testing import assert_close, assert_equal, cpu_op, cuda_params, validate_mode, validated_device
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 LOSS_RTOL = {torch.float32: 2.5e-7, torch.float64: 1e-14}
 
 
-@pytest.fixture(params=cuda_params())
-def device(request):
-    require_cuda(request.param)
-    with validate_mode(True):
-        yield request.param
-    _C.cuda_check_errors(True)
+device = pytest.fixture(params=cuda_params(), name="device")(validated_device)
 
 
 def _inputs(n, k, dtype, mask_kind, seed, device, skew=False):

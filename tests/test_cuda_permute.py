@@ -13,18 +13,13 @@ import mole_ext
 from mole_ext import _C
 from mole_ext import reference as ref
 
-from cuda_testing import assert_equal, cpu_op, cuda_params, require_cuda, validate_mode
+from cuda_testing import assert_equal, cpu_op, cuda_params, validate_mode, validated_device
 
 NS = [0, 1, 33, 97, 1025]
 KS = [1, 2, 3, 8, 1024, 1500]  # 1500: the device-sort path
 
 
-@pytest.fixture(params=cuda_params())
-def device(request):
-    require_cuda(request.param)
-    with validate_mode(True):  # bad ids raise in the failing call, as on the CPU
-        yield request.param
-    _C.cuda_check_errors(True)  # nothing may be left pending after a test
+device = pytest.fixture(params=cuda_params(), name="device")(validated_device)
 
 
 def _routing(n, k, kind, gen):
