@@ -25,6 +25,26 @@ namespace rm = routing_math;
 
 constexpr int kLbThreads = 256;
 
+// The fixed-order combine of the row lanes: every thread publishes its (s, cn) in shared memory,
+// then thread c < k adds the row_lanes values of column c in lane order (lane q of column c is
+// thread q * k + c) into (*ss, *cc). Every thread of the block must call this (it has a barrier);
+// the result is meaningful for threadIdx.x < k only.
+__device__ __forceinline__ void combine_row_lanes(double s, int64_t cn, int64_t k, int64_t row_lanes, double* s_sum,
+                                                  int64_t* s_cnt, double* ss, int64_t* cc) {
+  const int64_t tid = threadIdx.x;
+  s_sum[tid] = s;
+  s_cnt[tid] = cn;
+  __syncthreads();
+  *ss = 0;
+  *cc = 0;
+  if (tid < k) {
+    for (int64_t q = 0; q < row_lanes; ++q) {
+      *ss = add_rn(*ss, s_sum[q * k + tid]);
+      *cc += s_cnt[q * k + tid];
+    }
+  }
+}
+
 // probs [n, k] (unused when !WITH_PSUM), expert [n], mask [n] or null ->
 // psum [blocks, k] float64 (when WITH_PSUM), cnt [blocks, k] int64.
 template <typename scalar_t, typename index_t, bool WITH_PSUM>
@@ -77,16 +97,10 @@ __global__ void __launch_bounds__(kLbThreads) lb_partials_kernel(
   double s = 0;
   int64_t cn = 0;
   if (tid < layout.active) column(tid % layout.col_threads, tid / layout.col_threads, layout.row_lanes, &s, &cn);
-  s_sum[tid] = s;
-  s_cnt[tid] = cn;
-  __syncthreads();
+  double ss;
+  int64_t cc;
+  combine_row_lanes(s, cn, k, layout.row_lanes, s_sum, s_cnt, &ss, &cc);
   if (tid < k) {
-    double ss = 0;
-    int64_t cc = 0;
-    for (int64_t q = 0; q < layout.row_lanes; ++q) {
-      ss = add_rn(ss, s_sum[q * k + tid]);
-      cc += s_cnt[q * k + tid];
-    }
     if constexpr (WITH_PSUM) psum[blk * k + tid] = ss;
     cnt[blk * k + tid] = cc;
   }
@@ -125,18 +139,10 @@ __device__ __forceinline__ void for_each_column_total(const double* psum, const 
       cn += cnt[b * k + c];
     }
   }
-  s_sum[tid] = s;
-  s_cnt[tid] = cn;
-  __syncthreads();
-  if (tid < k) {
-    double ss = 0;
-    int64_t cc = 0;
-    for (int64_t q = 0; q < layout.row_lanes; ++q) {
-      ss = add_rn(ss, s_sum[q * k + tid]);
-      cc += s_cnt[q * k + tid];
-    }
-    f(tid, ss, cc);
-  }
+  double ss;
+  int64_t cc;
+  combine_row_lanes(s, cn, k, layout.row_lanes, s_sum, s_cnt, &ss, &cc);
+  if (tid < k) f(tid, ss, cc);
   __syncthreads();  // s_sum / s_cnt may be reused right after
 }
 
