@@ -155,14 +155,14 @@ def build_data(cfg: ConflictConfig, knob: float) -> Path:
 
 
 def _run_config(cfg: ConflictConfig, stage: int, out: Path, datasets: list[dict], steps: int, lr: float,
-                projector_lr: float, init_adapter: str | None, model_extra: dict, builtin=None):
+                projector_lr: float, init_adapter: str | None, model_extra: dict):
     from training.config import RunConfig
 
     train = {"stage": stage, "output_dir": str(out), "max_steps": steps, "per_device_batch_size": cfg.batch,
              "lr": lr, "projector_lr": projector_lr, "seed": cfg.seed, "logging_steps": 5, "warmup_ratio": 0.1,
              "save_total_limit": 1, "init_adapter": init_adapter, **cfg.train}
     return RunConfig.from_dict({"model": {**cfg.model, **model_extra},
-                                "data": {"builtin": builtin, "datasets": datasets, "max_length": cfg.max_length},
+                                "data": {"builtin": None, "datasets": datasets, "max_length": cfg.max_length},
                                 "train": train})
 
 
