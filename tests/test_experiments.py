@@ -102,7 +102,10 @@ def test_tiny_experiment_end_to_end_and_reuse(tmp_path):
         r = res["runs"][n]
         assert set(r["scores"]) == {"general", "charts"} and len(r["per_record"]) == 8
         assert all(0.0 <= s <= 1.0 for s in r["per_record"].values())
-    assert res["verdict"]["conflict_appeared"] in (True, False) and res["verdict"]["text"]
+    v = res["verdict"]
+    assert set(v["conflict_domains"]) == {"general", "charts"}
+    assert v["conflict_appeared"] == any(d["loss"] for d in v["conflict_domains"].values())
+    assert v["text"].startswith("Conflict appeared" if v["conflict_appeared"] else "No significant conflict")
     md = (out / "results.md").read_text()
     for needle in ["| (a) LoRA, single domain (own domain) |", "| (b) LoRA r=8, mixture |", "| (c) LoRA r=32, mixture |",
                    "| (d) MoLE K=3 r=8, mixture |", "| (e) MoLE K=2 r=8, mixture |", "## Verdict", "## The knob sweep",
