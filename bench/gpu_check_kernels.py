@@ -5,7 +5,7 @@ Covers: router_top1 (register kernels and the generic one, forward and backward)
 permute (tile path, the sort path for K > 1024, int32 and int64 ids, 16-byte and narrow rows,
 a bad id in lazy mode), permute_rows / unpermute (and their validate-mode permutation check),
 load_balance_loss forward and backward (both partial-kernel layouts, with and without mask),
-grouped_lora / grouped_lora_add_out / grouped_lora_backward (tensor-core bf16 / fp16 and SIMT
+grouped_lora / grouped_lora_add_out / grouped_lora_backward(_add_out) / lora_linear (tensor-core bf16 / fp16 and SIMT
 fp32 / fp64 kernels, split and unsplit reductions, an empty expert, bad offsets in lazy mode).
 Exits non-zero when a result differs from the CPU kernel, so a wrong answer under the sanitizer
 is caught too.
@@ -111,6 +111,7 @@ def main() -> int:
         b = torch.randn(k, d_out, r, generator=g).to(dt)
         rs = torch.rand(n, generator=g, dtype=torch.float64 if dt == torch.float64 else torch.float32)
         gy = torch.randn(n, d_out, generator=g).to(dt)
+        base_dx = torch.randn(n, d_in, generator=g).to(dt)
         cpu = (x, a, b, off)
         dev_args = [t.to(dev) for t in cpu]
         ok &= close(ops.grouped_lora(*dev_args, 0.5, rs.to(dev)), ops.grouped_lora(*cpu, 0.5, rs), f"grouped_lora {dt}", tol)
@@ -123,6 +124,15 @@ def main() -> int:
         want = ops.grouped_lora_backward(gy, *cpu, 0.5, rs)
         for u, v, w in zip(got, want, ("grad_x", "grad_a", "grad_b", "grad_row_scale")):
             ok &= close(u, v, f"grouped_lora_backward {w} {dt}", tol)
+        gx_d, gx_c = base_dx.to(dev), base_dx.clone()  # the dX epilogue that adds onto the base path's dX
+        got_acc = ops.grouped_lora_backward_add_out(gx_d, gy.to(dev), *dev_args, 0.5, rs.to(dev))
+        want_acc = ops.grouped_lora_backward_add_out(gx_c, gy, *cpu, 0.5, rs)
+        ok &= close(gx_d, gx_c, f"grouped_lora_backward_add_out grad_x {dt}", tol)
+        for u, v, w in zip(got_acc, want_acc, ("grad_a", "grad_b", "grad_row_scale")):
+            ok &= close(u, v, f"grouped_lora_backward_add_out {w} {dt}", tol)
+        w_base = (torch.randn(d_out, d_in, generator=g) / d_in ** 0.5).to(dt)
+        ok &= close(ops.lora_linear(dev_args[0], w_base.to(dev), None, *dev_args[1:], 0.5, rs.to(dev)),
+                    ops.lora_linear(x, w_base, None, a, b, off, 0.5, rs), f"lora_linear {dt}", tol)
         if int((got[1][1] != 0).sum()) or int((got[2][1] != 0).sum()):
             print(f"MISMATCH: nonzero weight gradient of the empty expert ({dt})", flush=True)
             ok = False

@@ -10,7 +10,9 @@ Providers (all with the same frozen base SwiGLU FFN and trainable LoRA of rank r
   base         the frozen FFN without any LoRA (the floor every provider sits above)
 
 Columns: median / p20 / p80 ms, ratio to single_lora, overhead above the frozen base in ms
-and as a share of the expert loop's overhead (the issue's target: mole_ext at most 1/3 at K = 8).
+and as a share of the expert loop's overhead (the issue's target: mole_ext at most 1/3 at K = 8),
+and the activations each provider saves for its backward (MiB, parameters excluded; the issue's
+rule: mole_ext no more than single_lora plus O(N) routing state).
 
 Each timed call is forward + backward (gradients for x and the trainable parameters). Providers
 are timed round-robin so machine noise hits all alike; ratios come from the same run.
@@ -85,24 +87,50 @@ def make_providers(cfg: Config, device: str):
     dense = MoLEFFN(cfg.d, cfg.m, cfg.k, cfg.r, 2.0 * cfg.r, routing="dense", dtype=cfg.dtype, device=device)
     dense.load_state_dict(mole.state_dict())
     single = SingleLoRAFFN(mole)
-    x = torch.randn(cfg.n, cfg.d, dtype=cfg.dtype, device=device, requires_grad=True)
-    grad = torch.randn(cfg.n, cfg.d, dtype=cfg.dtype, device=device)
     proj = lambda p: ref.Projection(p.weight, p.bias, p.lora_A, p.lora_B)
+    forwards = {
+        "mole_ext": mole,
+        "single_lora": single,
+        "expert_loop": lambda t: ref.mole_ffn(t, mole.router.weight, mole.router.bias, proj(mole.gate_proj),
+                                              proj(mole.up_proj), proj(mole.down_proj), mole.scaling)[0],
+        "dense": dense,
+        "base": lambda t: ref.base_ffn(t, mole.gate_proj.weight, mole.up_proj.weight, mole.down_proj.weight),
+    }
+    params = {p.untyped_storage().data_ptr() for mod in (mole, dense, single) for p in mod.parameters()}
+    return forwards, params
 
+
+def make_input(cfg: Config, device: str):
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(cfg.n, cfg.d, dtype=cfg.dtype, device=device, generator=g, requires_grad=True)
+    grad = torch.randn(cfg.n, cfg.d, dtype=cfg.dtype, device=device, generator=g)
+    return x, grad
+
+
+def timed_calls(forwards, x, grad):
     def fwd_bwd(f):
         def run():
             x.grad = None
             f(x).backward(grad)
         return run
 
-    return {
-        "mole_ext": fwd_bwd(mole),
-        "single_lora": fwd_bwd(single),
-        "expert_loop": fwd_bwd(lambda t: ref.mole_ffn(t, mole.router.weight, mole.router.bias, proj(mole.gate_proj),
-                                                        proj(mole.up_proj), proj(mole.down_proj), mole.scaling)[0]),
-        "dense": fwd_bwd(dense),
-        "base": fwd_bwd(lambda t: ref.base_ffn(t, mole.gate_proj.weight, mole.up_proj.weight, mole.down_proj.weight)),
-    }
+    return {name: fwd_bwd(f) for name, f in forwards.items()}
+
+
+def saved_mib(f, x, params) -> float:
+    """MiB that autograd saves for f's backward: each storage once, parameters excluded. The
+    input is an intermediate (x * 1), as an FFN's input is inside a model."""
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        f(x * 1)
+    return sum(seen.values()) / 2 ** 20
 
 
 def main(argv=None):
@@ -125,7 +153,10 @@ def main(argv=None):
         print(f"CPU run ({env['device']}): float32 at CPU sizes; GPU numbers come from the GPU check.")
     rows = []
     for cfg in configs:
-        times = harness.time_interleaved(make_providers(cfg, device), device, warmup=1 if device == "cpu" else 3,
+        forwards, params = make_providers(cfg, device)
+        x, grad = make_input(cfg, device)
+        saved = {name: saved_mib(f, x, params) for name, f in forwards.items()}
+        times = harness.time_interleaved(timed_calls(forwards, x, grad), device, warmup=1 if device == "cpu" else 3,
                                          reps=reps)
         q = {name: harness.quantiles(t) for name, t in times.items()}
         base, single = q["base"]["median"], q["single_lora"]["median"]
@@ -140,9 +171,11 @@ def main(argv=None):
                 # this provider's overhead above the frozen base, as a share of the expert loop's
                 "overhead_vs_loop": (stats["median"] - base) / loop_overhead if loop_overhead > 0 else None,
                 "speedup_mole_ext": stats["median"] / q["mole_ext"]["median"],
+                "saved_MiB": saved[name],
+                "saved_vs_single_lora": saved[name] / saved["single_lora"],
             })
     cols = ["provider", "N", "d", "m", "r", "K", "dtype", "ms", "p20_ms", "p80_ms", "vs_single_lora",
-            "overhead_vs_base_ms", "overhead_vs_loop", "speedup_mole_ext"]
+            "overhead_vs_base_ms", "overhead_vs_loop", "speedup_mole_ext", "saved_MiB", "saved_vs_single_lora"]
     harness.print_table(rows, cols)
     worst = max(r["vs_single_lora"] for r in rows if r["provider"] == "mole_ext")
     slower_than_loop = [r["K"] for r in rows if r["provider"] == "expert_loop" and r["speedup_mole_ext"] < 1]
@@ -154,6 +187,10 @@ def main(argv=None):
     if k8:
         verdict += (f"; mole_ext overhead above base at K = 8 is {max(k8):.2f} of the expert loop's "
                     f"(target <= 0.33): {'MET' if max(k8) <= 1 / 3 else 'MISSED'}")
+    extra = max(r["saved_MiB"] - s["saved_MiB"] for r in rows for s in rows
+                if r["provider"] == "mole_ext" and s["provider"] == "single_lora" and (r["N"], r["K"]) == (s["N"], s["K"]))
+    verdict += (f"; saved activations, mole_ext minus single_lora: at most {extra:+.2f} MiB "
+                f"(rule: no more than O(N) routing state)")
     print(verdict)
     if not args.no_save and not args.quick:
         cmd = "python bench/mole_ffn.py" + (f" --threads {args.threads}" if args.threads else "")

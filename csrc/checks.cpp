@@ -119,6 +119,48 @@ void check_grouped_lora_add_out(const at::Tensor& out, const at::Tensor& x, cons
   check_same_device(x, "x", out, "out");
 }
 
+void check_grouped_lora_backward_add_out(const at::Tensor& grad_x, const at::Tensor& grad_y, const at::Tensor& x,
+                                         const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& offsets,
+                                         const std::optional<at::Tensor>& row_scale) {
+  check_grouped_lora(x, lora_a, lora_b, offsets, row_scale);
+  const int64_t n = x.size(0), out_f = lora_b.size(1);
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == n && grad_y.size(1) == out_f, "grad_y must be [", n, ", ",
+              out_f, "], got ", grad_y.sizes());
+  check_float(grad_y, "grad_y");
+  check_same_device(x, "x", grad_y, "grad_y");
+  check_dim(grad_x, 2, "grad_x", "[tokens, in_features]");
+  TORCH_CHECK(grad_x.size(0) == n && grad_x.size(1) == x.size(1), "grad_x must be [", n, ", ", x.size(1),
+              "] (the shape of x), got ", grad_x.sizes());
+  TORCH_CHECK(grad_x.scalar_type() == x.scalar_type(), "grad_x must have the dtype of x (", x.scalar_type(),
+              "), got ", grad_x.scalar_type());
+  check_same_device(x, "x", grad_x, "grad_x");
+}
+
+void check_lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& lora_a, const at::Tensor& lora_b) {
+  check_dim(x, 2, "x", "[tokens, in_features]");
+  check_dim(weight, 2, "weight", "[out_features, in_features]");
+  check_float(x, "x");
+  check_float(weight, "weight");
+  TORCH_CHECK(weight.size(1) == x.size(1), "weight must be [out_features, ", x.size(1),
+              "] to match x's in_features, got ", weight.sizes());
+  check_same_device(x, "x", weight, "weight");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must be [", weight.size(0),
+                "] (out_features of weight), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == weight.scalar_type(), "bias must have the dtype of weight (",
+                weight.scalar_type(), "), got ", bias->scalar_type());
+    check_same_device(x, "x", *bias, "bias");
+  }
+  // The LoRA stacks run in the compute dtype, which is weight's (x is cast to it).
+  TORCH_CHECK(lora_a.scalar_type() == weight.scalar_type(), "lora_a must have the dtype of weight (",
+              weight.scalar_type(), "), got ", lora_a.scalar_type());
+  TORCH_CHECK(lora_b.scalar_type() == weight.scalar_type(), "lora_b must have the dtype of weight (",
+              weight.scalar_type(), "), got ", lora_b.scalar_type());
+  TORCH_CHECK(lora_b.dim() == 3 && lora_b.size(1) == weight.size(0), "lora_b must be [experts, ", weight.size(0),
+              ", rank] to match weight's out_features, got ", lora_b.sizes());
+}
+
 void check_load_balance(const at::Tensor& probs, const at::Tensor& expert,
                         const std::optional<at::Tensor>& mask) {
   check_dim(probs, 2, "probs", "[tokens, experts]");

@@ -31,7 +31,7 @@ def test_build_info_is_consistent_with_the_binary():
 
 def test_every_op_has_cpu_kernel_and_public_wrapper():
     for name in ("router_top1", "permute", "permute_rows", "unpermute", "grouped_lora", "grouped_lora_add_out",
-                 "load_balance_loss"):
+                 "grouped_lora_backward_add_out", "lora_linear", "load_balance_loss"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mole_ext::{name}", "CPU"), name
         assert callable(getattr(ops, name)) and getattr(ops, name).__doc__
     assert mole_ext.load_balance_loss is ops.load_balance_loss

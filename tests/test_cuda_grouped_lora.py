@@ -1,4 +1,5 @@
-"""CUDA kernels of grouped_lora / grouped_lora_add_out / grouped_lora_backward against the CPU
+"""CUDA kernels of grouped_lora / grouped_lora_add_out / grouped_lora_backward (and its add_out
+variant) and the fused lora_linear against the CPU
 kernel and the reference: awkward shapes (N in 0, 1, 33, 97, 1025; K in 1, 2, 3, 8; r in 1, 8,
 16, 64, 128; in / out not multiples of 16), skewed routing (99% on one expert, empty experts),
 the bf16 rule (error no worse than twice PyTorch's own bf16 error against a float64 oracle),
@@ -279,6 +280,55 @@ def test_bad_offsets_lazy_mode(device):
         ops.grouped_lora(*cuda_args(x, a, b), off, 1.0, rs.cuda())  # no out-of-bounds access, no raise yet
         with pytest.raises(RuntimeError, match="offsets must be non-decreasing"):
             _C.cuda_check_errors(True)
+
+
+# ---- the fused projection: lora_linear and grouped_lora_backward_add_out ----------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n,k,kind", [(0, 3, "uniform"), (1, 1, "uniform"), (97, 3, "empty"), (1025, 8, "skewed")])
+@pytest.mark.parametrize("row_scale", [True, False])
+def test_backward_add_out_matches_cpu(device, n, k, kind, dtype, row_scale):
+    x, a, b, off, rs = make(n, k, 16, D_IN, D_OUT, dtype, kind=kind, row_scale=row_scale)
+    up = torch.randn(n, D_OUT).to(dtype)
+    base_dx = torch.randn(n, D_IN).to(dtype)
+    gx = base_dx.cuda()
+    got = ops.grouped_lora_backward_add_out(gx, *cuda_args(up, x, a, b, off), 0.75, None if rs is None else rs.cuda())
+    want_gx = base_dx.clone()
+    want = cpu_op("grouped_lora_backward_add_out", want_gx, up, x, a, b, off, 0.75, rs)
+    close(gx, want_gx, dtype, "grad_x accumulated vs CPU kernel")
+    for g, w, name in zip(got, want, ("lora_a", "lora_b", "row_scale")):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        close(g, w, dtype, f"grad {name}")
+    # the weight gradients are grouped_lora_backward's on the same device, bit for bit
+    plain = torch.ops.mole_ext.grouped_lora_backward(*cuda_args(up, x, a, b, off), 0.75,
+                                                     None if rs is None else rs.cuda())
+    for g, w, name in zip(got, plain[1:], ("lora_a", "lora_b", "row_scale")):
+        assert_equal(g, w, f"add_out vs plain backward: {name}")
+    strided = base_dx.t().contiguous().t().cuda()  # column-major grad_x
+    ops.grouped_lora_backward_add_out(strided, *cuda_args(up, x, a, b, off), 0.75, None if rs is None else rs.cuda())
+    assert_equal(strided, gx, "non-contiguous grad_x")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,k,kind", [(1, 1, "uniform"), (97, 3, "empty"), (1025, 8, "skewed")])
+def test_lora_linear_matches_cpu_forward_and_backward(device, n, k, kind, dtype):
+    x, a, b, off, rs = make(n, k, 16, D_IN, D_OUT, dtype, kind=kind)
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(D_OUT, D_IN, generator=g) / D_IN ** 0.5).to(dtype)
+    bias = torch.randn(D_OUT, generator=g).to(dtype)
+    up = torch.randn(n, D_OUT, generator=g).to(dtype)
+
+    def run(*ts):
+        leaves = [t.clone().requires_grad_() for t in ts[:5]] + [ts[6].clone().requires_grad_()]
+        y = ops.lora_linear(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], ts[5], 0.75, leaves[5])
+        y.backward(ts[7])
+        return [y.detach()] + [t.grad for t in leaves]
+
+    got = run(*cuda_args(x, w, bias, a, b, off, rs, up))
+    want = run(x, w, bias, a, b, off, rs, up)
+    for gt, wt, name in zip(got, want, ("y", "x", "weight", "bias", "lora_a", "lora_b", "row_scale")):
+        assert gt.dtype == wt.dtype, name
+        close(gt, wt, dtype, f"lora_linear {name}")
 
 
 # ---- CUDA graphs: new routing between replays --------------------------------------------------

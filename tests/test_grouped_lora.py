@@ -235,3 +235,229 @@ def test_mole_projection_inference_uses_the_same_math():
         no_grad = functional.mole_projection(x, proj, off, 0.5, rs)
     assert with_grad.requires_grad and not no_grad.requires_grad
     assert_equal(no_grad, with_grad.detach())
+
+
+# ---- grouped_lora_backward_add_out: the LoRA's dX lands on the base path's dX ------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n,k,r,d_in,d_out", CASES)
+@pytest.mark.parametrize("row_scale", [True, False])
+def test_backward_add_out_matches_reference(device, dtype, n, k, r, d_in, d_out, row_scale):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 is a CPU-only (gradcheck) dtype")
+    x, a, b, off, rs = make(n, k, r, d_in, d_out, dtype, device, kind="missing" if k > 2 else "uniform",
+                            row_scale=row_scale)
+    g = torch.Generator().manual_seed(2)
+    up = torch.randn(n, d_out, generator=g).to(dtype).to(device)
+    base_dx = torch.randn(n, d_in, generator=g).to(dtype).to(device)
+    gx = base_dx.clone()
+    ga, gb, grs = ops.grouped_lora_backward_add_out(gx, up, x, a, b, off, 0.75, rs)
+    want_gx = base_dx.clone()
+    want = ref.grouped_lora_backward_add_out(want_gx, up, x, a, b, off, 0.75, rs)
+    assert_close(gx, want_gx, dtype=dtype)
+    for got, exp in zip((ga, gb, grs), want):
+        assert got.dtype == exp.dtype and got.shape == exp.shape
+        assert_close(got, exp, dtype=dtype)
+    # the weight gradients are grouped_lora_backward's, bit for bit (the same kernel)
+    _, ga2, gb2, grs2 = torch.ops.mole_ext.grouped_lora_backward(up, x, a, b, off, 0.75, rs)
+    assert_equal(ga, ga2)
+    assert_equal(gb, gb2)
+    assert_equal(grs, grs2)
+
+
+def test_backward_add_out_float32_is_base_plus_grad_x_exactly():
+    x, a, b, off, rs = make(97, 3, 8, 33, 17, torch.float32, "cpu", kind="skewed")
+    up, base_dx = torch.randn(97, 17), torch.randn(97, 33)
+    gx = base_dx.clone()
+    ops.grouped_lora_backward_add_out(gx, up, x, a, b, off, 1.25, rs)
+    assert_equal(gx, base_dx + torch.ops.mole_ext.grouped_lora_backward(up, x, a, b, off, 1.25, rs)[0])
+
+
+def test_backward_add_out_bf16_rounds_once():
+    x, a, b, off, rs = make(64, 2, 8, 32, 16, torch.bfloat16, "cpu")
+    up, base_dx = torch.randn(64, 16).bfloat16(), torch.randn(64, 32).bfloat16()
+    gx = base_dx.clone()
+    ops.grouped_lora_backward_add_out(gx, up, x, a, b, off, 0.5, rs)
+    exact = base_dx.float() + ref._grouped_lora_backward_acc(up, x, a, b, off, 0.5, rs)[0]
+    assert_equal(gx, exact.bfloat16())
+
+
+def test_backward_add_out_non_contiguous_grad_x_empty_experts_and_zero_rows():
+    x, a, b, off, rs = make(33, 4, 8, 16, 24, torch.float32, "cpu", kind="missing")
+    up = torch.randn(33, 24)
+    base_dx = torch.randn(16, 33).t()
+    gx = base_dx.clone()
+    assert not gx.is_contiguous()
+    ga, gb, _ = ops.grouped_lora_backward_add_out(gx, up, x, a, b, off, 0.5, rs)
+    assert gx.stride() == base_dx.stride()
+    assert_close(gx, base_dx + ref.grouped_lora_backward(up, x, a, b, off, 0.5, rs)[0])
+    empty = [e for e in range(4) if off[e] == off[e + 1]]
+    assert empty, "the 'missing' routing leaves an expert empty"
+    for e in empty:
+        assert_equal(ga[e], torch.zeros_like(ga[e]))
+        assert_equal(gb[e], torch.zeros_like(gb[e]))
+    x0, a0, b0, off0, rs0 = make(0, 3, 8, 16, 24, torch.float32, "cpu")
+    ga0, gb0, grs0 = ops.grouped_lora_backward_add_out(torch.empty(0, 16), torch.empty(0, 24), x0, a0, b0, off0, 0.5,
+                                                       rs0)
+    assert_equal(ga0, torch.zeros_like(a0))
+    assert_equal(gb0, torch.zeros_like(b0))
+    assert grs0.shape == (0,)
+
+
+@pytest.mark.parametrize("grad_x,grad_y,match", [
+    (torch.zeros(6, 7), torch.zeros(6, 5), r"grad_x must be \[6, 8\]"),
+    (torch.zeros(6, 8, dtype=torch.float64), torch.zeros(6, 5), "grad_x must have the dtype of x"),
+    (torch.zeros(48), torch.zeros(6, 5), "grad_x must be 2-D"),
+    (torch.zeros(6, 8), torch.zeros(6, 4), r"grad_y must be \[6, 5\]"),
+])
+def test_backward_add_out_bad_input(grad_x, grad_y, match):
+    args = _bad()
+    with pytest.raises(RuntimeError, match=match):
+        ops.grouped_lora_backward_add_out(grad_x, grad_y, args["x"], args["lora_a"], args["lora_b"], args["offsets"],
+                                          1.0, args["row_scale"])
+
+
+def test_backward_add_out_opcheck_and_no_double_backward():
+    x, a, b, off, rs = make(17, 3, 4, 8, 6, torch.float32, "cpu")
+    up = torch.randn(17, 6)
+    torch.library.opcheck(torch.ops.mole_ext.grouped_lora_backward_add_out, (torch.randn(17, 8), up, x, a, b, off, 0.5,
+                                                                            rs))
+    torch.library.opcheck(torch.ops.mole_ext.grouped_lora_backward_add_out, (torch.randn(17, 8), up, x, a, b, off, 0.5,
+                                                                            None))
+
+
+# ---- lora_linear: base GEMM + grouped LoRA in one op ---------------------------------------------
+
+def make_linear(n, k, r, d_in, d_out, dtype, device, bias=True, kind="missing", seed=3):
+    x, a, b, off, rs = make(n, k, r, d_in, d_out, dtype, device, kind=kind, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    w = (torch.randn(d_out, d_in, generator=g) / d_in ** 0.5).to(dtype).to(device)
+    bb = torch.randn(d_out, generator=g).to(dtype).to(device) if bias else None
+    return x, w, bb, a, b, off, rs
+
+
+def unfused(x, w, bias, a, b, off, scaling, rs):
+    """What mole_ext did before lora_linear: a linear and the grouped LoRA, added by autograd."""
+    return torch.nn.functional.linear(x, w, bias) + ops.grouped_lora(x, a, b, off, scaling, rs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n,k,r,d_in,d_out", CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_linear_forward_and_gradients(device, dtype, n, k, r, d_in, d_out, bias):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 is a CPU-only (gradcheck) dtype")
+    args = make_linear(n, k, r, d_in, d_out, dtype, device, bias=bias)
+    x, w, bb, a, b, off, rs = args
+    leaves = [t for t in (x, w, bb, a, b, rs) if t is not None]
+    for t in leaves:
+        t.requires_grad_()
+    y = ops.lora_linear(x, w, bb, a, b, off, 0.75, rs)
+    assert y.dtype == dtype and y.shape == (n, d_out)
+    assert_close(y, ref.lora_linear(*(t.detach() if t is not None else None for t in args[:6]), 0.75, rs.detach()),
+                 dtype=dtype)
+    up = torch.randn(n, d_out, generator=torch.Generator().manual_seed(9)).to(dtype).to(device)
+    got = torch.autograd.grad(y, leaves, up, allow_unused=True)
+    # the oracle: the same function composed of float64 linear + reference grouped LoRA
+    exp_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ex, ew, *rest = exp_leaves
+    eb = rest.pop(0) if bias else None
+    ea, ebb, ers = rest
+    y64 = torch.nn.functional.linear(ex, ew, eb) + ref.grouped_lora(ex, ea, ebb, off, 0.75, ers)
+    want = torch.autograd.grad(y64, exp_leaves, up.double(), allow_unused=True)
+    for name, gt, wt, leaf in zip("x w bias a b rs".split() if bias else "x w a b rs".split(), got, want, leaves):
+        assert gt is not None and gt.dtype == leaf.dtype, name
+        # bf16: a few roundings of sums over in / out / tokens
+        peak = float(wt.abs().max()) if wt.numel() else 0.0
+        # float32 / bf16: sums over up to 1025 tokens, against a float64 oracle
+        tol = {torch.bfloat16: dict(rtol=3e-2, atol=3e-2 * max(1.0, peak)),
+               torch.float32: dict(rtol=1e-4, atol=2e-6 * max(1.0, peak))}.get(dtype, {})
+        assert_close(gt.double(), wt, dtype=torch.float64 if dtype == torch.float64 else torch.float32, msg=name,
+                     **tol)
+
+
+def test_lora_linear_float32_equals_the_unfused_composition():
+    x, w, bb, a, b, off, rs = make_linear(97, 3, 8, 33, 17, torch.float32, "cpu", kind="skewed")
+    leaves = [t.requires_grad_() for t in (x, w, bb, a, b, rs)]
+    up = torch.randn(97, 17)
+    y = ops.lora_linear(x, w, bb, a, b, off, 1.5, rs)
+    got = torch.autograd.grad(y, leaves, up)
+    y2 = unfused(x, w, bb, a, b, off, 1.5, rs)
+    want = torch.autograd.grad(y2, leaves, up)
+    assert_close(y, y2)
+    for gt, wt in zip(got, want):
+        assert_close(gt, wt)
+
+
+def test_lora_linear_casts_x_to_the_compute_dtype():
+    """Autocast's situation: float32 x, bf16 weights. The output and the LoRA math are bf16; x's
+    gradient comes back in float32; only x itself is saved (no bf16 copy of it)."""
+    x, w, bb, a, b, off, rs = make_linear(40, 2, 4, 16, 12, torch.float32, "cpu")
+    w16, b16, a16, bb16 = (t.bfloat16() for t in (w, bb, a, b))
+    x.requires_grad_()
+    a16.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = ops.lora_linear(x, w16, b16, a16, bb16, off, 0.5, rs)
+    assert y.dtype == torch.bfloat16
+    assert_equal(y, ops.lora_linear(x.detach().bfloat16(), w16, b16, a16.detach(), bb16, off, 0.5, rs))
+    big = [t for t in saved if t.dim() == 2 and t.shape[0] == 40]
+    assert len(big) == 1 and big[0].dtype == torch.float32 and big[0].data_ptr() == x.data_ptr()
+    gx, ga = torch.autograd.grad(y.float().sum(), (x, a16))
+    assert gx.dtype == torch.float32 and ga.dtype == torch.bfloat16
+
+
+def test_lora_linear_gradcheck_float64():
+    x, w, bb, a, b, off, rs = make_linear(11, 3, 2, 4, 5, torch.float64, "cpu")
+    leaves = [t.requires_grad_() for t in (x, w, bb, a, b, rs)]
+    assert torch.autograd.gradcheck(lambda *t: ops.lora_linear(t[0], t[1], t[2], t[3], t[4], off, 0.7, t[5]), leaves)
+    assert torch.autograd.gradcheck(lambda *t: ops.lora_linear(t[0], t[1], None, t[2], t[3], off, 0.7), leaves[:2] +
+                                    leaves[3:5])
+
+
+def test_lora_linear_opcheck():
+    x, w, bb, a, b, off, rs = make_linear(17, 3, 4, 8, 6, torch.float32, "cpu")
+    for t in (x, a, b, rs):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.mole_ext.lora_linear, (x, w, bb, a, b, off, 0.5, rs))
+    torch.library.opcheck(torch.ops.mole_ext.lora_linear, (x, w, None, a, b, off, 0.5, None))
+
+
+def test_lora_linear_compiles():
+    x, w, bb, a, b, off, rs = make_linear(33, 3, 4, 8, 6, torch.float32, "cpu")
+    a.requires_grad_()
+    x.requires_grad_()
+    f = lambda x, a: ops.lora_linear(x, w, bb, a, b, off, 0.5, rs)
+    y = torch.compile(f, fullgraph=True)(x, a)
+    assert_close(y, f(x, a))
+    got = torch.autograd.grad(y.square().sum(), (x, a))
+    want = torch.autograd.grad(f(x, a).square().sum(), (x, a))
+    for gt, wt in zip(got, want):
+        assert_close(gt, wt)
+
+
+def test_lora_linear_double_backward_is_refused():
+    x, w, bb, a, b, off, rs = make_linear(9, 2, 2, 4, 5, torch.float64, "cpu")
+    x.requires_grad_()
+    with pytest.raises(RuntimeError, match="lora_linear is not twice differentiable"):
+        torch.autograd.grad(ops.lora_linear(x, w, bb, a, b, off, 1.0, rs).square().sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(weight=torch.randn(5, 7)), r"weight must be \[out_features, 8\]"),
+    (dict(weight=torch.randn(5)), "weight must be 2-D"),
+    (dict(bias=torch.randn(4)), r"bias must be \[5\]"),
+    (dict(bias=torch.randn(5, dtype=torch.float64)), "bias must have the dtype of weight"),
+    (dict(lora_a=torch.randn(2, 4, 8, dtype=torch.float64)), "lora_a must have the dtype of weight"),
+    (dict(lora_b=torch.randn(2, 6, 4)), r"lora_b must be \[experts, 5, rank\]"),
+    (dict(x=torch.randint(0, 3, (6, 8))), "x must be float32"),
+    (dict(offsets=torch.tensor([0, 2, 5], dtype=torch.int32)), "offsets must be non-decreasing"),
+])
+def test_lora_linear_bad_input(kw, match):
+    x, w, bb, a, b, off, rs = make_linear(6, 2, 4, 8, 5, torch.float32, "cpu")
+    args = dict(x=x, weight=w, bias=bb, lora_a=a, lora_b=b, offsets=off, scaling=1.0, row_scale=rs)
+    args.update(kw)
+    with pytest.raises(RuntimeError, match=match):
+        ops.lora_linear(**args)

@@ -261,3 +261,60 @@ def test_autocast_bf16_matches_reference_and_routes_in_float32(routing):
     y.float().sum().backward()
     assert m.gate_proj.lora_A.grad.dtype == torch.float32 and m.gate_proj.lora_A.grad.abs().sum() > 0
     assert x.grad is not None and m.router.weight.grad is not None
+
+
+class SingleLoRAFFN(torch.nn.Module):
+    """The baseline of issue 4's memory rule: the frozen FFN with one plain LoRA per projection,
+    computed the way PEFT does (base linear + lora_B(lora_A(x)) * scaling)."""
+
+    def __init__(self, m: MoLEFFN):
+        super().__init__()
+        self.m = m
+        self.a = torch.nn.ParameterDict({n: torch.nn.Parameter(getattr(m, n).lora_A[0].detach().clone())
+                                         for n in ("gate_proj", "up_proj", "down_proj")})
+        self.b = torch.nn.ParameterDict({n: torch.nn.Parameter(getattr(m, n).lora_B[0].detach().clone())
+                                         for n in ("gate_proj", "up_proj", "down_proj")})
+
+    def forward(self, x):
+        def proj(z, n):
+            return F.linear(z, getattr(self.m, n).weight) + F.linear(F.linear(z, self.a[n]), self.b[n]) * self.m.scaling
+
+        return proj(F.silu(proj(x, "gate_proj")) * proj(x, "up_proj"), "down_proj")
+
+
+def saved_bytes_per_token(module, d, autocast=False, n1=64, n2=192):
+    """Bytes autograd saves for the backward per token: the difference of two token counts, so
+    parameters (and their casts) cancel; each storage counts once however many nodes save it."""
+    def measure(n):
+        # An intermediate, as in a model: autocast caches its casts of leaves (not of intermediates).
+        x = torch.randn(n, d, requires_grad=True) * 1.0
+        storages = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            module(x)
+        return sum(storages.values())
+
+    return (measure(n2) - measure(n1)) / (n2 - n1)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("gate_mode", ["prob", "none", "straight_through"])
+def test_saved_activations_at_most_single_lora_plus_routing_state(autocast, gate_mode):
+    """Issue 4: a MoLE FFN saves no more for the backward than a single-LoRA FFN of the same
+    rank, plus O(N K) routing state. One extra [N, d] tensor (x in token order next to x sorted,
+    or a float32 copy of x for the router) is 4 d = 512 bytes per token here and fails this."""
+    d, m, k = 128, 160, 4
+    mole = randomise_lora(MoLEFFN(d, m, k, 8, 16.0, gate_mode=gate_mode))
+    single = SingleLoRAFFN(mole)
+    mole_b = saved_bytes_per_token(mole, d, autocast)
+    single_b = saved_bytes_per_token(single, d, autocast)
+    routing_state = 8 * (k + 8)  # probs, expert, sorted_token, gate values and their indices, in 8-byte words
+    assert mole_b <= single_b + routing_state, (mole_b, single_b)
+    # and the measurement sees activations at all: at least the SwiGLU's [N, m] tensors
+    assert single_b >= 3 * m * (2 if autocast else 4)

@@ -95,16 +95,14 @@ void grouped_lora_add_out_cpu(at::Tensor& out, const at::Tensor& x, const at::Te
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_cpu(
+namespace {
+
+// The backward in the accumulation type: (grad_x, grad_a, grad_b, grad_row_scale), all float32
+// (float64 for float64 x); grad_row_scale is empty [0] without row_scale.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_acc(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& lora_a_in, const at::Tensor& lora_b_in,
     const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale) {
-  const BelowAutograd below_autograd;
-  check_grouped_lora(x_in, lora_a_in, lora_b_in, offsets, row_scale);
-  const int64_t n = x_in.size(0), k = lora_a_in.size(0), out_f = lora_b_in.size(1);
-  TORCH_CHECK(grad_y_in.dim() == 2 && grad_y_in.size(0) == n && grad_y_in.size(1) == out_f,
-              "grad_y must be [", n, ", ", out_f, "], got ", grad_y_in.sizes());
-  TORCH_CHECK(grad_y_in.device() == x_in.device(), "grad_y must be on the device of x (", x_in.device(),
-              "), got ", grad_y_in.device());
+  const int64_t n = x_in.size(0), k = lora_a_in.size(0);
   const std::vector<int64_t> off = checked_offsets(offsets, n);
   const auto acc = acc_type_for(x_in.scalar_type());
   const at::Tensor x = x_in.to(acc).contiguous();
@@ -151,15 +149,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward
       at::mm_out(gx, gb, lora_a[e]);      // [len, in]
     }
   });
-  const at::ScalarType rs_t = row_scale.has_value() ? row_scale->scalar_type() : x_in.scalar_type();
-  return {grad_x.to(x_in.scalar_type()), grad_a.to(lora_a_in.scalar_type()), grad_b.to(lora_b_in.scalar_type()),
-          grad_rs.to(rs_t)};
+  return {grad_x, grad_a, grad_b, grad_rs};
+}
+
+at::ScalarType row_scale_grad_type(const at::Tensor& x, const std::optional<at::Tensor>& row_scale) {
+  return row_scale.has_value() ? row_scale->scalar_type() : x.scalar_type();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+    const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale) {
+  const BelowAutograd below_autograd;
+  check_grouped_lora(x, lora_a, lora_b, offsets, row_scale);
+  const int64_t n = x.size(0), out_f = lora_b.size(1);
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == n && grad_y.size(1) == out_f,
+              "grad_y must be [", n, ", ", out_f, "], got ", grad_y.sizes());
+  TORCH_CHECK(grad_y.device() == x.device(), "grad_y must be on the device of x (", x.device(),
+              "), got ", grad_y.device());
+  auto [gx, ga, gb, grs] = grouped_lora_backward_acc(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale);
+  return {gx.to(x.scalar_type()), ga.to(lora_a.scalar_type()), gb.to(lora_b.scalar_type()),
+          grs.to(row_scale_grad_type(x, row_scale))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_add_out_cpu(
+    at::Tensor& grad_x, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale) {
+  const BelowAutograd below_autograd;
+  check_grouped_lora_backward_add_out(grad_x, grad_y, x, lora_a, lora_b, offsets, row_scale);
+  auto [gx, ga, gb, grs] = grouped_lora_backward_acc(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale);
+  if (grad_x.scalar_type() == gx.scalar_type()) {
+    grad_x.add_(gx);
+  } else {  // add in the accumulation type, round once (what the CUDA epilogue does)
+    grad_x.copy_(grad_x.to(gx.scalar_type()).add_(gx));
+  }
+  return {ga.to(lora_a.scalar_type()), gb.to(lora_b.scalar_type()), grs.to(row_scale_grad_type(x, row_scale))};
+}
+
+at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& offsets,
+                           double scaling, const std::optional<at::Tensor>& row_scale) {
+  return lora_linear_with(&grouped_lora_add_out_cpu, x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale);
 }
 
 TORCH_LIBRARY_IMPL(mole_ext, CPU, m) {
   m.impl("grouped_lora", &grouped_lora_cpu);
   m.impl("grouped_lora_add_out", &grouped_lora_add_out_cpu);
   m.impl("grouped_lora_backward", &grouped_lora_backward_cpu);
+  m.impl("grouped_lora_backward_add_out", &grouped_lora_backward_add_out_cpu);
+  m.impl("lora_linear", &lora_linear_cpu);
 }
 
 }  // namespace mole_ext

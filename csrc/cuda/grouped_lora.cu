@@ -582,8 +582,8 @@ void weight_grad(const Prepared& p, const lt::WgradShape& sh, const at::Tensor& 
 }
 
 template <typename S, typename Acc>
-void backward_typed(const Prepared& p, const at::Tensor& gy, double scaling, at::Tensor& grad_x, at::Tensor& grad_a,
-                    at::Tensor& grad_b, at::Tensor& grad_rs) {
+void backward_typed(const Prepared& p, const at::Tensor& gy, double scaling, at::Tensor& grad_x, bool accumulate_dx,
+                    at::Tensor& grad_a, at::Tensor& grad_b, at::Tensor& grad_rs) {
   const bool tc = kIs16Bit<S> && !force_simt();
   int64_t h_splits = 1;
   const at::Tensor hp = shrink_partials<S, Acc>(p, tc, &h_splits);
@@ -611,12 +611,16 @@ void backward_typed(const Prepared& p, const at::Tensor& gy, double scaling, at:
       reinterpret_cast<S*>(dh.mutable_data_ptr()), reinterpret_cast<S*>(hs.mutable_data_ptr()),
       grad_rs.numel() ? grad_rs.mutable_data_ptr<Acc>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // dX = dH A_k
+  // dX (+)= dH A_k; accumulating, the sum with the base path's dX is rounded once in the epilogue
   {
     RowGemmArgs<S> a = row_args<S>(lt::dx_shape(p.r, p.in), dh, p.lora_a, p.offsets, p.k, p.n);
     a.out = grad_x.mutable_data_ptr();
     a.ldo = p.in;
-    launch_row_gemm<S, Acc, Epi::kStore>(a, 1, tc, p.stream);
+    if (accumulate_dx) {
+      launch_row_gemm<S, Acc, Epi::kAdd>(a, 1, tc, p.stream);
+    } else {
+      launch_row_gemm<S, Acc, Epi::kStore>(a, 1, tc, p.stream);
+    }
   }
   // dA_k = dH_k^T X_k  [r, in];  dB_k = dY_k^T Hs_k  [out, r]
   weight_grad<S, Acc>(p, lt::grad_a_shape(p.r, p.in), dh, p.x, grad_a, tc);
@@ -665,6 +669,41 @@ void grouped_lora_add_out_cuda(at::Tensor& out, const at::Tensor& x, const at::T
   end_op(p.device, p.stream);
 }
 
+namespace {
+
+// The backward into grad_x (contiguous, x's dtype): stored, or added onto its contents.
+// -> grad_a, grad_b (x's dtype), grad_row_scale in row_scale's dtype (empty [0] without it).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_into(at::Tensor& grad_x, bool accumulate_dx,
+                                                             const at::Tensor& grad_y, const at::Tensor& x,
+                                                             const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                                             const at::Tensor& offsets, double scaling,
+                                                             const std::optional<at::Tensor>& row_scale) {
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  begin_op(x.get_device());
+  const int64_t n = x.size(0);
+  const auto acc = acc_type_for(x.scalar_type());
+  const at::ScalarType rs_t = row_scale.has_value() ? row_scale->scalar_type() : x.scalar_type();
+  at::Tensor grad_a = at::empty(lora_a.sizes(), lora_a.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_b = at::empty(lora_b.sizes(), lora_b.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_rs = at::empty({row_scale.has_value() ? n : 0}, x.options().dtype(acc));
+  if (n == 0) {
+    grad_a.zero_();
+    grad_b.zero_();
+    return {grad_a, grad_b, grad_rs.to(rs_t)};
+  }
+  const Prepared p = prepare(x, lora_a, lora_b, offsets, row_scale);
+  const at::Tensor gy = grad_y.to(x.scalar_type()).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_lora_backward_cuda", [&] {
+    using S = typename Native<scalar_t>::type;
+    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    backward_typed<S, Acc>(p, gy, scaling, grad_x, accumulate_dx, grad_a, grad_b, grad_rs);
+  });
+  end_op(p.device, p.stream);
+  return {grad_a, grad_b, grad_rs.to(rs_t)};
+}
+
+}  // namespace
+
 // -> grad_x [N, in], grad_a [K, r, in], grad_b [K, out, r] (x's dtype), grad_row_scale [N] in
 // row_scale's dtype (empty [0] in x's dtype without row_scale)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_cuda(
@@ -678,28 +717,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward
               out_f, "], got ", grad_y.sizes());
   TORCH_CHECK(grad_y.device() == x.device(), "grad_y must be on the device of x (", x.device(), "), got ",
               grad_y.device());
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
-  begin_op(x.get_device());
-  const auto acc = acc_type_for(x.scalar_type());
-  const at::ScalarType rs_t = row_scale.has_value() ? row_scale->scalar_type() : x.scalar_type();
   at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor grad_a = at::empty(lora_a.sizes(), lora_a.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor grad_b = at::empty(lora_b.sizes(), lora_b.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor grad_rs = at::empty({row_scale.has_value() ? n : 0}, x.options().dtype(acc));
-  if (n == 0) {
-    grad_a.zero_();
-    grad_b.zero_();
-    return {grad_x, grad_a, grad_b, grad_rs.to(rs_t)};
+  auto [grad_a, grad_b, grad_rs] =
+      backward_into(grad_x, /*accumulate_dx=*/false, grad_y, x, lora_a, lora_b, offsets, scaling, row_scale);
+  return {grad_x, grad_a, grad_b, grad_rs};
+}
+
+// grad_x [N, in] (x's dtype) += the grad_x of grouped_lora_backward, in place, rounded once
+// -> grad_a, grad_b, grad_row_scale as grouped_lora_backward
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_add_out_cuda(
+    at::Tensor& grad_x, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale) {
+  const BelowAutograd below_autograd;
+  check_grouped_lora_backward_add_out(grad_x, grad_y, x, lora_a, lora_b, offsets, row_scale);
+  check_cuda_inputs(x);
+  if (grad_x.is_contiguous()) {
+    return backward_into(grad_x, /*accumulate_dx=*/true, grad_y, x, lora_a, lora_b, offsets, scaling, row_scale);
   }
-  const Prepared p = prepare(x, lora_a, lora_b, offsets, row_scale);
-  const at::Tensor gy = grad_y.to(x.scalar_type()).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_lora_backward_cuda", [&] {
-    using S = typename Native<scalar_t>::type;
-    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    backward_typed<S, Acc>(p, gy, scaling, grad_x, grad_a, grad_b, grad_rs);
-  });
-  end_op(p.device, p.stream);
-  return {grad_x, grad_a, grad_b, grad_rs.to(rs_t)};
+  at::Tensor tmp = grad_x.contiguous();
+  auto grads = backward_into(tmp, /*accumulate_dx=*/true, grad_y, x, lora_a, lora_b, offsets, scaling, row_scale);
+  grad_x.copy_(tmp);
+  return grads;
+}
+
+// x [N, in] (any float dtype, cast to weight's), weight [out, in] cuBLAS -> [N, out] with the grouped
+// LoRA expand accumulated into the GEMM's output
+at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& offsets,
+                            double scaling, const std::optional<at::Tensor>& row_scale) {
+  check_cuda_inputs(x);
+  return lora_linear_with(&grouped_lora_add_out_cuda, x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale);
 }
 
 }  // namespace cuda
@@ -708,6 +755,8 @@ TORCH_LIBRARY_IMPL(mole_ext, CUDA, m) {
   m.impl("grouped_lora", &cuda::grouped_lora_cuda);
   m.impl("grouped_lora_add_out", &cuda::grouped_lora_add_out_cuda);
   m.impl("grouped_lora_backward", &cuda::grouped_lora_backward_cuda);
+  m.impl("grouped_lora_backward_add_out", &cuda::grouped_lora_backward_add_out_cuda);
+  m.impl("lora_linear", &cuda::lora_linear_cuda);
 }
 
 }  // namespace mole_ext

@@ -31,11 +31,53 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: Optional[to
     Args:
         x: [N, d]; router_weight: [K, d]; router_bias: [K] or None.
     """
+    return Routing(*ops.router_top1(_router_logits(x, router_weight, router_bias)))
+
+
+def _router_logits(x, router_weight, router_bias):
     acc = acc_dtype(x.dtype)
     # Autocast would run this linear in bf16/fp16; routing decisions are made in float32.
     with torch.autocast(x.device.type, enabled=False):
-        logits = F.linear(x.to(acc), router_weight.to(acc), None if router_bias is None else router_bias.to(acc))
-    return Routing(*ops.router_top1(logits))
+        return F.linear(x.to(acc), router_weight.to(acc), None if router_bias is None else router_bias.to(acc))
+
+
+class _RouteAndPermute(torch.autograd.Function):
+    """``route`` and one ``permute`` of x as a single autograd node that keeps x only in expert
+    order. The router weight's gradient is a sum over tokens, so it is taken on the sorted rows
+    with the logits' gradient permuted the same way: x in token order (or its float32 copy) is
+    not saved next to x_sorted, which the projections save anyway.
+
+    forward(x [N, d], router_weight [K, d], router_bias [K] or None, num_experts) ->
+    (probs [N, K], expert [N], x_sorted [N, d], sorted_token [N], offsets [K+1]).
+    """
+
+    @staticmethod
+    def forward(ctx, x, router_weight, router_bias, num_experts):
+        probs, expert = ops.router_top1(_router_logits(x, router_weight, router_bias))
+        xs, sorted_token, offsets = ops.permute(x, expert, num_experts)
+        ctx.save_for_backward(xs, probs, sorted_token, router_weight)
+        ctx.bias_dtype = None if router_bias is None else router_bias.dtype
+        ctx.mark_non_differentiable(expert, sorted_token, offsets)
+        ctx.set_materialize_grads(False)  # unused probs (gate_mode="none", no balance loss): no router work
+        return probs, expert, xs, sorted_token, offsets
+
+    @staticmethod
+    def backward(ctx, grad_probs, _expert, grad_xs, _sorted_token, _offsets):
+        xs, probs, sorted_token, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = probs.dtype
+        grad_logits = (torch.ops.mole_ext.router_top1_backward(grad_probs, probs)  # [N, K], acc dtype
+                       if grad_probs is not None else None)
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = ops.unpermute(grad_xs, sorted_token) if grad_xs is not None else torch.zeros_like(xs)
+            if grad_logits is not None:  # + dlogits W, summed in the accumulation dtype, rounded once
+                grad_x = grad_x.to(acc).addmm_(grad_logits, weight.to(acc)).to(xs.dtype)
+        if grad_logits is not None and need_w:
+            grad_w = ops.permute_rows(grad_logits, sorted_token).t().mm(xs.to(acc)).to(weight.dtype)
+        if grad_logits is not None and need_b and ctx.bias_dtype is not None:
+            grad_b = grad_logits.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None
 
 
 def gate_values(routing: Routing, gate_mode: str) -> Optional[torch.Tensor]:
@@ -59,32 +101,43 @@ def mole_projection(z: torch.Tensor, proj: Projection, offsets: torch.Tensor, sc
                     row_scale: Optional[torch.Tensor], dropout: float = 0.0, training: bool = False) -> torch.Tensor:
     """Base projection plus grouped LoRA on expert-sorted rows.
 
+    Without LoRA dropout this is one ``lora_linear`` op: the base GEMM, with the LoRA delta
+    accumulated into its output, and in the backward the LoRA's dX accumulated onto the base
+    GEMM's dX; z is the only [N, in] activation kept. With dropout in training, the LoRA input
+    differs from the base input, so the base GEMM and the delta run separately.
+
     Args:
         z: [N, in] rows sorted by expert; offsets: [K+1] segment boundaries; row_scale: [N] or None.
     Returns:
-        [N, out] = z W^T + b + scaling * row_scale * B_e (A_e drop(z)).
+        [N, out] = z W^T + b + scaling * row_scale * B_e (A_e drop(z)), in the compute dtype
+        (the autocast dtype under autocast, else z's).
     """
-    base = F.linear(z, proj.weight, proj.bias)
-    z_lora = F.dropout(z, dropout, training) if dropout > 0 else z
-    a, b, z_lora = _lora_operands(base.dtype, proj, z_lora)
-    if not _records_autograd(z, proj, row_scale):
-        # Inference: the delta accumulates straight into the base output (no [N, out] temporary).
-        return ops.grouped_lora_add_out(base, z_lora, a, b, offsets, scaling, row_scale)
-    # In place: neither linear's nor add's backward needs this output, so no extra [N, out] buffer.
-    return base.add_(ops.grouped_lora(z_lora, a, b, offsets, scaling, row_scale))
+    weight, bias, a, b = _compute_operands(z, proj)
+    if dropout > 0 and training:
+        base = F.linear(z.to(weight.dtype), weight, bias)
+        z_lora = F.dropout(z, dropout, True).to(weight.dtype)
+        # In place: neither linear's nor add's backward needs this output, so no extra [N, out] buffer.
+        return base.add_(ops.grouped_lora(z_lora, a, b, offsets, scaling, row_scale))
+    return ops.lora_linear(z, weight, bias, a, b, offsets, scaling, row_scale)
 
 
-def _records_autograd(z, proj: Projection, row_scale) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    ts = (z, proj.weight, proj.bias, proj.lora_a, proj.lora_b, row_scale)
-    return any(t is not None and t.requires_grad for t in ts)
+def _compute_operands(z, proj: Projection):
+    """The projection's tensors in the compute dtype: under autocast the autocast dtype (what
+    F.linear would run in; the float32 master weights receive float32 gradients through the
+    cast), else their own dtype, which must then be z's."""
+    if torch.is_autocast_enabled(z.device.type) and z.is_floating_point():
+        dtype = torch.get_autocast_dtype(z.device.type)
+    else:
+        dtype = proj.weight.dtype
+        if z.dtype != dtype:
+            raise RuntimeError(f"z ({z.dtype}) and the projection weight ({dtype}) must have the same dtype "
+                               "outside autocast")
+    cast = (lambda t: None if t is None else t.to(dtype))
+    return cast(proj.weight), cast(proj.bias), cast(proj.lora_a), cast(proj.lora_b)
 
 
 def _lora_operands(dtype, proj: Projection, z):
-    """The LoRA operands in the dtype the base projection produced. Without autocast that is
-    already their dtype (no copy); under autocast the base linear runs in bf16/fp16, and the
-    LoRA branch follows it (the float32 master weights receive float32 gradients)."""
+    """The LoRA operands in the dtype the base projection produced (the dense path)."""
     return proj.lora_a.to(dtype), proj.lora_b.to(dtype), z.to(dtype)
 
 
@@ -109,8 +162,10 @@ def mole_ffn(x: torch.Tensor, router_weight: torch.Tensor, router_bias: Optional
     """Sparse MoLE SwiGLU FFN: ``y = down'(act(gate'(x)) * up'(x))`` with one top-1 routing
     decision per token shared by the three projections.
 
-    top1: route, permute x once, run all three projections (base GEMMs + grouped LoRA) in
-    expert order, unpermute once. dense: every expert weighted by its probability (gate_mode
+    top1: route and permute x once (one autograd node that saves x in expert order only), run
+    all three projections (``lora_linear``: base GEMM with the grouped LoRA accumulated into it)
+    in expert order, unpermute once. Saved for the backward: what a single-LoRA FFN saves plus
+    O(N K) routing state. dense: every expert weighted by its probability (gate_mode
     does not apply).
 
     Args:
@@ -124,14 +179,16 @@ def mole_ffn(x: torch.Tensor, router_weight: torch.Tensor, router_bias: Optional
         raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    r = route(x2, router_weight, router_bias)
     if routing == "dense":
+        r = route(x2, router_weight, router_bias)
         h = act(_dense_projection(x2, gate, r.probs, scaling, dropout, training)) * \
             _dense_projection(x2, up, r.probs, scaling, dropout, training)
         y = _dense_projection(h, down, r.probs, scaling, dropout, training)
         return y.reshape(shape), r
+    probs, expert, xs, sorted_token, offsets = _RouteAndPermute.apply(x2, router_weight, router_bias,
+                                                                     router_weight.shape[0])
+    r = Routing(probs, expert)
     g = gate_values(r, gate_mode)
-    xs, sorted_token, offsets = ops.permute(x2, r.expert, router_weight.shape[0])
     gs = None if g is None else ops.permute_rows(g.unsqueeze(1), sorted_token).squeeze(1)
     h = act(mole_projection(xs, gate, offsets, scaling, gs, dropout, training)) * \
         mole_projection(xs, up, offsets, scaling, gs, dropout, training)

@@ -19,13 +19,14 @@ from . import _C  # noqa: F401  (loads the operator library)
 from . import reference as _ref
 
 __all__ = [
-    "router_top1", "permute", "permute_rows", "unpermute", "grouped_lora", "grouped_lora_add_out", "load_balance_loss",
+    "router_top1", "permute", "permute_rows", "unpermute", "grouped_lora", "grouped_lora_add_out",
+    "grouped_lora_backward_add_out", "lora_linear", "load_balance_loss",
     "cuda_backend", "cuda_check_errors", "set_cuda_validate", "cuda_validate",
 ]
 
 _OPS = ("router_top1", "router_top1_backward", "permute", "permute_rows", "unpermute",
-        "grouped_lora", "grouped_lora_add_out", "grouped_lora_backward", "load_balance_loss",
-        "load_balance_loss_backward")
+        "grouped_lora", "grouped_lora_add_out", "grouped_lora_backward", "grouped_lora_backward_add_out",
+        "lora_linear", "load_balance_loss", "load_balance_loss_backward")
 
 _lib = torch.library.Library("mole_ext", "IMPL")  # noqa: TOR901 (fallback kernels only)
 _CUDA_FALLBACK = []
@@ -266,6 +267,95 @@ def _grouped_backward(ctx, grad_y):
 
 
 torch.library.register_autograd("mole_ext::grouped_lora", _grouped_backward, setup_context=_grouped_setup)
+
+
+def grouped_lora_backward_add_out(grad_x: torch.Tensor, grad_y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
+                                  lora_b: torch.Tensor, offsets: torch.Tensor, scaling: float,
+                                  row_scale: Optional[torch.Tensor] = None):
+    """The gradients of ``grouped_lora`` with the input gradient accumulated in place onto
+    ``grad_x`` (the base projection's dX), summed in the accumulation dtype and rounded once, so
+    the LoRA's dX never exists as a second [N, in] tensor.
+
+    Args:
+        grad_x: [N, in] with x's dtype and device, updated in place (any strides).
+        grad_y: [N, out] float; x, lora_a, lora_b, offsets, scaling, row_scale: as for ``grouped_lora``.
+    Returns:
+        grad_a [K, r, in], grad_b [K, out, r] (x's dtype; exactly zero for an empty expert), and
+        grad_row_scale [N] in row_scale's dtype (empty [0] without row_scale).
+    """
+    return torch.ops.mole_ext.grouped_lora_backward_add_out(grad_x, grad_y, x, lora_a, lora_b, offsets,
+                                                           float(scaling), row_scale)
+
+
+@torch.library.register_fake("mole_ext::grouped_lora_backward_add_out")
+def _(grad_x, grad_y, x, lora_a, lora_b, offsets, scaling, row_scale):
+    grad_rs = (row_scale.new_empty(row_scale.shape) if row_scale is not None else x.new_empty((0,)))
+    return torch.empty_like(lora_a), torch.empty_like(lora_b), grad_rs
+
+
+# ---------------------------------------------------------------------------------------------
+# lora_linear: a whole MoLE projection (base GEMM + grouped LoRA) as one op
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                lora_b: torch.Tensor, offsets: torch.Tensor, scaling: float,
+                row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x W^T + b + grouped_lora(x, lora_a, lora_b, offsets, scaling, row_scale)`` on expert-sorted
+    rows, with the LoRA delta accumulated into the base GEMM's output (no second [N, out] tensor).
+    The backward adds the LoRA's dX onto the base GEMM's dX the same way.
+
+    x is cast to weight's dtype (the compute dtype) inside the op, so under autocast the caller
+    passes x as it is and the cast copy is neither kept nor saved for the backward.
+
+    Args:
+        x: [N, in] float (any float dtype); weight: [out, in]; bias: [out] or None.
+        lora_a: [K, r, in], lora_b: [K, out, r] in weight's dtype; offsets, scaling, row_scale:
+            as for ``grouped_lora``.
+    Returns:
+        [N, out] in weight's dtype; differentiable in every tensor argument but offsets.
+    """
+    return torch.ops.mole_ext.lora_linear(x, weight, bias, lora_a, lora_b, offsets, float(scaling), row_scale)
+
+
+@torch.library.register_fake("mole_ext::lora_linear")
+def _(x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=weight.dtype)
+
+
+def _lora_linear_setup(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale = inputs
+    ctx.scaling = scaling
+    ctx.has_bias = bias is not None
+    ctx.has_row_scale = row_scale is not None
+    # One [N, in] activation: x as the caller passed it (not the compute-dtype copy).
+    ctx.save_for_backward(x, weight, lora_a, lora_b, offsets, row_scale)
+
+
+def _lora_linear_backward(ctx, grad_y):
+    x, weight, lora_a, lora_b, offsets, row_scale = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: the in-place dX accumulation is not recorded
+        raise RuntimeError("mole_ext::lora_linear is not twice differentiable (double backward through mole_ext "
+                           "ops is not supported)")
+    need = ctx.needs_input_grad  # x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale
+    rs = row_scale if ctx.has_row_scale else None
+    xc = x.to(weight.dtype)
+    grad_y = grad_y.to(weight.dtype)
+    grad_x = None
+    if need[0]:
+        grad_x = grad_y.mm(weight)  # the base GEMM's dX; the LoRA's lands on it in place
+        ga, gb, grs = torch.ops.mole_ext.grouped_lora_backward_add_out(grad_x, grad_y, xc, lora_a, lora_b, offsets,
+                                                                      ctx.scaling, rs)
+        grad_x = grad_x.to(x.dtype)
+    elif need[3] or need[4] or (ctx.has_row_scale and need[7]):
+        _, ga, gb, grs = torch.ops.mole_ext.grouped_lora_backward(grad_y, xc, lora_a, lora_b, offsets, ctx.scaling, rs)
+    else:
+        ga = gb = grs = None
+    grad_w = grad_y.t().mm(xc) if need[1] else None
+    grad_bias = grad_y.sum(0) if (ctx.has_bias and need[2]) else None
+    return (grad_x, grad_w, grad_bias, ga if need[3] else None, gb if need[4] else None, None, None,
+            grs if (ctx.has_row_scale and need[7]) else None)
+
+
+torch.library.register_autograd("mole_ext::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup)
 
 
 # ---------------------------------------------------------------------------------------------

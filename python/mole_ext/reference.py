@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "acc_dtype", "router_top1", "router_top1_backward", "permute", "permute_rows", "unpermute",
-    "grouped_lora", "grouped_lora_add_out", "grouped_lora_backward", "load_balance_loss", "load_balance_loss_backward",
+    "grouped_lora", "grouped_lora_add_out", "grouped_lora_backward", "grouped_lora_backward_add_out", "lora_linear",
+    "load_balance_loss", "load_balance_loss_backward",
     "Projection", "mole_ffn", "base_ffn",
 ]
 
@@ -96,6 +97,33 @@ def _grouped_lora_acc(x, lora_a, lora_b, offsets, scaling, row_scale=None):
 
 def grouped_lora_backward(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale=None):
     """(grad_x, grad_a, grad_b, grad_row_scale) of grouped_lora; grad_row_scale is empty [0] without row_scale."""
+    grad_x, grad_a, grad_b, grad_rs = _grouped_lora_backward_acc(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale)
+    rs_dtype = row_scale.dtype if row_scale is not None else x.dtype
+    return grad_x.to(x.dtype), grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), grad_rs.to(rs_dtype)
+
+
+def grouped_lora_backward_add_out(grad_x, grad_y, x, lora_a, lora_b, offsets, scaling, row_scale=None):
+    """grad_x += the grad_x of grouped_lora_backward in place (summed in the accumulation dtype,
+    rounded once) -> (grad_a, grad_b, grad_row_scale)."""
+    if grad_x.shape != x.shape or grad_x.dtype != x.dtype:
+        raise RuntimeError(f"grad_x must be {tuple(x.shape)} of dtype {x.dtype}, got {tuple(grad_x.shape)} "
+                           f"{grad_x.dtype}")
+    gx, grad_a, grad_b, grad_rs = _grouped_lora_backward_acc(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale)
+    grad_x.copy_((grad_x.to(gx.dtype) + gx).to(grad_x.dtype))
+    rs_dtype = row_scale.dtype if row_scale is not None else x.dtype
+    return grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), grad_rs.to(rs_dtype)
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale=None):
+    """x W^T + b + grouped_lora(x, ...), x cast to weight's dtype, the delta added in the
+    accumulation dtype and rounded once."""
+    xc = x.to(weight.dtype)
+    out = F.linear(xc, weight, bias)
+    grouped_lora_add_out(out, xc, lora_a, lora_b, offsets, scaling, row_scale)
+    return out
+
+
+def _grouped_lora_backward_acc(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale=None):
     acc = acc_dtype(x.dtype)
     bounds = [int(v) for v in offsets.tolist()]
     gy, xa = grad_y.to(acc), x.to(acc)
@@ -115,8 +143,7 @@ def grouped_lora_backward(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale
         grad_b[k] = gy[s:e].T @ (h * mult)
         grad_a[k] = dh.T @ xa[s:e]
         grad_x[s:e] = dh @ a[k]
-    rs_dtype = row_scale.dtype if row_scale is not None else x.dtype
-    return grad_x.to(x.dtype), grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), grad_rs.to(rs_dtype)
+    return grad_x, grad_a, grad_b, grad_rs
 
 
 def load_balance_loss(probs, expert, mask=None):
