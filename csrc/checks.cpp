@@ -137,7 +137,7 @@ void check_grouped_lora_backward_add_out(const at::Tensor& grad_x, const at::Ten
 }
 
 void check_lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                       const at::Tensor& lora_a, const at::Tensor& lora_b) {
+                       const at::Tensor& lora_a, const at::Tensor& lora_b, const std::optional<at::Tensor>& lora_x) {
   check_dim(x, 2, "x", "[tokens, in_features]");
   check_dim(weight, 2, "weight", "[out_features, in_features]");
   check_float(x, "x");
@@ -159,6 +159,12 @@ void check_lora_linear(const at::Tensor& x, const at::Tensor& weight, const std:
               weight.scalar_type(), "), got ", lora_b.scalar_type());
   TORCH_CHECK(lora_b.dim() == 3 && lora_b.size(1) == weight.size(0), "lora_b must be [experts, ", weight.size(0),
               ", rank] to match weight's out_features, got ", lora_b.sizes());
+  if (lora_x.has_value()) {
+    check_float(*lora_x, "lora_x");
+    TORCH_CHECK(lora_x->sizes() == x.sizes(), "lora_x must have the shape of x ", x.sizes(), ", got ",
+                lora_x->sizes());
+    check_same_device(x, "x", *lora_x, "lora_x");
+  }
 }
 
 void check_load_balance(const at::Tensor& probs, const at::Tensor& expert,

@@ -39,9 +39,10 @@ void check_grouped_lora_backward_add_out(const at::Tensor& grad_x, const at::Ten
                                          const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& offsets,
                                          const std::optional<at::Tensor>& row_scale);
 // x [N, in] float (any float dtype), weight [out, in], bias [out] or None, lora_a [K, r, in] and
-// lora_b [K, out, r] in weight's dtype (the compute dtype); offsets and row_scale as grouped_lora.
+// lora_b [K, out, r] in weight's dtype (the compute dtype), lora_x [N, in] float or None; offsets
+// and row_scale as grouped_lora.
 void check_lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                       const at::Tensor& lora_a, const at::Tensor& lora_b);
+                       const at::Tensor& lora_a, const at::Tensor& lora_b, const std::optional<at::Tensor>& lora_x);
 void check_load_balance(const at::Tensor& probs, const at::Tensor& expert,
                         const std::optional<at::Tensor>& mask);
 // Accumulation type: float32 for float32/bfloat16/float16, float64 for float64.
@@ -86,12 +87,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_add_out_cpu
 // The backend's grouped_lora_add_out, for the device-generic lora_linear below.
 using GroupedLoraAddOut = void (*)(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                    const at::Tensor&, double, const std::optional<at::Tensor>&);
-// x [N, in] (cast to weight's dtype), weight [out, in], bias [out] or None -> [N, out] in weight's
-// dtype: at::linear (the backend's BLAS) and then `add_out` of the grouped LoRA delta into its
-// output, so the delta never exists as a second [N, out] tensor (lora_linear.cpp).
+// x [N, in] (cast to weight's dtype), weight [out, in], bias [out] or None, lora_x [N, in] (the LoRA's
+// input when it differs from x, e.g. after dropout) or None -> [N, out] in weight's dtype:
+// at::linear (the backend's BLAS) and then `add_out` of the grouped LoRA delta into its output, so
+// the delta never exists as a second [N, out] tensor (lora_linear.cpp).
 at::Tensor lora_linear_with(GroupedLoraAddOut add_out, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_a, const at::Tensor& lora_b,
-                            const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale);
+                            const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale,
+                            const std::optional<at::Tensor>& lora_x);
 
 // probs [N, K] float, expert [N] int, mask [N] bool or None -> scalar (float32; float64 for float64 probs)
 at::Tensor load_balance_loss_cpu(const at::Tensor& probs, const at::Tensor& expert,

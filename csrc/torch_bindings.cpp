@@ -23,9 +23,10 @@ TORCH_LIBRARY(mole_ext, m) {
   // Gradients of grouped_lora with grad_x accumulated in place onto an existing gradient (the base
   // path's dX), rounded once: (grad_a, grad_b, grad_row_scale; the last is empty without row_scale).
   m.def("grouped_lora_backward_add_out(Tensor(a!) grad_x, Tensor grad_y, Tensor x, Tensor lora_a, Tensor lora_b, Tensor offsets, float scaling, Tensor? row_scale) -> (Tensor grad_a, Tensor grad_b, Tensor grad_row_scale)");
-  // A MoLE projection in one op: x W^T + b with the grouped LoRA delta accumulated into the base
-  // GEMM's output; x is cast to weight's dtype inside (so callers under autocast keep one copy of x).
-  m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor offsets, float scaling, Tensor? row_scale) -> Tensor");
+  // A MoLE projection in one op: x W^T + b with the grouped LoRA delta (of lora_x when given, the
+  // dropped-out input, else of x) accumulated into the base GEMM's output; inputs are cast to
+  // weight's dtype inside (so callers under autocast keep one copy of x).
+  m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor offsets, float scaling, Tensor? row_scale, Tensor? lora_x=None) -> Tensor");
   // Switch-style balance loss K * sum_k f_k P_k over masked tokens.
   m.def("load_balance_loss(Tensor probs, Tensor expert, Tensor? mask) -> Tensor");
   // Gradient of load_balance_loss with respect to probs.

@@ -311,22 +311,27 @@ def test_backward_add_out_matches_cpu(device, n, k, kind, dtype, row_scale):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n,k,kind", [(1, 1, "uniform"), (97, 3, "empty"), (1025, 8, "skewed")])
-def test_lora_linear_matches_cpu_forward_and_backward(device, n, k, kind, dtype):
+@pytest.mark.parametrize("lora_input", ["x", "separate"])
+def test_lora_linear_matches_cpu_forward_and_backward(device, n, k, kind, dtype, lora_input):
     x, a, b, off, rs = make(n, k, 16, D_IN, D_OUT, dtype, kind=kind)
     g = torch.Generator().manual_seed(5)
     w = (torch.randn(D_OUT, D_IN, generator=g) / D_IN ** 0.5).to(dtype)
     bias = torch.randn(D_OUT, generator=g).to(dtype)
     up = torch.randn(n, D_OUT, generator=g).to(dtype)
+    lx = torch.randn(n, D_IN, generator=g).to(dtype)  # stands in for drop(x)
 
     def run(*ts):
         leaves = [t.clone().requires_grad_() for t in ts[:5]] + [ts[6].clone().requires_grad_()]
-        y = ops.lora_linear(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], ts[5], 0.75, leaves[5])
+        if lora_input == "separate":
+            leaves.append(ts[8].clone().requires_grad_())
+        y = ops.lora_linear(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], ts[5], 0.75, leaves[5],
+                            leaves[6] if lora_input == "separate" else None)
         y.backward(ts[7])
         return [y.detach()] + [t.grad for t in leaves]
 
-    got = run(*cuda_args(x, w, bias, a, b, off, rs, up))
-    want = run(x, w, bias, a, b, off, rs, up)
-    for gt, wt, name in zip(got, want, ("y", "x", "weight", "bias", "lora_a", "lora_b", "row_scale")):
+    got = run(*cuda_args(x, w, bias, a, b, off, rs, up, lx))
+    want = run(x, w, bias, a, b, off, rs, up, lx)
+    for gt, wt, name in zip(got, want, ("y", "x", "weight", "bias", "lora_a", "lora_b", "row_scale", "lora_x")):
         assert gt.dtype == wt.dtype, name
         close(gt, wt, dtype, f"lora_linear {name}")
 

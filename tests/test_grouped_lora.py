@@ -391,6 +391,32 @@ def test_lora_linear_float32_equals_the_unfused_composition():
         assert_close(gt, wt)
 
 
+def test_lora_linear_with_a_separate_lora_input():
+    """LoRA dropout: the base GEMM runs on x, the LoRA on lora_x; each gets its own gradient, and
+    the frozen weight's input x is not saved (only lora_x is)."""
+    x, w, bb, a, b, off, rs = make_linear(97, 3, 8, 33, 17, torch.float64, "cpu", kind="skewed")
+    lx = torch.nn.functional.dropout(x, 0.3, True)
+    x.requires_grad_()
+    lx.requires_grad_()
+    a.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = ops.lora_linear(x, w, bb, a, b, off, 1.5, rs, lx)
+    assert not any(t.data_ptr() == x.data_ptr() for t in saved)
+    assert any(t.data_ptr() == lx.data_ptr() for t in saved)
+    up = torch.randn(97, 17, dtype=torch.float64)
+    got = torch.autograd.grad(y, (x, lx, a), up)
+    y2 = torch.nn.functional.linear(x, w, bb) + ref.grouped_lora(lx, a, b, off, 1.5, rs)
+    assert_close(y, y2)
+    for gt, wt in zip(got, torch.autograd.grad(y2, (x, lx, a), up)):
+        assert_close(gt, wt)
+    x11, w11, b11, a11, bb11, off11, rs11 = make_linear(11, 3, 2, 4, 5, torch.float64, "cpu")
+    lx11 = torch.randn(11, 4, dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in (x11, w11, a11, rs11, lx11)]
+    assert torch.autograd.gradcheck(
+        lambda xx, ww, aa, rr, ll: ops.lora_linear(xx, ww, b11, aa, bb11, off11, 0.7, rr, ll), leaves)
+
+
 def test_lora_linear_casts_x_to_the_compute_dtype():
     """Autocast's situation: float32 x, bf16 weights. The output and the LoRA math are bf16; x's
     gradient comes back in float32; only x itself is saved (no bf16 copy of it)."""
@@ -454,6 +480,8 @@ def test_lora_linear_double_backward_is_refused():
     (dict(lora_b=torch.randn(2, 6, 4)), r"lora_b must be \[experts, 5, rank\]"),
     (dict(x=torch.randint(0, 3, (6, 8))), "x must be float32"),
     (dict(offsets=torch.tensor([0, 2, 5], dtype=torch.int32)), "offsets must be non-decreasing"),
+    (dict(lora_x=torch.randn(6, 7)), r"lora_x must have the shape of x"),
+    (dict(lora_x=torch.randint(0, 3, (6, 8))), "lora_x must be float32"),
 ])
 def test_lora_linear_bad_input(kw, match):
     x, w, bb, a, b, off, rs = make_linear(6, 2, 4, 8, 5, torch.float32, "cpu")

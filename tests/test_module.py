@@ -267,9 +267,9 @@ class SingleLoRAFFN(torch.nn.Module):
     """The baseline of issue 4's memory rule: the frozen FFN with one plain LoRA per projection,
     computed the way PEFT does (base linear + lora_B(lora_A(x)) * scaling)."""
 
-    def __init__(self, m: MoLEFFN):
+    def __init__(self, m: MoLEFFN, dropout: float = 0.0):
         super().__init__()
-        self.m = m
+        self.m, self.dropout = m, dropout
         self.a = torch.nn.ParameterDict({n: torch.nn.Parameter(getattr(m, n).lora_A[0].detach().clone())
                                          for n in ("gate_proj", "up_proj", "down_proj")})
         self.b = torch.nn.ParameterDict({n: torch.nn.Parameter(getattr(m, n).lora_B[0].detach().clone())
@@ -277,7 +277,8 @@ class SingleLoRAFFN(torch.nn.Module):
 
     def forward(self, x):
         def proj(z, n):
-            return F.linear(z, getattr(self.m, n).weight) + F.linear(F.linear(z, self.a[n]), self.b[n]) * self.m.scaling
+            z_lora = F.dropout(z, self.dropout, self.training) if self.dropout else z
+            return F.linear(z, getattr(self.m, n).weight) + F.linear(F.linear(z_lora, self.a[n]), self.b[n]) * self.m.scaling
 
         return proj(F.silu(proj(x, "gate_proj")) * proj(x, "up_proj"), "down_proj")
 
@@ -318,3 +319,17 @@ def test_saved_activations_at_most_single_lora_plus_routing_state(autocast, gate
     assert mole_b <= single_b + routing_state, (mole_b, single_b)
     # and the measurement sees activations at all: at least the SwiGLU's [N, m] tensors
     assert single_b >= 3 * m * (2 if autocast else 4)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_saved_activations_with_lora_dropout(autocast):
+    """With LoRA dropout the LoRA saves drop(x) instead of x, as PEFT's does; MoLE then keeps x
+    (in expert order) for one more reason, the router weight's gradient: one [N, d] tensor above
+    the single-LoRA FFN, in x's dtype, plus the routing state. This pins that cost down."""
+    d, m, k = 128, 160, 4
+    mole = randomise_lora(MoLEFFN(d, m, k, 8, 16.0, dropout=0.1)).train()
+    single = SingleLoRAFFN(mole, dropout=0.1).train()
+    mole_b = saved_bytes_per_token(mole, d, autocast)
+    single_b = saved_bytes_per_token(single, d, autocast)
+    routing_state = 8 * (k + 8)
+    assert mole_b <= single_b + 4 * d + routing_state, (mole_b, single_b)

@@ -189,8 +189,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_add_out_cpu
 
 at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& offsets,
-                           double scaling, const std::optional<at::Tensor>& row_scale) {
-  return lora_linear_with(&grouped_lora_add_out_cpu, x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale);
+                           double scaling, const std::optional<at::Tensor>& row_scale,
+                           const std::optional<at::Tensor>& lora_x) {
+  return lora_linear_with(&grouped_lora_add_out_cpu, x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale,
+                          lora_x);
 }
 
 TORCH_LIBRARY_IMPL(mole_ext, CPU, m) {

@@ -744,9 +744,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_add_out_cud
 // LoRA expand accumulated into the GEMM's output
 at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& offsets,
-                            double scaling, const std::optional<at::Tensor>& row_scale) {
+                            double scaling, const std::optional<at::Tensor>& row_scale,
+                            const std::optional<at::Tensor>& lora_x) {
   check_cuda_inputs(x);
-  return lora_linear_with(&grouped_lora_add_out_cuda, x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale);
+  return lora_linear_with(&grouped_lora_add_out_cuda, x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale,
+                          lora_x);
 }
 
 }  // namespace cuda

@@ -101,10 +101,11 @@ def mole_projection(z: torch.Tensor, proj: Projection, offsets: torch.Tensor, sc
                     row_scale: Optional[torch.Tensor], dropout: float = 0.0, training: bool = False) -> torch.Tensor:
     """Base projection plus grouped LoRA on expert-sorted rows.
 
-    Without LoRA dropout this is one ``lora_linear`` op: the base GEMM, with the LoRA delta
-    accumulated into its output, and in the backward the LoRA's dX accumulated onto the base
-    GEMM's dX; z is the only [N, in] activation kept. With dropout in training, the LoRA input
-    differs from the base input, so the base GEMM and the delta run separately.
+    One ``lora_linear`` op: the base GEMM with the LoRA delta accumulated into its output.
+    Without LoRA dropout the backward also accumulates the LoRA's dX onto the base GEMM's dX,
+    and z is the only [N, in] activation kept. With dropout in training the LoRA runs on
+    drop(z), which is kept instead (in the compute dtype), and its dX returns through the
+    dropout.
 
     Args:
         z: [N, in] rows sorted by expert; offsets: [K+1] segment boundaries; row_scale: [N] or None.
@@ -113,12 +114,8 @@ def mole_projection(z: torch.Tensor, proj: Projection, offsets: torch.Tensor, sc
         (the autocast dtype under autocast, else z's).
     """
     weight, bias, a, b = _compute_operands(z, proj)
-    if dropout > 0 and training:
-        base = F.linear(z.to(weight.dtype), weight, bias)
-        z_lora = F.dropout(z, dropout, True).to(weight.dtype)
-        # In place: neither linear's nor add's backward needs this output, so no extra [N, out] buffer.
-        return base.add_(ops.grouped_lora(z_lora, a, b, offsets, scaling, row_scale))
-    return ops.lora_linear(z, weight, bias, a, b, offsets, scaling, row_scale)
+    z_lora = F.dropout(z, dropout, True).to(weight.dtype) if (dropout > 0 and training) else None
+    return ops.lora_linear(z, weight, bias, a, b, offsets, scaling, row_scale, z_lora)
 
 
 def _compute_operands(z, proj: Projection):

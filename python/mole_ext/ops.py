@@ -297,62 +297,76 @@ def _(grad_x, grad_y, x, lora_a, lora_b, offsets, scaling, row_scale):
 # lora_linear: a whole MoLE projection (base GEMM + grouped LoRA) as one op
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                lora_b: torch.Tensor, offsets: torch.Tensor, scaling: float,
-                row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x W^T + b + grouped_lora(x, lora_a, lora_b, offsets, scaling, row_scale)`` on expert-sorted
-    rows, with the LoRA delta accumulated into the base GEMM's output (no second [N, out] tensor).
-    The backward adds the LoRA's dX onto the base GEMM's dX the same way.
+                lora_b: torch.Tensor, offsets: torch.Tensor, scaling: float, row_scale: Optional[torch.Tensor] = None,
+                lora_x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x W^T + b + grouped_lora(lora_x, lora_a, lora_b, offsets, scaling, row_scale)`` on
+    expert-sorted rows, with the LoRA delta accumulated into the base GEMM's output (no second
+    [N, out] tensor); ``lora_x`` defaults to x. Without ``lora_x`` the backward adds the LoRA's dX
+    onto the base GEMM's dX in place as well, and x is the only [N, in] activation saved.
 
-    x is cast to weight's dtype (the compute dtype) inside the op, so under autocast the caller
-    passes x as it is and the cast copy is neither kept nor saved for the backward.
+    x and lora_x are cast to weight's dtype (the compute dtype) inside the op, so under autocast
+    the caller passes x as it is and the cast copy is neither kept nor saved for the backward.
 
     Args:
         x: [N, in] float (any float dtype); weight: [out, in]; bias: [out] or None.
         lora_a: [K, r, in], lora_b: [K, out, r] in weight's dtype; offsets, scaling, row_scale:
             as for ``grouped_lora``.
+        lora_x: [N, in] float or None, the LoRA's input when it differs from x (LoRA dropout).
     Returns:
         [N, out] in weight's dtype; differentiable in every tensor argument but offsets.
     """
-    return torch.ops.mole_ext.lora_linear(x, weight, bias, lora_a, lora_b, offsets, float(scaling), row_scale)
+    return torch.ops.mole_ext.lora_linear(x, weight, bias, lora_a, lora_b, offsets, float(scaling), row_scale, lora_x)
 
 
 @torch.library.register_fake("mole_ext::lora_linear")
-def _(x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale):
+def _(x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale, lora_x=None):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=weight.dtype)
 
 
 def _lora_linear_setup(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale = inputs
+    x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale, lora_x = inputs
     ctx.scaling = scaling
     ctx.has_bias = bias is not None
     ctx.has_row_scale = row_scale is not None
-    # One [N, in] activation: x as the caller passed it (not the compute-dtype copy).
-    ctx.save_for_backward(x, weight, lora_a, lora_b, offsets, row_scale)
+    ctx.has_lora_x = lora_x is not None
+    ctx.x_dtype = x.dtype
+    # One [N, in] activation: x as the caller passed it (not the compute-dtype copy), or lora_x
+    # instead when the LoRA runs on that and the (frozen) weight needs no gradient.
+    keep_x = lora_x is None or weight.requires_grad
+    ctx.save_for_backward(x if keep_x else None, weight, lora_a, lora_b, offsets, row_scale, lora_x)
 
 
 def _lora_linear_backward(ctx, grad_y):
-    x, weight, lora_a, lora_b, offsets, row_scale = ctx.saved_tensors
+    x, weight, lora_a, lora_b, offsets, row_scale, lora_x = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: the in-place dX accumulation is not recorded
         raise RuntimeError("mole_ext::lora_linear is not twice differentiable (double backward through mole_ext "
                            "ops is not supported)")
-    need = ctx.needs_input_grad  # x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale
+    need = ctx.needs_input_grad  # x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale, lora_x
     rs = row_scale if ctx.has_row_scale else None
-    xc = x.to(weight.dtype)
     grad_y = grad_y.to(weight.dtype)
-    grad_x = None
-    if need[0]:
-        grad_x = grad_y.mm(weight)  # the base GEMM's dX; the LoRA's lands on it in place
-        ga, gb, grs = torch.ops.mole_ext.grouped_lora_backward_add_out(grad_x, grad_y, xc, lora_a, lora_b, offsets,
-                                                                      ctx.scaling, rs)
-        grad_x = grad_x.to(x.dtype)
-    elif need[3] or need[4] or (ctx.has_row_scale and need[7]):
-        _, ga, gb, grs = torch.ops.mole_ext.grouped_lora_backward(grad_y, xc, lora_a, lora_b, offsets, ctx.scaling, rs)
-    else:
-        ga = gb = grs = None
-    grad_w = grad_y.t().mm(xc) if need[1] else None
+    need_lora = need[3] or need[4] or (ctx.has_row_scale and need[7])
+    grad_x = grad_lora_x = ga = gb = grs = None
+    if not ctx.has_lora_x:
+        xc = x.to(weight.dtype)
+        if need[0]:
+            grad_x = grad_y.mm(weight)  # the base GEMM's dX; the LoRA's lands on it in place
+            ga, gb, grs = torch.ops.mole_ext.grouped_lora_backward_add_out(grad_x, grad_y, xc, lora_a, lora_b, offsets,
+                                                                          ctx.scaling, rs)
+            grad_x = grad_x.to(ctx.x_dtype)
+        elif need_lora:
+            _, ga, gb, grs = torch.ops.mole_ext.grouped_lora_backward(grad_y, xc, lora_a, lora_b, offsets, ctx.scaling,
+                                                                      rs)
+    else:  # the LoRA's input is another tensor: its dX goes there
+        if need[0]:
+            grad_x = grad_y.mm(weight).to(ctx.x_dtype)
+        if need[8] or need_lora:
+            glx, ga, gb, grs = torch.ops.mole_ext.grouped_lora_backward(grad_y, lora_x.to(weight.dtype), lora_a,
+                                                                        lora_b, offsets, ctx.scaling, rs)
+            grad_lora_x = glx.to(lora_x.dtype) if need[8] else None
+    grad_w = grad_y.t().mm(x.to(weight.dtype)) if need[1] else None
     grad_bias = grad_y.sum(0) if (ctx.has_bias and need[2]) else None
     return (grad_x, grad_w, grad_bias, ga if need[3] else None, gb if need[4] else None, None, None,
-            grs if (ctx.has_row_scale and need[7]) else None)
+            grs if (ctx.has_row_scale and need[7]) else None, grad_lora_x)
 
 
 torch.library.register_autograd("mole_ext::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup)

@@ -114,12 +114,13 @@ def grouped_lora_backward_add_out(grad_x, grad_y, x, lora_a, lora_b, offsets, sc
     return grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), grad_rs.to(rs_dtype)
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale=None):
-    """x W^T + b + grouped_lora(x, ...), x cast to weight's dtype, the delta added in the
-    accumulation dtype and rounded once."""
+def lora_linear(x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale=None, lora_x=None):
+    """x W^T + b + grouped_lora(lora_x or x, ...), inputs cast to weight's dtype, the delta added in
+    the accumulation dtype and rounded once."""
     xc = x.to(weight.dtype)
     out = F.linear(xc, weight, bias)
-    grouped_lora_add_out(out, xc, lora_a, lora_b, offsets, scaling, row_scale)
+    grouped_lora_add_out(out, xc if lora_x is None else lora_x.to(weight.dtype), lora_a, lora_b, offsets, scaling,
+                         row_scale)
     return out
 
 
