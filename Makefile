@@ -19,7 +19,7 @@ DEPS := $(VENV)/.deps-stamp
 BUILT := $(VENV)/.build-stamp
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: install demo toy test host-test pytest bench gpu-check info clean
+.PHONY: install demo toy test host-test pytest torch-compat bench gpu-check info clean
 
 install: $(BUILT)
 
@@ -42,7 +42,13 @@ demo: $(BUILT)
 toy: $(BUILT)
 	$(PY) examples/toy_multidomain.py
 
-test: host-test pytest
+test: host-test pytest torch-compat
+
+# Every C++/CUDA source also compiles against the PyTorch of the GPU machine (headers only, see
+# tests/compile_other_torch.py); about 4 minutes on 2 cores plus a one-time 0.5 GB download.
+TORCH_COMPAT ?= 2.11.0
+torch-compat: $(DEPS)
+	$(PY) tests/compile_other_torch.py --torch $(TORCH_COMPAT)
 
 host-test:
 	cmake -S . -B build/cmake -DMOLE_EXT_BUILD_EXTENSION=OFF -DCMAKE_BUILD_TYPE=Release > /dev/null

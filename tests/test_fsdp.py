@@ -2,7 +2,7 @@
 
 One worker run per configuration (``tests/_fsdp_worker.py``, which calls ``run_training`` as
 ``python -m training.train`` does): 2 ranks x batch 2 with FSDP, 1 process x batch 4 without,
-and an FSDP run stopped at step 2 then resumed. The worker routes image tokens to expert 2 and text
+an FSDP run stopped at step 2 then resumed, and its step-2 checkpoint resumed under DDP. The worker routes image tokens to expert 2 and text
 tokens elsewhere, so a rank whose micro-batch is text-only sends no token to expert 2 (and never
 runs the vision tower) while the other rank does; the tests check that this happened and that
 nothing hung (every subprocess has a timeout and is killed with its children when it runs over).
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,13 +58,13 @@ def _run(cmd, log: Path) -> None:
     assert rc == 0, log.read_text()[-4000:]
 
 
-def _torchrun(cfgf: Path, out: Path, *extra: str) -> None:
+def _torchrun(cfgf: Path, out: Path, *extra: str, fsdp: str = "full_shard") -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
           WORKER, "--config", str(cfgf), f"train.output_dir={out}", "train.per_device_batch_size=2",
-          "train.fsdp=full_shard", *extra], out.with_suffix(".log"))
+          f"train.fsdp={fsdp}", *extra], out.with_suffix(".log"))
 
 
 def _rows(run: Path) -> list[dict]:
@@ -92,8 +93,29 @@ def runs(tmp_path_factory):
     part = tmp / "part"
     _torchrun(cfgf, part, "train.stop_after_steps=2")
     assert sorted(p.name for p in part.glob("checkpoint-*")) == ["checkpoint-2"]
+    shutil.copytree(part / "checkpoint-2", tmp / "ddp" / "checkpoint-2")  # before part resumes past it
     _torchrun(cfgf, part, "--resume")
     return one, two, part
+
+
+def test_fsdp_checkpoint_resumes_under_ddp(runs, tmp_path):
+    """The checkpoint is not tied to sharding: an FSDP run's checkpoint-2, resumed by the same two
+    ranks with DDP instead (e.g. after moving to GPUs that fit the model), continues to the same
+    losses and weights as the uninterrupted FSDP run, to float32 rounding."""
+    _, two, part = runs
+    ddp = part.parent / "ddp"
+    _torchrun(part.parent / "c.json", ddp, "--resume", fsdp="")
+    w = json.loads((ddp / "worker_0.json").read_text())
+    assert w["sharded"] == 0  # DDP really ran: no parameter is a DTensor shard
+    ra, rb = _rows(two), _rows(ddp)
+    assert [r["global_step"] for r in rb] == [3, 4]
+    for a, b in zip(ra[2:], rb):
+        for k in ("loss", "grad_norm"):
+            assert abs(a[k] - b[k]) < TOL, (k, a, b)
+    ta, tb = ck.load_trainable(two / "checkpoint-4"), ck.load_trainable(ddp / "checkpoint-4")
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], rtol=0, atol=WTOL, msg=k)
 
 
 def test_fsdp_two_gloo_processes_equal_one_process(runs):
