@@ -121,8 +121,8 @@ def mole_projection(z: torch.Tensor, proj: Projection, offsets: torch.Tensor, sc
 def _compute_operands(z, proj: Projection):
     """The projection's tensors in the compute dtype: under autocast the autocast dtype (what
     F.linear would run in; the float32 master weights receive float32 gradients through the
-    cast), else their own dtype, which must then be z's."""
-    if torch.is_autocast_enabled(z.device.type) and z.is_floating_point():
+    cast; float64 stays float64, as autocast leaves it), else their own dtype, which must then be z's."""
+    if torch.is_autocast_enabled(z.device.type) and z.dtype in (torch.float32, torch.bfloat16, torch.float16):
         dtype = torch.get_autocast_dtype(z.device.type)
     else:
         dtype = proj.weight.dtype
