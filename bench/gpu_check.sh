@@ -10,7 +10,7 @@
 #   tests      pytest: tests/test_index_math.py, tests/test_cuda_*.py and every CUDA-parametrised case in tests/
 #   memcheck   compute-sanitizer --tool memcheck over bench/gpu_check_kernels.py (each kernel once)
 #   racecheck  compute-sanitizer --tool racecheck over the same script
-#   bench      python bench/routing.py --quick, bench/grouped_gemm.py --quick, bench/mole_ffn.py
+#   bench      python bench/routing.py --quick, bench/grouped_gemm.py --quick and --profile, bench/mole_ffn.py
 # Output: gpu_check.json and gpu_check.md (summary), gpu_check.log (every stage's output),
 # junit.xml, the benchmarks' tables (routing-cuda.md, ...), in $OUT when set, else
 # bench/results/gpu_check-<UTC date>/. At most 8 files, so a caller that brings back only a
@@ -154,6 +154,8 @@ bench_stage() {
     echo "== bench/grouped_gemm.py --quick"
     timeout 120 "$PY" bench/grouped_gemm.py --quick || rc=$?
   fi
+  echo "== bench/grouped_gemm.py --profile (mole_ext's kernels, each one's share of its call)"
+  timeout 60 "$PY" bench/grouped_gemm.py --profile || rc=$?
   if [ -f bench/mole_ffn.py ]; then
     echo "== bench/mole_ffn.py"
     timeout 120 "$PY" bench/mole_ffn.py || rc=$?

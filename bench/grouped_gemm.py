@@ -18,6 +18,8 @@ speed-up of mole_ext over each provider. L2 is flushed (a 256 MiB write) before 
                                          # out = 11008, r in {16, 32, 64, 128}, K in {2, 4, 8},
                                          # uniform and skewed (99% on one expert) routings
   python bench/grouped_gemm.py --quick   # a subset (CUDA) / tiny shapes (CPU)
+  python bench/grouped_gemm.py --profile # where mole_ext's time goes, kernel by kernel (torch.profiler),
+                                         # at N = 16384, r = 32, K = 8 (CUDA) / a small CPU shape
 On a machine without CUDA the CPU kernels run at small float32 sizes, and the script says so.
 Rows are appended to bench/results/grouped_gemm.jsonl; the table goes to
 bench/results/grouped_gemm-<cuda|cpu>.md.
@@ -197,9 +199,38 @@ def hbm_bandwidth(device: str, env: dict) -> tuple:
     return 2 * n / t["median"], "measured copy_"
 
 
+def profile_kernels(device: str, reps: int = 5) -> None:
+    """Prints, per mole_ext call (forward, forward accumulating into an output, backward), the
+    kernels it launches and their share of its time: what to tune first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = (Config(16384, 4096, 11008, 32, 8, "uniform", "bfloat16") if device == "cuda"
+           else Config(1024, 512, 1376, 16, 8, "uniform", "float32"))
+    x, a, b, off, rs, gy, expert = make_inputs(cfg, device)
+    fwd, bwd = mole_ext_provider(x, a, b, off, rs, gy, expert, 2.0)
+    y = torch.zeros(cfg.n, cfg.d_out, dtype=x.dtype, device=device)
+    calls = {"forward": fwd, "forward into an output (add_out)": lambda: ops.grouped_lora_add_out(y, x, a, b, off, 2.0,
+                                                                                                   rs),
+             "backward": bwd}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(f"profile of mole_ext at N={cfg.n}, in={cfg.d_in}, out={cfg.d_out}, r={cfg.r}, K={cfg.k}, {cfg.dtype}, "
+          f"{reps} calls each")
+    for name, fn in calls.items():
+        fn()
+        harness._sync(device)
+        with profile(activities=activities) as prof:
+            for _ in range(reps):
+                fn()
+            harness._sync(device)
+        print(f"\n== {name}")
+        print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=90))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="subset of the configurations (CUDA) / tiny shapes (CPU)")
+    ap.add_argument("--profile", action="store_true", help="per-kernel profile of mole_ext at one shape, no timing table")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of " + ",".join(PROVIDERS))
@@ -209,6 +240,9 @@ def main(argv=None):
     device = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.profile:
+        profile_kernels(device)
+        return []
     env = harness.environment(device)
     env["mole_ext_cuda_backend"] = ops.cuda_backend()
     configs = cuda_configs(args.quick) if device == "cuda" else cpu_configs(args.quick)

@@ -25,3 +25,11 @@ def test_grouped_gemm_bench_quick_runs_on_cpu():
     for column in ("GB/s", "of_roofline", "mole_ext_speedup"):
         assert column in out
     assert "skipped" not in out  # every CPU provider ran every case
+
+
+def test_grouped_gemm_profile_runs_on_cpu():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "grouped_gemm.py"), "--profile", "--device",
+                          "cpu"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    for call in ("== forward", "== forward into an output (add_out)", "== backward"):
+        assert call in out
+    assert "mole_ext::grouped_lora_backward" in out and "aten::mm" in out

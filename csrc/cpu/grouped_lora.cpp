@@ -40,9 +40,12 @@ void zero_empty_experts(at::Tensor& grad, const std::vector<int64_t>& off) {
   }
 }
 
-// The forward in the accumulation type: y [N, out] float32 (float64 for float64 x).
+// The forward in the accumulation type: y [N, out] float32 (float64 for float64 x). With `into`
+// (an [N, out] tensor of the accumulation type) the expand GEMMs add onto it instead (BLAS beta = 1:
+// no delta tensor, no separate add pass), and `into` is returned.
 at::Tensor grouped_lora_acc(const at::Tensor& x_in, const at::Tensor& lora_a_in, const at::Tensor& lora_b_in,
-                            const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale) {
+                            const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale,
+                            at::Tensor* into = nullptr) {
   const int64_t n = x_in.size(0), k = lora_a_in.size(0), out_f = lora_b_in.size(1);
   const std::vector<int64_t> off = checked_offsets(offsets, n);
   const auto acc = acc_type_for(x_in.scalar_type());
@@ -52,7 +55,7 @@ at::Tensor grouped_lora_acc(const at::Tensor& x_in, const at::Tensor& lora_a_in,
   const at::Tensor lora_b = lora_b_in.to(acc).contiguous();
   const at::Tensor rs = row_scale.has_value() ? row_scale->to(acc).contiguous() : at::Tensor();
   // Valid offsets cover every row exactly once, so every row of y is written below.
-  at::Tensor y = at::empty({n, out_f}, x.options());
+  at::Tensor y = into != nullptr ? *into : at::empty({n, out_f}, x.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "grouped_lora_cpu", [&] {
     using acc_t = scalar_t;
     const acc_t* rsp = rs.defined() ? rs.const_data_ptr<acc_t>() : nullptr;
@@ -67,7 +70,11 @@ at::Tensor grouped_lora_acc(const at::Tensor& x_in, const at::Tensor& lora_a_in,
         for (int64_t j = 0; j < r; ++j) hp[i * r + j] *= m;
       }
       at::Tensor y_seg = y.narrow(0, b, len);
-      at::mm_out(y_seg, h, lora_b[e].t());  // [len, out]
+      if (into != nullptr) {
+        at::addmm_out(y_seg, y_seg, h, lora_b[e].t());  // [len, out] +=
+      } else {
+        at::mm_out(y_seg, h, lora_b[e].t());  // [len, out]
+      }
     }
   });
   return y;
@@ -87,21 +94,24 @@ void grouped_lora_add_out_cpu(at::Tensor& out, const at::Tensor& x, const at::Te
                               const std::optional<at::Tensor>& row_scale) {
   const BelowAutograd below_autograd;
   check_grouped_lora_add_out(out, x, lora_a, lora_b, offsets, row_scale);
-  const at::Tensor delta = grouped_lora_acc(x, lora_a, lora_b, offsets, scaling, row_scale);
-  if (out.scalar_type() == delta.scalar_type()) {
-    out.add_(delta);
+  if (out.scalar_type() == acc_type_for(x.scalar_type())) {  // float32 / float64: accumulate in place
+    grouped_lora_acc(x, lora_a, lora_b, offsets, scaling, row_scale, &out);
   } else {  // add in the accumulation type, round once (what the CUDA epilogue does)
-    out.copy_(out.to(delta.scalar_type()).add_(delta));
+    at::Tensor sum = out.to(acc_type_for(x.scalar_type()));
+    grouped_lora_acc(x, lora_a, lora_b, offsets, scaling, row_scale, &sum);
+    out.copy_(sum);
   }
 }
 
 namespace {
 
 // The backward in the accumulation type: (grad_x, grad_a, grad_b, grad_row_scale), all float32
-// (float64 for float64 x); grad_row_scale is empty [0] without row_scale.
+// (float64 for float64 x); grad_row_scale is empty [0] without row_scale. With `grad_x_into` (an
+// [N, in] tensor of the accumulation type) dX is added onto it (BLAS beta = 1) and it is returned.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_acc(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& lora_a_in, const at::Tensor& lora_b_in,
-    const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale) {
+    const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale,
+    at::Tensor* grad_x_into = nullptr) {
   const int64_t n = x_in.size(0), k = lora_a_in.size(0);
   const std::vector<int64_t> off = checked_offsets(offsets, n);
   const auto acc = acc_type_for(x_in.scalar_type());
@@ -111,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward
   const at::Tensor grad_y = grad_y_in.to(acc).contiguous();
   const at::Tensor rs = row_scale.has_value() ? row_scale->to(acc).contiguous() : at::Tensor();
 
-  at::Tensor grad_x = at::empty_like(x);  // every row lies in exactly one segment
+  at::Tensor grad_x = grad_x_into != nullptr ? *grad_x_into : at::empty_like(x);  // every row lies in one segment
   at::Tensor grad_a = at::empty_like(lora_a);
   at::Tensor grad_b = at::empty_like(lora_b);
   zero_empty_experts(grad_a, off);  // empty experts get exactly zero gradients
@@ -146,7 +156,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward
       at::Tensor ga = grad_a[e], gbw = grad_b[e], gx = grad_x.narrow(0, b, len);
       at::mm_out(gbw, gy.t(), h);         // [out, r]
       at::mm_out(ga, gb.t(), xe);         // [r, in]
-      at::mm_out(gx, gb, lora_a[e]);      // [len, in]
+      if (grad_x_into != nullptr) {
+        at::addmm_out(gx, gx, gb, lora_a[e]);  // [len, in] +=
+      } else {
+        at::mm_out(gx, gb, lora_a[e]);      // [len, in]
+      }
     }
   });
   return {grad_x, grad_a, grad_b, grad_rs};
@@ -178,12 +192,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_add_out_cpu
     const at::Tensor& lora_b, const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale) {
   const BelowAutograd below_autograd;
   check_grouped_lora_backward_add_out(grad_x, grad_y, x, lora_a, lora_b, offsets, row_scale);
-  auto [gx, ga, gb, grs] = grouped_lora_backward_acc(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale);
-  if (grad_x.scalar_type() == gx.scalar_type()) {
-    grad_x.add_(gx);
-  } else {  // add in the accumulation type, round once (what the CUDA epilogue does)
-    grad_x.copy_(grad_x.to(gx.scalar_type()).add_(gx));
-  }
+  const auto acc = acc_type_for(x.scalar_type());
+  at::Tensor sum = grad_x.scalar_type() == acc ? grad_x : grad_x.to(acc);  // float32 / float64: in place
+  auto [gx, ga, gb, grs] = grouped_lora_backward_acc(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale, &sum);
+  if (!sum.is_same(grad_x)) grad_x.copy_(sum);  // bf16 / fp16: the sum rounded once
   return {ga.to(lora_a.scalar_type()), gb.to(lora_b.scalar_type()), grs.to(row_scale_grad_type(x, row_scale))};
 }
 
