@@ -3,6 +3,8 @@ baselines side by side in one process, with the HBM roofline of the bytes each c
 
 Providers:
   mole_ext     torch.ops.mole_ext.grouped_lora / grouped_lora_backward (segment map on the device)
+  mole_ext_scalar  the same kernels with element instead of 16-byte global accesses
+               (mole_ext._C.set_grouped_lora_vectorized(False)): the A/B of that choice; CUDA only
   grouped_mm   torch.nn.functional.grouped_mm (PyTorch's CUTLASS grouped GEMM; CUDA, bf16 only)
   loop         a Python loop over experts (host-synchronising offsets.tolist(), one GEMM pair each)
   mask         all experts then mask: one GEMM against the K stacked LoRA matrices, the rows'
@@ -108,6 +110,24 @@ def mole_ext_provider(x, a, b, off, rs, gy, expert, scaling):
             lambda: torch.ops.mole_ext.grouped_lora_backward(gy, x, a, b, off, scaling, rs))
 
 
+def mole_ext_scalar_provider(x, a, b, off, rs, gy, expert, scaling):
+    if x.device.type != "cuda":
+        raise NotImplementedError("mole_ext_scalar: the vector-access switch exists for the CUDA kernels only")
+    from mole_ext import _C
+
+    def scalar(fn):
+        def run():
+            _C.set_grouped_lora_vectorized(False)
+            try:
+                return fn()
+            finally:
+                _C.set_grouped_lora_vectorized(True)
+        return run
+
+    fwd, bwd = mole_ext_provider(x, a, b, off, rs, gy, expert, scaling)
+    return scalar(fwd), scalar(bwd)
+
+
 def grouped_mm_provider(x, a, b, off, rs, gy, expert, scaling):
     ends = off[1:].contiguous()
     m = (scaling * rs).to(x.dtype)[:, None]
@@ -183,7 +203,8 @@ def mask_provider(x, a, b, off, rs, gy, expert, scaling):
     return fwd, bwd
 
 
-PROVIDERS: Dict[str, Callable] = {"mole_ext": mole_ext_provider, "grouped_mm": grouped_mm_provider,
+PROVIDERS: Dict[str, Callable] = {"mole_ext": mole_ext_provider, "mole_ext_scalar": mole_ext_scalar_provider,
+                                  "grouped_mm": grouped_mm_provider,
                                   "loop": loop_provider, "mask": mask_provider}
 
 
@@ -251,7 +272,7 @@ def main(argv=None):
     if device == "cpu":
         print(f"CPU run ({env['device']}): the CPU kernels at small float32 sizes; the GPU numbers come from "
               "bench/gpu_check.sh on a GPU machine. grouped_mm is CUDA-only.")
-        wanted = [p for p in wanted if p != "grouped_mm"]
+        wanted = [p for p in wanted if p not in ("grouped_mm", "mole_ext_scalar")]
     elif not hasattr(F, "grouped_mm"):
         print(f"torch {torch.__version__} has no torch.nn.functional.grouped_mm: that provider is skipped")
         wanted = [p for p in wanted if p != "grouped_mm"]

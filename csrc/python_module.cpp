@@ -12,6 +12,7 @@
 #include "core/routing_math.h"
 #ifdef MOLE_EXT_WITH_CUDA
 #include "cuda/error_flags.h"
+#include "cuda/tuning.h"
 #endif
 
 namespace py = pybind11;
@@ -184,6 +185,21 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_validate", []() {
 #ifdef MOLE_EXT_WITH_CUDA
     return mole_ext::cuda_errors::validate();
+#else
+    return false;
+#endif
+  });
+  m.def("set_grouped_lora_vectorized", [](bool on) {
+#ifdef MOLE_EXT_WITH_CUDA
+    mole_ext::tuning::set_grouped_lora_vectorized(on);
+#else
+    (void)on;
+#endif
+  }, "CUDA grouped_lora*: 16-byte global accesses where rows allow (default) or element accesses; "
+     "the results are identical.");
+  m.def("grouped_lora_vectorized", []() {
+#ifdef MOLE_EXT_WITH_CUDA
+    return mole_ext::tuning::grouped_lora_vectorized();
 #else
     return false;
 #endif

@@ -42,3 +42,17 @@ def test_index_math_binding_smoke():
     assert im.exclusive_scan([3, 0, 2]) == [0, 3, 3, 5]
     assert im.seg_tile([0, 5, 5, 12], 12, 4, 3) == (2, 5, 9)
     assert im.valid_offsets([0, 2, 2], 2) and not im.valid_offsets([0, 3, 2], 2)
+
+
+def test_grouped_lora_vector_access_switch_round_trips():
+    # the CUDA kernels' A/B switch (results identical either way; tests/test_cuda_grouped_lora.py)
+    if not _C.compiled_with_cuda():
+        assert _C.grouped_lora_vectorized() is False
+        return
+    assert _C.grouped_lora_vectorized() is True
+    _C.set_grouped_lora_vectorized(False)
+    try:
+        assert _C.grouped_lora_vectorized() is False
+    finally:
+        _C.set_grouped_lora_vectorized(True)
+    assert _C.grouped_lora_vectorized() is True

@@ -149,5 +149,21 @@ MOLE_HD WgradShape grad_a_shape(int64_t r, int64_t in) { return WgradShape{r, r,
 // dB_k [out, r] = dY_k^T Hs_k
 MOLE_HD WgradShape grad_b_shape(int64_t out, int64_t r) { return WgradShape{out, out, r, r}; }
 
+// ---- 16-byte vector access (tile loads and epilogues) ----
+// A row of a tile is moved in chunks of v = 16 / element-bytes elements. The chunk at column c0
+// (a multiple of v) of a row with cv valid columns holds vec_chunk_valid(c0, v, cv) of them: v
+// means one 16-byte access, 1..v-1 element by element (zero-filled), 0 nothing.
+MOLE_HD int vec_chunk_valid(int c0, int v, int cv) {
+  const int left = cv - c0;
+  return left <= 0 ? 0 : (left < v ? left : v);
+}
+
+// Whether every row of a matrix at byte address `addr` with a row stride of `ld` elements of
+// `elem_bytes` starts 16-byte aligned, so that chunks at multiples of 16 / elem_bytes columns (or
+// offsets along a row that are such multiples) can be read and written as 16-byte vectors.
+MOLE_HD bool vec16_rows(uint64_t addr, int64_t ld, int64_t elem_bytes) {
+  return addr % 16 == 0 && (ld * elem_bytes) % 16 == 0;
+}
+
 }  // namespace lora_tiles
 }  // namespace mole_ext

@@ -12,7 +12,11 @@
 //              fixed order. No float atomics anywhere: every result is bit-reproducible.
 // bf16 / fp16 multiply on tensor cores (nvcuda::wmma 16x16x16, fp32 accumulate); fp32 and fp64
 // use a SIMT inner product with the same tiling. MOLE_EXT_GROUPED_LORA_SIMT=1 forces the SIMT
-// path for bf16 / fp16 as well (a cross-check of the tensor-core path).
+// path for bf16 / fp16 as well (a cross-check of the tensor-core path). Global memory is read and
+// written in 16-byte vectors where every row of a matrix starts 16-byte aligned (tile loads of
+// row-contiguous operands, the epilogues); MOLE_EXT_GROUPED_LORA_SCALAR=1 or
+// mole_ext._C.set_grouped_lora_vectorized(False) turns that off (element accesses, the same
+// results bit for bit: a cross-check and an A/B switch for the benchmarks).
 //
 // Forward (y = scaling * row_scale * B_k (A_k x)):
 //   1. row_gemm<PARTIAL>: Hp[split] = X A_k^T over a piece of `in`          [splits, N, r] fp32
@@ -35,6 +39,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -42,6 +47,7 @@
 #include "../core/lora_tiles.h"
 #include "../ops.h"
 #include "common.cuh"
+#include "tuning.h"
 
 namespace mole_ext {
 namespace cuda {
@@ -123,9 +129,32 @@ struct TileSmem {
 
 // dst[r * LD + c] = src[r * s_r + c * s_c] for r < rv, c < cv, else 0. `c_fast`: consecutive
 // threads take consecutive c (coalesced when s_c == 1), else consecutive r (when s_r == 1).
+// `vec` (only with c_fast and s_c == 1; the host sets it when every source row starts 16-byte
+// aligned, lora_tiles::vec16_rows): 16-byte loads and stores of 16 / sizeof(S) elements, the
+// ragged end of a row element by element. The same values land in the same places either way.
 template <typename S, int R, int C, int LD>
 __device__ __forceinline__ void load_tile(S* __restrict__ dst, const S* __restrict__ src, int64_t s_r, int64_t s_c,
-                                          int rv, int cv, bool c_fast) {
+                                          int rv, int cv, bool c_fast, bool vec) {
+  constexpr int V = 16 / static_cast<int>(sizeof(S));
+  static_assert(C % V == 0 && (LD * sizeof(S)) % 16 == 0, "tile rows must hold whole 16-byte vectors");
+  if (vec && c_fast && s_c == 1) {
+    for (int idx = threadIdx.x; idx < R * (C / V); idx += kThreads) {
+      const int r = idx / (C / V), c0 = (idx % (C / V)) * V;
+      const int valid = r < rv ? lt::vec_chunk_valid(c0, V, cv) : 0;
+      const S* from = src + static_cast<int64_t>(r) * s_r + c0;
+      uint4 v;
+      if (valid == V) {
+        v = *reinterpret_cast<const uint4*>(from);
+      } else {
+        alignas(16) S part[V];
+#pragma unroll
+        for (int i = 0; i < V; ++i) part[i] = i < valid ? from[i] : zero_of<S>();
+        v = *reinterpret_cast<const uint4*>(part);
+      }
+      *reinterpret_cast<uint4*>(dst + r * LD + c0) = v;
+    }
+    return;
+  }
   for (int idx = threadIdx.x; idx < R * C; idx += kThreads) {
     const int r = c_fast ? idx / C : idx % R;
     const int c = c_fast ? idx % C : idx / R;
@@ -143,6 +172,7 @@ struct Operand {
   int64_t s_i;
   int64_t s_j;
   bool j_fast;
+  bool vec;  // 16-byte loads (load_tile)
 };
 
 // C[BM x BN] = sum_k A[m, k] B[k, n] over k in [0, klen), m < mv, n < nv (zero elsewhere),
@@ -170,8 +200,8 @@ __device__ __forceinline__ void block_mma(unsigned char* smem, const Operand<S>&
     wmma::fill_fragment(c[1], 0.0f);
     for (int64_t k0 = 0; k0 < klen; k0 += BK) {
       const int kv = static_cast<int>(klen - k0 < BK ? klen - k0 : BK);
-      load_tile<S, BM, BK, L::LDA>(sA, A.p + k0 * A.s_j, A.s_i, A.s_j, mv, kv, A.j_fast);
-      load_tile<S, BK, BN, L::LDB>(sB, B.p + k0 * B.s_i, B.s_i, B.s_j, kv, nv, B.j_fast);
+      load_tile<S, BM, BK, L::LDA>(sA, A.p + k0 * A.s_j, A.s_i, A.s_j, mv, kv, A.j_fast, A.vec);
+      load_tile<S, BK, BN, L::LDB>(sB, B.p + k0 * B.s_i, B.s_i, B.s_j, kv, nv, B.j_fast, B.vec);
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < BK; kk += 16) {
@@ -202,8 +232,8 @@ __device__ __forceinline__ void block_mma(unsigned char* smem, const Operand<S>&
     }
     for (int64_t k0 = 0; k0 < klen; k0 += BK) {
       const int kv = static_cast<int>(klen - k0 < BK ? klen - k0 : BK);
-      load_tile<S, BM, BK, L::LDA>(sA, A.p + k0 * A.s_j, A.s_i, A.s_j, mv, kv, A.j_fast);
-      load_tile<S, BK, BN, L::LDB>(sB, B.p + k0 * B.s_i, B.s_i, B.s_j, kv, nv, B.j_fast);
+      load_tile<S, BM, BK, L::LDA>(sA, A.p + k0 * A.s_j, A.s_i, A.s_j, mv, kv, A.j_fast, A.vec);
+      load_tile<S, BK, BN, L::LDB>(sB, B.p + k0 * B.s_i, B.s_i, B.s_j, kv, nv, B.j_fast, B.vec);
       __syncthreads();
 #pragma unroll 4
       for (int kk = 0; kk < BK; ++kk) {
@@ -243,6 +273,7 @@ struct RowGemmArgs {
   int64_t k_seg, n, ncols, klen, kchunk;
   void* out;           // kPartial: Acc [splits, N, ncols]; else S [N, ldo]
   int64_t ldo;
+  bool a_vec, b_vec, out_vec;  // 16-byte accesses to a, b, out (every row 16-byte aligned)
 };
 
 template <typename S, typename Acc, bool TC, Epi EPI>
@@ -255,11 +286,45 @@ __global__ void __launch_bounds__(kThreads) row_gemm_kernel(const RowGemmArgs<S>
   const int nv = static_cast<int>(p.ncols - n0 < BN ? p.ncols - n0 : BN);
   const int64_t kbeg = static_cast<int64_t>(blockIdx.z) * p.kchunk;
   const int64_t kend = kbeg + p.kchunk < p.klen ? kbeg + p.kchunk : p.klen;
-  const Operand<S> A{p.a + st.row_begin * p.lda + kbeg, p.lda, 1, /*j_fast=*/true};
+  const Operand<S> A{p.a + st.row_begin * p.lda + kbeg, p.lda, 1, /*j_fast=*/true, p.a_vec};
   const Operand<S> B{p.b + st.segment * p.b_seg + kbeg * p.b_sk + n0 * p.b_sn, p.b_sk, p.b_sn,
-                     /*j_fast=*/p.b_sn == 1};
+                     /*j_fast=*/p.b_sn == 1, p.b_vec && p.b_sn == 1};
   block_mma<S, Acc, TC>(smem, A, B, mv, nv, kend > kbeg ? kend - kbeg : 0);
   const Acc* sC = reinterpret_cast<const Acc*>(smem);
+  using OutT = std::conditional_t<EPI == Epi::kPartial, Acc, S>;
+  if (p.out_vec) {  // 16-byte chunks of a row: the same values as the loop below, fewer accesses
+    constexpr int V = 16 / static_cast<int>(sizeof(OutT));
+    static_assert(BN % V == 0, "an output tile row holds whole vectors");
+    for (int idx = threadIdx.x; idx < BM * (BN / V); idx += kThreads) {
+      const int m = idx / (BN / V), c0 = (idx % (BN / V)) * V;
+      const int valid = m < mv ? lt::vec_chunk_valid(c0, V, nv) : 0;
+      if (valid == 0) continue;
+      const int64_t row = st.row_begin + m;
+      OutT* o = EPI == Epi::kPartial
+                    ? static_cast<OutT*>(p.out) + (static_cast<int64_t>(blockIdx.z) * p.n + row) * p.ncols + n0 + c0
+                    : static_cast<OutT*>(p.out) + row * p.ldo + n0 + c0;
+      const Acc* c = sC + m * TileSmem<S, Acc>::LDC + c0;
+      alignas(16) OutT buf[V];
+      if (EPI == Epi::kAdd && valid == V) *reinterpret_cast<uint4*>(buf) = *reinterpret_cast<const uint4*>(o);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        if (i >= valid) break;
+        if constexpr (EPI == Epi::kPartial) {
+          buf[i] = c[i];
+        } else if constexpr (EPI == Epi::kStore) {
+          buf[i] = from_acc<S, Acc>(c[i]);
+        } else {
+          buf[i] = from_acc<S, Acc>(to_acc<Acc>(valid == V ? buf[i] : o[i]) + c[i]);
+        }
+      }
+      if (valid == V) {
+        *reinterpret_cast<uint4*>(o) = *reinterpret_cast<const uint4*>(buf);
+      } else {
+        for (int i = 0; i < valid; ++i) o[i] = buf[i];
+      }
+    }
+    return;
+  }
   for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
     const int m = idx / BN, c = idx % BN;
     if (m >= mv || c >= nv) continue;
@@ -286,6 +351,7 @@ struct WgradArgs {
   int64_t ldb;
   const int64_t* offsets;
   int64_t k_seg, n, chunk_rows, m_rows, ncols, n_tiles;
+  bool b_vec;       // 16-byte loads of b (every row 16-byte aligned)
   float* out_f;     // partials [chunks, M, ncols] in Acc (out_f or out_d)
   double* out_d;
 };
@@ -300,8 +366,8 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradArgs<S> p) {
   const int mv = static_cast<int>(p.m_rows - m0 < BM ? p.m_rows - m0 : BM);
   const int nv = static_cast<int>(p.ncols - n0 < BN ? p.ncols - n0 : BN);
   const int64_t rows = st.row_end - st.row_begin;  // 0 for an idle chunk: its partial is zeros
-  const Operand<S> A{p.a + st.row_begin * p.lda + m0, 1, p.lda, /*j_fast=*/false};
-  const Operand<S> B{p.b + st.row_begin * p.ldb + n0, p.ldb, 1, /*j_fast=*/true};
+  const Operand<S> A{p.a + st.row_begin * p.lda + m0, 1, p.lda, /*j_fast=*/false, /*vec=*/false};
+  const Operand<S> B{p.b + st.row_begin * p.ldb + n0, p.ldb, 1, /*j_fast=*/true, p.b_vec};
   block_mma<S, Acc, TC>(smem, A, B, mv, nv, rows > 0 ? rows : 0);
   const Acc* sC = reinterpret_cast<const Acc*>(smem);
   Acc* out = nullptr;
@@ -393,6 +459,12 @@ __global__ void __launch_bounds__(kOffsetThreads) prepare_offsets_kernel(const O
 
 // ---- host side ----
 
+// Every row of a [rows, ld] matrix of T at p starts 16-byte aligned, and vector accesses are on.
+template <typename T>
+bool vec_rows(const void* p, int64_t ld) {
+  return tuning::grouped_lora_vectorized() && lt::vec16_rows(reinterpret_cast<uint64_t>(p), ld, sizeof(T));
+}
+
 bool force_simt() {
   static const bool on = [] {
     const char* e = std::getenv("MOLE_EXT_GROUPED_LORA_SIMT");
@@ -464,6 +536,8 @@ RowGemmArgs<S> row_args(const lt::RowGemmShape& sh, const at::Tensor& left, cons
   a.ncols = sh.ncols;
   a.klen = sh.klen;
   a.kchunk = sh.klen;
+  a.a_vec = vec_rows<S>(a.a, a.lda);
+  a.b_vec = vec_rows<S>(a.b, a.b_sk) && (a.b_seg * static_cast<int64_t>(sizeof(S))) % 16 == 0;
   return a;
 }
 
@@ -496,6 +570,7 @@ at::Tensor shrink_partials(const Prepared& p, bool tc, int64_t* splits_out) {
   RowGemmArgs<S> a = row_args<S>(lt::shrink_shape(p.in, p.r), p.x, p.lora_a, p.offsets, p.k, p.n);
   a.kchunk = plan.chunk;
   a.out = hp.mutable_data_ptr();
+  a.out_vec = vec_rows<Acc>(a.out, a.ncols);
   launch_row_gemm<S, Acc, Epi::kPartial>(a, plan.splits, tc, p.stream);
   *splits_out = plan.splits;
   return hp;
@@ -507,6 +582,7 @@ void expand(const Prepared& p, const at::Tensor& hs, at::Tensor& y, bool tc) {
   RowGemmArgs<S> a = row_args<S>(lt::expand_shape(p.r, p.out), hs, p.lora_b, p.offsets, p.k, p.n);
   a.out = y.mutable_data_ptr();
   a.ldo = p.out;
+  a.out_vec = vec_rows<S>(a.out, a.ldo);
   launch_row_gemm<S, Acc, EPI>(a, 1, tc, p.stream);
 }
 
@@ -558,6 +634,7 @@ void weight_grad(const Prepared& p, const lt::WgradShape& sh, const at::Tensor& 
   a.m_rows = m_rows;
   a.ncols = ncols;
   a.n_tiles = index_math::ceil_div(ncols, BN);
+  a.b_vec = vec_rows<S>(a.b, a.ldb);
   if constexpr (std::is_same_v<Acc, double>) {
     a.out_d = part.mutable_data_ptr<double>();
   } else {
@@ -596,6 +673,7 @@ void backward_typed(const Prepared& p, const at::Tensor& gy, double scaling, at:
     RowGemmArgs<S> a = row_args<S>(lt::dy_b_shape(p.out, p.r), gy, p.lora_b, p.offsets, p.k, p.n);
     a.kchunk = plan.chunk;
     a.out = gp.mutable_data_ptr();
+    a.out_vec = vec_rows<Acc>(a.out, a.ncols);
     if (p.out == 0) {
       gp.zero_();  // an empty reduction: no block would write the partials
     } else {
@@ -616,6 +694,7 @@ void backward_typed(const Prepared& p, const at::Tensor& gy, double scaling, at:
     RowGemmArgs<S> a = row_args<S>(lt::dx_shape(p.r, p.in), dh, p.lora_a, p.offsets, p.k, p.n);
     a.out = grad_x.mutable_data_ptr();
     a.ldo = p.in;
+    a.out_vec = vec_rows<S>(a.out, a.ldo);
     if (accumulate_dx) {
       launch_row_gemm<S, Acc, Epi::kAdd>(a, 1, tc, p.stream);
     } else {
@@ -752,6 +831,21 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
 }
 
 }  // namespace cuda
+
+namespace tuning {
+namespace {
+std::atomic<bool>& vectorized_flag() {
+  static std::atomic<bool> on{[] {
+    const char* e = std::getenv("MOLE_EXT_GROUPED_LORA_SCALAR");
+    return !(e != nullptr && (std::strcmp(e, "1") == 0 || std::strcmp(e, "true") == 0));
+  }()};
+  return on;
+}
+}  // namespace
+
+void set_grouped_lora_vectorized(bool on) { vectorized_flag().store(on); }
+bool grouped_lora_vectorized() { return vectorized_flag().load(); }
+}  // namespace tuning
 
 TORCH_LIBRARY_IMPL(mole_ext, CUDA, m) {
   m.impl("grouped_lora", &cuda::grouped_lora_cuda);

@@ -280,7 +280,32 @@ static void test_emulated_forward_backward() {
   std::printf("lora_tiles: emulated kernel decomposition matches the formulas\n");
 }
 
+// Chunks of v elements cover exactly the valid columns [0, cv) of a C-wide tile row, each valid
+// column once, whatever cv; rows start 16-byte aligned exactly when the base and stride allow.
+void test_vec_chunks() {
+  for (int v : {2, 4, 8}) {
+    for (int c = v; c <= 64; c += v) {
+      for (int cv = -3; cv <= c + 3; ++cv) {
+        std::vector<int> hits(c, 0);
+        for (int c0 = 0; c0 < c; c0 += v) {
+          const int valid = lt::vec_chunk_valid(c0, v, cv);
+          EXPECT(valid >= 0 && valid <= v);
+          for (int i = 0; i < valid; ++i) ++hits[c0 + i];
+        }
+        for (int col = 0; col < c; ++col) EXPECT(hits[col] == (col < cv ? 1 : 0));
+      }
+    }
+  }
+  EXPECT(lt::vec16_rows(4096, 4096, 2));     // bf16, in = 4096
+  EXPECT(lt::vec16_rows(4096, 40, 2));       // 80-byte rows
+  EXPECT(!lt::vec16_rows(4096, 33, 2));      // 66-byte rows
+  EXPECT(!lt::vec16_rows(4098, 64, 2));      // base off by one element
+  EXPECT(lt::vec16_rows(0, 4, 4) && !lt::vec16_rows(0, 6, 4) && lt::vec16_rows(0, 2, 8));
+  std::printf("lora_tiles: vector chunks cover each valid column once\n");
+}
+
 int main() {
+  test_vec_chunks();
   test_emulated_forward_backward();
   test_exhaustive();
   test_ill_formed_stays_in_range();

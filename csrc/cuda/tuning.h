@@ -1,0 +1,15 @@
+// Host switches of the CUDA kernels, in plain C++ so python_module.cpp (built by the host
+// compiler) can expose them.
+#pragma once
+
+namespace mole_ext {
+namespace tuning {
+
+// grouped_lora*: 16-byte global loads / stores where rows are 16-byte aligned (on by default;
+// MOLE_EXT_GROUPED_LORA_SCALAR=1 turns it off at start-up). Results are identical either way;
+// the switch is for cross-checks and side-by-side benchmarks.
+void set_grouped_lora_vectorized(bool on);
+bool grouped_lora_vectorized();
+
+}  // namespace tuning
+}  // namespace mole_ext
