@@ -74,23 +74,25 @@ def cpu_configs(quick: bool) -> List[Config]:
 
 
 def make_inputs(cfg: Config, device: str):
+    """Random inputs drawn on the device itself (seeded): at N = 65536 a CPU draw of x and dY
+    (a billion elements) would take longer than timing every provider."""
     dt = getattr(torch, cfg.dtype)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
+    kw = {"generator": g, "device": device}
     if cfg.routing == "uniform":
-        expert = torch.randint(0, cfg.k, (cfg.n,), generator=g)
+        expert = torch.randint(0, cfg.k, (cfg.n,), **kw)
     else:  # 99% of the tokens on expert 0
-        expert = torch.where(torch.rand(cfg.n, generator=g) < 0.99, torch.zeros(cfg.n, dtype=torch.long),
-                             torch.randint(0, cfg.k, (cfg.n,), generator=g))
+        expert = torch.where(torch.rand(cfg.n, **kw) < 0.99, torch.zeros(cfg.n, dtype=torch.long, device=device),
+                             torch.randint(0, cfg.k, (cfg.n,), **kw))
     expert = expert.sort().values
     counts = torch.bincount(expert, minlength=cfg.k)
-    off = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32)
-    x = torch.randn(cfg.n, cfg.d_in, generator=g).to(dt)
-    a = (torch.randn(cfg.k, cfg.r, cfg.d_in, generator=g) * cfg.d_in ** -0.5).to(dt)
-    b = (torch.randn(cfg.k, cfg.d_out, cfg.r, generator=g) * cfg.r ** -0.5).to(dt)
-    rs = torch.rand(cfg.n, generator=g)
-    gy = torch.randn(cfg.n, cfg.d_out, generator=g).to(dt)
-    to = lambda t: t.to(device)
-    return to(x), to(a), to(b), to(off), to(rs), to(gy), to(expert)
+    off = torch.cat([torch.zeros(1, dtype=torch.long, device=device), counts.cumsum(0)]).to(torch.int32)
+    x = torch.randn(cfg.n, cfg.d_in, dtype=dt, **kw)
+    a = (torch.randn(cfg.k, cfg.r, cfg.d_in, **kw) * cfg.d_in ** -0.5).to(dt)
+    b = (torch.randn(cfg.k, cfg.d_out, cfg.r, **kw) * cfg.r ** -0.5).to(dt)
+    rs = torch.rand(cfg.n, **kw)
+    gy = torch.randn(cfg.n, cfg.d_out, dtype=dt, **kw)
+    return x, a, b, off, rs, gy, expert
 
 
 def bytes_moved(cfg: Config, mode: str) -> int:
@@ -301,6 +303,10 @@ def main(argv=None):
             nbytes = bytes_moved(cfg, mode)
             roof = nbytes / bw
             mole = q.get("mole_ext", {}).get("median")
+            # one line per case as it finishes, so a run cut short by a time cap still leaves its numbers
+            print(f"{mode} N={cfg.n} r={cfg.r} K={cfg.k} {cfg.routing}: " + ", ".join(
+                f"{name} {st['median'] * 1e6:.1f} us" for name, st in q.items()) + f"; roofline {roof * 1e6:.1f} us",
+                flush=True)
             for name, st in list(q.items()) + [("roofline", {"median": roof, "p20": roof, "p80": roof})]:
                 rows.append({
                     "bench": "grouped_gemm", "provider": name, "mode": mode, "N": cfg.n, "in": cfg.d_in,
