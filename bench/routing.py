@@ -67,11 +67,12 @@ def _elt(dtype: torch.dtype) -> int:
 def build_cases(cfg: Config, device: torch.device) -> List[Case]:
     dt = getattr(torch, cfg.dtype)
     n, k, d = cfg.n, cfg.k, cfg.d
-    g = torch.Generator(device="cpu").manual_seed(0)
-    expert = torch.randint(0, k, (n,), generator=g, dtype=torch.int32).to(device)
+    # drawn on the device (seeded): a CPU draw of [65536, 4096] rows takes seconds per tensor
+    g = torch.Generator(device=device).manual_seed(0)
+    expert = torch.randint(0, k, (n,), generator=g, dtype=torch.int32, device=device)
     cases: List[Case] = []
     if cfg.op == "router":
-        logits = torch.randn(n, k, generator=g).to(dt).to(device)
+        logits = torch.randn(n, k, generator=g, device=device).to(dt)
         probs, _ = mole_ext.ops.router_top1(logits)
         gp = torch.randn(n, k, device=device)
         fwd_bytes = n * k * _elt(dt) + n * k * 4 + n * 4
@@ -90,9 +91,9 @@ def build_cases(cfg: Config, device: torch.device) -> List[Case]:
                       Case("bwd", prov, lambda f=bwd: f(gp, probs), bwd_bytes),
                       Case("fwd+bwd", prov, fb(fwd), fwd_bytes + bwd_bytes + n * k * _elt(dt))]
     elif cfg.op == "permute":
-        x = torch.randn(n, d, generator=g).to(dt).to(device)
+        x = torch.randn(n, d, generator=g, device=device, dtype=dt)
         _, st, _ = mole_ext.ops.permute(x, expert, k)
-        gy = torch.randn(n, d, generator=g).to(dt).to(device)
+        gy = torch.randn(n, d, generator=g, device=device, dtype=dt)
         row_bytes = 2 * n * d * _elt(dt)
         leaf = x.clone().requires_grad_(True)
 
@@ -108,7 +109,7 @@ def build_cases(cfg: Config, device: torch.device) -> List[Case]:
                       Case("bwd", prov, lambda f=bwd: f(gy, st), row_bytes + n * 4),
                       Case("fwd+bwd", prov, fb(fwd), 2 * row_bytes + 3 * n * 4)]
     elif cfg.op == "unpermute":
-        y = torch.randn(n, d, generator=g).to(dt).to(device)
+        y = torch.randn(n, d, generator=g, device=device, dtype=dt)
         _, st, _ = mole_ext.ops.permute(y, expert, k)
         row_bytes = 2 * n * d * _elt(dt)
         for prov, fwd, bwd in (("mole_ext", torch.ops.mole_ext.unpermute, torch.ops.mole_ext.permute_rows),
@@ -116,8 +117,8 @@ def build_cases(cfg: Config, device: torch.device) -> List[Case]:
             cases += [Case("fwd", prov, lambda f=fwd: f(y, st), row_bytes + n * 4),
                       Case("bwd", prov, lambda f=bwd: f(y, st), row_bytes + n * 4)]
     elif cfg.op == "loss":
-        probs = torch.softmax(torch.randn(n, k, generator=g), -1).to(device)
-        mask = (torch.rand(n, generator=g) < 0.9).to(device)
+        probs = torch.softmax(torch.randn(n, k, generator=g, device=device), -1)
+        mask = torch.rand(n, generator=g, device=device) < 0.9
         gl = torch.tensor(1.0, device=device)
         fwd_bytes = n * k * 4 + n * 4 + n
         bwd_bytes = n * k * 4 + n * 4 + n
