@@ -133,21 +133,17 @@ def _compute_operands(z, proj: Projection):
     return cast(proj.weight), cast(proj.bias), cast(proj.lora_a), cast(proj.lora_b)
 
 
-def _lora_operands(dtype, proj: Projection, z):
-    """The LoRA operands in the dtype the base projection produced (the dense path)."""
-    return proj.lora_a.to(dtype), proj.lora_b.to(dtype), z.to(dtype)
-
-
 def _dense_projection(z, proj: Projection, probs, scaling, dropout, training):
     """Every expert on every row, weighted by probs[:, k]: the K experts run as K segments of a
     K-times replicated input through the same grouped kernel."""
     n, k = z.shape[0], proj.lora_a.shape[0]
-    base = F.linear(z, proj.weight, proj.bias)
+    weight, bias, a, b = _compute_operands(z, proj)
+    base = F.linear(z.to(weight.dtype), weight, bias)
     z_rep = z.repeat(k, 1)
     if dropout > 0:
         z_rep = F.dropout(z_rep, dropout, training)
     offsets = torch.arange(0, (k + 1) * n, n, dtype=torch.int32, device=z.device)
-    a, b, z_rep = _lora_operands(base.dtype, proj, z_rep)
+    z_rep = z_rep.to(weight.dtype)
     delta = ops.grouped_lora(z_rep, a, b, offsets, scaling, probs.t().reshape(-1))
     return base + delta.view(k, n, -1).sum(0)
 
