@@ -158,12 +158,5 @@ MOLE_HD int vec_chunk_valid(int c0, int v, int cv) {
   return left <= 0 ? 0 : (left < v ? left : v);
 }
 
-// Whether every row of a matrix at byte address `addr` with a row stride of `ld` elements of
-// `elem_bytes` starts 16-byte aligned, so that chunks at multiples of 16 / elem_bytes columns (or
-// offsets along a row that are such multiples) can be read and written as 16-byte vectors.
-MOLE_HD bool vec16_rows(uint64_t addr, int64_t ld, int64_t elem_bytes) {
-  return addr % 16 == 0 && (ld * elem_bytes) % 16 == 0;
-}
-
 }  // namespace lora_tiles
 }  // namespace mole_ext

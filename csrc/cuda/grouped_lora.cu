@@ -45,6 +45,7 @@
 #include <type_traits>
 
 #include "../core/lora_tiles.h"
+#include "../core/routing_math.h"
 #include "../ops.h"
 #include "common.cuh"
 #include "tuning.h"
@@ -130,7 +131,7 @@ struct TileSmem {
 // dst[r * LD + c] = src[r * s_r + c * s_c] for r < rv, c < cv, else 0. `c_fast`: consecutive
 // threads take consecutive c (coalesced when s_c == 1), else consecutive r (when s_r == 1).
 // `vec` (only with c_fast and s_c == 1; the host sets it when every source row starts 16-byte
-// aligned, lora_tiles::vec16_rows): 16-byte loads and stores of 16 / sizeof(S) elements, the
+// aligned, vec_rows below): 16-byte loads and stores of 16 / sizeof(S) elements, the
 // ragged end of a row element by element. The same values land in the same places either way.
 template <typename S, int R, int C, int LD>
 __device__ __forceinline__ void load_tile(S* __restrict__ dst, const S* __restrict__ src, int64_t s_r, int64_t s_c,
@@ -459,10 +460,13 @@ __global__ void __launch_bounds__(kOffsetThreads) prepare_offsets_kernel(const O
 
 // ---- host side ----
 
-// Every row of a [rows, ld] matrix of T at p starts 16-byte aligned, and vector accesses are on.
+// Every row of a [rows, ld] matrix of T at p starts 16-byte aligned (permute's row-copy rule,
+// routing_math::copy_vec_bytes), and vector accesses are on.
 template <typename T>
 bool vec_rows(const void* p, int64_t ld) {
-  return tuning::grouped_lora_vectorized() && lt::vec16_rows(reinterpret_cast<uint64_t>(p), ld, sizeof(T));
+  const auto addr = reinterpret_cast<uint64_t>(p);
+  return tuning::grouped_lora_vectorized() &&
+         routing_math::copy_vec_bytes(ld * static_cast<int64_t>(sizeof(T)), addr, addr) == 16;
 }
 
 bool force_simt() {
