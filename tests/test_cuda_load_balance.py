@@ -116,6 +116,13 @@ def test_loss_bad_expert(device, bad):
                      what="loss without the bad row")
         with pytest.raises(RuntimeError, match="load_balance_loss"):
             _C.cuda_check_errors(True)
+        # the backward treats the bad row as masked: the gradient of the loss computed above
+        grad = torch.ops.mole_ext.load_balance_loss_backward(torch.tensor(1.0, device=device), probs, expert, None)
+        masked = cpu_op("load_balance_loss_backward", torch.tensor(1.0), probs, expert.clamp(0, 2), keep)
+        assert_equal(grad, masked, what="gradient with the bad row masked")
+        assert torch.all(grad[10] == 0)
+        with pytest.raises(RuntimeError, match="load_balance_loss"):
+            _C.cuda_check_errors(True)
 
 
 def test_loss_bad_shapes_rejected(device):

@@ -8,8 +8,9 @@
 // computed per expert in float64 with the CPU's operation order and broadcast, so it is
 // bit-identical to the CPU kernel; the loss differs from it only by float64 summation order.
 //
-// Invalid expert ids (outside [0, K)): the row is left out of every sum (as if masked) and the
-// error is reported (common.cuh): raised in this call in validate mode, else lazily.
+// Invalid expert ids (outside [0, K)): the row is left out of every sum and its gradient row is
+// zero (as if masked), and the error is reported (common.cuh): raised in this call in validate
+// mode, else lazily.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -199,21 +200,24 @@ __global__ void __launch_bounds__(kLbThreads) lb_grad_col_kernel(const int64_t* 
   }
 }
 
-// grad [n, k] = col broadcast over rows, times mask[t] (in probs' dtype, as the CPU does).
-template <typename scalar_t>
+// grad [n, k] = col broadcast over rows, times mask[t] (in probs' dtype, as the CPU does). A row
+// with an invalid expert id is left out of the loss (as if masked), so its gradient is zero too.
+template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kLbThreads) lb_grad_kernel(const double* __restrict__ col,
-                                                             const bool* __restrict__ mask, int64_t n, int64_t k,
-                                                             scalar_t* __restrict__ out) {
+                                                             const bool* __restrict__ mask,
+                                                             const index_t* __restrict__ expert, int64_t n,
+                                                             int64_t k, scalar_t* __restrict__ out) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t total = n * k;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / k, c = i - r * k;
     const scalar_t v = static_cast<scalar_t>(col[c]);
-    if (mask == nullptr) {
+    const bool bad = rm::expert_bin(expert[r], k) == k;
+    if (mask == nullptr && !bad) {
       out[i] = v;
     } else {
-      const opmath_t mv = mask[r] ? opmath_t(1) : opmath_t(0);
+      const opmath_t mv = (!bad && (mask == nullptr || mask[r])) ? opmath_t(1) : opmath_t(0);
       out[i] = static_cast<scalar_t>(mv * static_cast<opmath_t>(v));
     }
   }
@@ -306,9 +310,12 @@ at::Tensor load_balance_loss_backward_cuda(const at::Tensor& grad_loss, const at
   const int64_t total = n * k;
   const int64_t grid = std::min<int64_t>(index_math::ceil_div(total, kLbThreads), 65536);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, probs_in.scalar_type(), "load_balance_loss_backward_cuda", [&] {
-    lb_grad_kernel<scalar_t><<<static_cast<unsigned>(grid), kLbThreads, 0, stream>>>(
-        col.const_data_ptr<double>(), mp, n, k, grad.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    using prob_t = scalar_t;
+    AT_DISPATCH_INDEX_TYPES(expert.scalar_type(), "load_balance_loss_backward_cuda", [&] {
+      lb_grad_kernel<prob_t, index_t><<<static_cast<unsigned>(grid), kLbThreads, 0, stream>>>(
+          col.const_data_ptr<double>(), mp, expert.const_data_ptr<index_t>(), n, k, grad.mutable_data_ptr<prob_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   end_op(device, stream);
   return grad;
