@@ -120,6 +120,7 @@ PYBIND11_MODULE(_C, m) {
     const rm::PermuteTiling t = rm::permute_tiling(n, k);
     return py::make_tuple(t.tile_tokens, t.num_tiles);
   });
+  im_mod.def("permute_uses_tiles", [](int64_t n, int64_t k) { return rm::permute_uses_tiles(n, k); });
   im_mod.def("hist_slot", &rm::hist_slot);
   im_mod.def("tile_tokens_range", [](int64_t n, int64_t tile_tokens, int64_t tile) {
     int64_t b = 0, e = 0;
@@ -163,6 +164,7 @@ PYBIND11_MODULE(_C, m) {
              py::arg("scan_threads") = 1024,
              "The CUDA permute's index algorithm run on the host: (sorted_token, offsets).");
   im_mod.attr("PERMUTE_MAX_TILE_EXPERTS") = rm::kPermuteMaxTileExperts;
+  im_mod.attr("PERMUTE_MAX_TILE_TOKENS") = rm::kPermuteMaxTileTokens;
   im_mod.attr("PERMUTE_MAX_HIST_ENTRIES") = rm::kPermuteMaxHistEntries;
 
   // Errors reported by CUDA kernels (csrc/cuda/common.cuh). No-ops without CUDA kernels.

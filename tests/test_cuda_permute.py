@@ -99,12 +99,13 @@ def test_permute_one_million_tokens(device, index_dtype):
     assert_equal(xr, x, "round trip (1M tokens)")
 
 
-def test_permute_large_tiles(device):
-    # K = 1024 with many tokens makes the tiles larger than the base 64 tokens (the histogram cap)
+@pytest.mark.parametrize("n,k,tiles", [(200_000, 256, True), (200_000, 1024, False), (3000, 1500, False)])
+def test_permute_large_tiles(device, n, k, tiles):
+    # Many experts with many tokens grow the tiles past the base 64 tokens (the histogram cap);
+    # past PERMUTE_MAX_TILE_TOKENS (and above 1024 experts) the permute sorts instead.
     gen = torch.Generator().manual_seed(4)
-    n, k = 200_000, 1024
     tile, _ = _C.index_math.permute_tiling(n, k)
-    assert tile > 64
+    assert tile > 64 and _C.index_math.permute_uses_tiles(n, k) == tiles
     expert = torch.randint(0, k, (n,), generator=gen)
     check_permute_against_cpu(torch.randn(n, 2, generator=gen).to(device), expert.to(device), k)
 
@@ -216,6 +217,11 @@ def test_permute_rows_bad_index(device):
         assert_equal(out[7], torch.zeros(4, device=device), "row of a bad index")
         with pytest.raises(RuntimeError, match="out of range"):
             _C.cuda_check_errors(True)
+        # rows of no bytes: nothing is copied, the bad index is still reported
+        for op in (torch.ops.mole_ext.permute_rows, torch.ops.mole_ext.unpermute):
+            op(torch.empty(8, 0, device=device), torch.tensor([0, 1, 2, 3, 4, 5, 6, 99], device=device))
+            with pytest.raises(RuntimeError, match="out of range"):
+                _C.cuda_check_errors(True)
 
 
 def test_permute_bad_shapes_rejected(device):

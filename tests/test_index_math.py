@@ -62,6 +62,16 @@ def test_permute_tiling(n, k):
     assert im.tile_tokens_range(n, tile, tiles) == (n, n)
 
 
+@pytest.mark.parametrize("n,k,tiles", [
+    (1 << 20, 8, True), (8 << 20, 8, True), (1 << 20, 64, True), (200_000, 256, True), (1, 1024, True),
+    (8 << 20, 64, False), (1 << 20, 256, False), (200_000, 1024, False), (5, 1025, False),
+])
+def test_permute_uses_tiles(n, k, tiles):
+    # the tile histogram while its tiles stay short (a warp walks a tile step by step), else the sort
+    assert im.permute_uses_tiles(n, k) == tiles
+    assert tiles == (k <= im.PERMUTE_MAX_TILE_EXPERTS and im.permute_tiling(n, k)[0] <= im.PERMUTE_MAX_TILE_TOKENS)
+
+
 def test_hist_slot_is_bin_major():
     tiles = 5
     slots = [im.hist_slot(b, t, tiles) for b in range(3) for t in range(tiles)]

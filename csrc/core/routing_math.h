@@ -76,6 +76,16 @@ MOLE_HD PermuteTiling permute_tiling(int64_t n, int64_t k) {
   return t;
 }
 
+// The tile histogram caps (k + 1) x tiles, so for many experts and many tokens its tiles grow and
+// only 65536 / (k + 1) warps walk them, each a dependent chain of 32-token steps (K = 1024 at
+// N = 1M: 63 warps of 521 steps). Past this many tokens per tile the stable device sort is used.
+constexpr int64_t kPermuteMaxTileTokens = 2048;
+
+// Whether permute sorts n tokens over k experts by the tile histogram (else by a device sort).
+MOLE_HD bool permute_uses_tiles(int64_t n, int64_t k) {
+  return k <= kPermuteMaxTileExperts && permute_tiling(n, k).tile_tokens <= kPermuteMaxTileTokens;
+}
+
 // Slot of (bin, tile) in the histogram. Bin-major, so one exclusive scan over the flat array
 // gives every (bin, tile) its first output row, in expert order and, inside an expert, in tile
 // (= token) order: that is what makes the permute stable.

@@ -1,7 +1,8 @@
 // CUDA kernels for permute / permute_rows / unpermute: a stable counting sort of tokens by expert
 // on the device, and row moves in both directions.
 //
-// permute (num_experts <= 1024), four launches, no host synchronisation, no atomics:
+// permute (rm::permute_uses_tiles: num_experts <= 1024 and tiles of at most 2048 tokens), four
+// launches, no host synchronisation, no atomics:
 //   1. tile_kernel<HIST>: one warp per tile of tile_tokens consecutive tokens counts the tile's
 //      tokens per bin (bin = expert id, or K for an invalid id) into hist[bin * tiles + tile].
 //   2. scan_kernel: one block turns hist into its exclusive scan (bin-major, so the running
@@ -14,7 +15,9 @@
 //      sequential scatter, hence sorted_token and offsets are bit-identical to it.
 //   4. move_rows_kernel: x_sorted[i] = x[sorted_token[i]], 16-byte accesses when the row size
 //      and both base addresses allow (any dtype: rows are moved as bytes, like the CPU memcpy).
-// num_experts > 1024: a stable device sort of the bins (at::sort), offsets by searchsorted.
+// Otherwise (num_experts > 1024, or so many tokens that the capped (K + 1) x tiles histogram would
+// leave few warps walking long tiles): a stable device sort of the bins (at::sort), offsets by
+// searchsorted. The 2048-token switch is reasoned, not measured (no GPU yet).
 //
 // Invalid expert ids (outside [0, num_experts)): never an out-of-bounds access. Their rows go to
 // bin K, after every valid row, in token order: sorted_token is still a permutation, x_sorted is
@@ -195,6 +198,17 @@ __global__ void __launch_bounds__(kCheckThreads) flag_bad_experts_kernel(const i
   if (rm::expert_bin(e, k) == k) report_error(slots, cuda_errors::kPermuteExpert, static_cast<int64_t>(e), t, k);
 }
 
+// Reports row indices outside [0, n) for rows of no bytes (d == 0), where no copy kernel runs to
+// notice them; the same report as move_rows_kernel's.
+template <typename index_t>
+__global__ void __launch_bounds__(kCheckThreads) flag_bad_rows_kernel(const index_t* __restrict__ idx, int64_t n,
+                                                                      ErrorSlots* slots, int error_kind) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= n) return;
+  const int64_t j = static_cast<int64_t>(idx[r]);
+  if (j < 0 || j >= n) report_error(slots, error_kind, j, r, n);
+}
+
 template <typename index_t, bool SCATTER>
 void launch_move_rows_typed(const at::Tensor& src, at::Tensor& dst, const index_t* idx, int64_t n,
                             ErrorSlots* slots, int error_kind, cudaStream_t stream) {
@@ -226,7 +240,15 @@ template <bool SCATTER>
 void move_rows(const at::Tensor& src, at::Tensor& dst, const at::Tensor& idx, ErrorSlots* slots, int error_kind,
                cudaStream_t stream) {
   const int64_t n = src.size(0);
-  if (n == 0 || src.size(1) == 0) return;
+  if (n == 0) return;
+  if (src.size(1) == 0) {  // nothing to move, but a bad index is still reported
+    AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "mole_ext_flag_bad_rows", [&] {
+      flag_bad_rows_kernel<index_t><<<static_cast<unsigned>(grid_for(n, kCheckThreads)), kCheckThreads, 0, stream>>>(
+          idx.const_data_ptr<index_t>(), n, slots, error_kind);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
   if (idx.scalar_type() == at::kInt) {
     launch_move_rows_typed<int32_t, SCATTER>(src, dst, idx.const_data_ptr<int32_t>(), n, slots, error_kind, stream);
   } else {
@@ -249,7 +271,7 @@ void check_permutation(const at::Tensor& idx, ErrorSlots* slots, int error_kind,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// sorted_token [n] int32 and offsets [k+1] int32 by the tile histogram (k <= 1024).
+// sorted_token [n] int32 and offsets [k+1] int32 by the tile histogram (rm::permute_uses_tiles).
 template <typename index_t>
 void sort_by_tiles(const index_t* expert, int64_t n, int64_t k, at::Tensor& sorted_token, at::Tensor& offsets,
                    ErrorSlots* slots, cudaStream_t stream) {
@@ -272,7 +294,7 @@ void sort_by_tiles(const index_t* expert, int64_t n, int64_t k, at::Tensor& sort
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The same by a stable device sort of the bins, for k > 1024.
+// The same by a stable device sort of the bins (k > 1024, or too many tokens per tile).
 template <typename index_t>
 void sort_by_device_sort(const at::Tensor& expert, int64_t n, int64_t k, at::Tensor& sorted_token,
                          at::Tensor& offsets, ErrorSlots* slots, cudaStream_t stream) {
@@ -308,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& x_
   ErrorSlots* slots = error_slots(device);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(expert.scalar_type(), "permute_cuda", [&] {
-    if (num_experts <= rm::kPermuteMaxTileExperts) {
+    if (rm::permute_uses_tiles(n, num_experts)) {
       sort_by_tiles<index_t>(expert.const_data_ptr<index_t>(), n, num_experts, sorted_token, offsets, slots, stream);
     } else {
       sort_by_device_sort<index_t>(expert, n, num_experts, sorted_token, offsets, slots, stream);
