@@ -88,7 +88,11 @@ build_cuda, cuda_reason = _cuda_decision(cuda_sources)
 debug = _truthy("DEBUG")
 
 opt = ["-O0", "-g"] if debug else ["-O3"]
-cxx_flags = opt + ["-fdiagnostics-color=always"]  # no -std: torch's headers pick C++20
+# no -std: each torch's BuildExtension adds the one its headers need (C++17 in 2.11, C++20 in 2.14;
+# so the sources must compile as C++17, which tests/compile_other_torch.py checks). -ffp-contract=off: g++ in C++ mode fuses a*b+c into an FMA
+# wherever the target has one (aarch64 hosts, -march flags), and the CPU routing kernels must stay
+# bit-identical to the CUDA ones, which round every product (__fmul_rn).
+cxx_flags = opt + ["-fdiagnostics-color=always", "-ffp-contract=off"]
 define_macros = [("TORCH_EXTENSION_NAME", "_C")]
 include_dirs = [os.path.join(ROOT, "csrc")]
 extra = {"cxx": cxx_flags}

@@ -57,6 +57,9 @@ void begin_op(int device);
 void end_op(int device, cudaStream_t stream);
 
 // The error path: plain stores (every writer of a flag writes the same 1), value before flag.
+// Several threads reporting the same kind at once may leave one's value next to another's
+// position in the message (the kind and the call are right); an atomic claim was not used because
+// atomics on mapped host memory are not portable across PCIe hosts.
 __device__ __forceinline__ void report_error(ErrorSlots* slots, int kind, int64_t value, int64_t where,
                                              int64_t bound) {
   volatile ErrorSlots* s = slots;

@@ -61,6 +61,7 @@ const char* kind_message(int kind) {
 // Reads and clears the slots of one device; raises if a flag was set. `synchronized`: the caller
 // has waited for the device (needed to read slots that live in device memory).
 void check_device(int device, bool synchronized) {
+  if (device < 0 || device >= kMaxDevices) return;  // never had slots (error_slots refuses it)
   ErrorSlots* s = nullptr;
   ErrorSlots* d = nullptr;
   bool mapped = true;
