@@ -114,6 +114,11 @@ def test_opcheck():
     up = torch.randn(17, 6)
     plain = [t.detach() for t in (x, a, b, rs)]  # the backward op itself is not differentiable
     torch.library.opcheck(torch.ops.mole_ext.grouped_lora_backward, (up, plain[0], plain[1], plain[2], off, 0.5, plain[3]))
+    # transposed (dense, non-contiguous) x and LoRA stacks: the kernels return contiguous gradients,
+    # and the fake kernel must say the same strides (torch.compile checks them)
+    xt, at_, bt = plain[0].t().contiguous().t(), plain[1].transpose(1, 2).contiguous().transpose(1, 2), \
+        plain[2].transpose(1, 2).contiguous().transpose(1, 2)
+    torch.library.opcheck(torch.ops.mole_ext.grouped_lora_backward, (up, xt, at_, bt, off, 0.5, plain[3]))
 
 
 def _bad(**kw):
@@ -324,6 +329,21 @@ def test_backward_add_out_bad_input(grad_x, grad_y, match):
                                           1.0, args["row_scale"])
 
 
+def test_in_place_ops_bump_the_version_counter():
+    # so a tensor autograd saved and one of these ops then changed makes the backward raise
+    x, a, b, off, rs = make(17, 3, 4, 8, 6, torch.float32, "cpu")
+    out, gx = torch.zeros(17, 6), torch.zeros(17, 8)
+    ops.grouped_lora_add_out(out, x, a, b, off, 0.5, rs)
+    torch.ops.mole_ext.grouped_lora_backward_add_out(gx, torch.randn(17, 6), x, a, b, off, 0.5, rs)
+    assert out._version == 1 and gx._version == 1
+    w = torch.randn(17, 6, requires_grad=True)
+    y = w.exp()  # saves its output
+    with torch.no_grad():
+        ops.grouped_lora_add_out(y, x, a, b, off, 0.5, rs)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 def test_backward_add_out_opcheck_and_no_double_backward():
     x, a, b, off, rs = make(17, 3, 4, 8, 6, torch.float32, "cpu")
     up = torch.randn(17, 6)
@@ -331,6 +351,9 @@ def test_backward_add_out_opcheck_and_no_double_backward():
                                                                             rs))
     torch.library.opcheck(torch.ops.mole_ext.grouped_lora_backward_add_out, (torch.randn(17, 8), up, x, a, b, off, 0.5,
                                                                             None))
+    at_, bt = a.transpose(1, 2).contiguous().transpose(1, 2), b.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.library.opcheck(torch.ops.mole_ext.grouped_lora_backward_add_out, (torch.randn(17, 8), up, x, at_, bt, off,
+                                                                            0.5, rs))
 
 
 # ---- lora_linear: base GEMM + grouped LoRA in one op ---------------------------------------------

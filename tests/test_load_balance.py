@@ -82,6 +82,10 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.mole_ext.load_balance_loss, (probs, expert, None))
     torch.library.opcheck(torch.ops.mole_ext.load_balance_loss_backward,
                           (torch.tensor(1.0), probs.detach(), expert, mask))
+    # a transposed (dense, non-contiguous) probs: the kernels return contiguous gradients, and the
+    # fake kernel must say the same strides (torch.compile checks them)
+    probs_t = torch.softmax(torch.randn(3, 17), 0).t()
+    torch.library.opcheck(torch.ops.mole_ext.load_balance_loss_backward, (torch.tensor(1.0), probs_t, expert, mask))
 
 
 @pytest.mark.parametrize("args,match", [

@@ -73,6 +73,9 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.mole_ext.router_top1, args)
     probs = torch.softmax(torch.randn(9, 3), -1)
     torch.library.opcheck(torch.ops.mole_ext.router_top1_backward, (torch.randn(9, 3), probs))
+    # transposed probs: contiguous gradient from the kernel and from the fake kernel alike
+    probs_t = torch.softmax(torch.randn(3, 9), 0).t()
+    torch.library.opcheck(torch.ops.mole_ext.router_top1_backward, (torch.randn(9, 3), probs_t))
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -88,7 +88,7 @@ def _(logits):
 
 @torch.library.register_fake("mole_ext::router_top1_backward")
 def _(grad_probs, probs):
-    return torch.empty_like(probs)
+    return torch.empty_like(probs, memory_format=torch.contiguous_format)
 
 
 def _router_setup(ctx, inputs, output):
@@ -200,7 +200,9 @@ def grouped_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, of
 
     For row i in segment k (offsets[k] <= i < offsets[k+1]):
     ``y[i] = scaling * row_scale[i] * lora_b[k] @ (lora_a[k] @ x[i])``, accumulated in float32
-    (float64 for float64).
+    (float64 for float64). The CUDA kernels round the scaled rank-r intermediate
+    ``scaling * row_scale[i] * (lora_a[k] @ x[i])`` to x's dtype once before the second product
+    (as PyTorch's bf16 / fp16 LoRA rounds ``lora_a @ x``); the CPU kernel keeps it in float32.
 
     Args:
         x: [N, in] float32 / bfloat16 / float16 / float64.
@@ -247,7 +249,9 @@ def _(out, x, lora_a, lora_b, offsets, scaling, row_scale):
 @torch.library.register_fake("mole_ext::grouped_lora_backward")
 def _(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale):
     grad_rs = (row_scale.new_empty(row_scale.shape) if row_scale is not None else x.new_empty((0,)))
-    return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b), grad_rs
+    c = torch.contiguous_format  # the kernels return contiguous gradients whatever the inputs' strides
+    return (torch.empty_like(x, memory_format=c), torch.empty_like(lora_a, memory_format=c),
+            torch.empty_like(lora_b, memory_format=c), grad_rs)
 
 
 def _grouped_setup(ctx, inputs, output):
@@ -290,7 +294,8 @@ def grouped_lora_backward_add_out(grad_x: torch.Tensor, grad_y: torch.Tensor, x:
 @torch.library.register_fake("mole_ext::grouped_lora_backward_add_out")
 def _(grad_x, grad_y, x, lora_a, lora_b, offsets, scaling, row_scale):
     grad_rs = (row_scale.new_empty(row_scale.shape) if row_scale is not None else x.new_empty((0,)))
-    return torch.empty_like(lora_a), torch.empty_like(lora_b), grad_rs
+    c = torch.contiguous_format
+    return torch.empty_like(lora_a, memory_format=c), torch.empty_like(lora_b, memory_format=c), grad_rs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +405,7 @@ def _(probs, expert, mask):
 
 @torch.library.register_fake("mole_ext::load_balance_loss_backward")
 def _(grad_loss, probs, expert, mask):
-    return torch.empty_like(probs)
+    return torch.empty_like(probs, memory_format=torch.contiguous_format)
 
 
 def _lb_setup(ctx, inputs, output):
