@@ -107,6 +107,8 @@ void check_grouped_lora(const at::Tensor& x, const at::Tensor& lora_a, const at:
   }
 }
 
+void mark_written(const at::Tensor& t) { t.unsafeGetTensorImpl()->bump_version(); }
+
 void check_grouped_lora_add_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
                                 const at::Tensor& lora_b, const at::Tensor& offsets,
                                 const std::optional<at::Tensor>& row_scale) {

@@ -34,6 +34,11 @@ void check_grouped_lora(const at::Tensor& x, const at::Tensor& lora_a, const at:
 void check_grouped_lora_add_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
                                 const at::Tensor& lora_b, const at::Tensor& offsets,
                                 const std::optional<at::Tensor>& row_scale);
+// Bumps the version counter of a tensor an op writes in place (the Tensor(a!) argument of the
+// *_add_out ops), as ATen's in-place ops do: autograd then refuses a backward through a saved
+// tensor that changed. PyTorch's autograd fallback for custom ops skips the ADInplaceOrView key
+// that would do it, so each backend's entry point calls this after its checks.
+void mark_written(const at::Tensor& t);
 // grad_x [N, in] of x's dtype on x's device, grad_y [N, out_features]; then check_grouped_lora.
 void check_grouped_lora_backward_add_out(const at::Tensor& grad_x, const at::Tensor& grad_y, const at::Tensor& x,
                                          const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& offsets,

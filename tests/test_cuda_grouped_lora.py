@@ -273,6 +273,18 @@ def test_bad_offsets_raise(device, bad):
                                                  rs.cuda())
 
 
+def test_bad_offsets_with_zero_rows_raise(device):
+    # N = 0 still checks the offsets (here the last is not N), as the CPU kernel does
+    x, a, b = torch.zeros(0, 8, device="cuda"), torch.randn(2, 4, 8, device="cuda"), torch.randn(2, 5, 4, device="cuda")
+    off = torch.tensor([0, 2, 0], dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="offsets must be non-decreasing"):
+        ops.grouped_lora(x, a, b, off, 1.0)
+    with pytest.raises(RuntimeError, match="offsets must be non-decreasing"):
+        ops.grouped_lora_add_out(torch.zeros(0, 5, device="cuda"), x, a, b, off, 1.0)
+    with pytest.raises(RuntimeError, match="offsets must be non-decreasing"):
+        torch.ops.mole_ext.grouped_lora_backward(torch.zeros(0, 5, device="cuda"), x, a, b, off, 1.0, None)
+
+
 def test_bad_offsets_lazy_mode(device):
     x, a, b, _, rs = make(9, 3, 4, 8, 5, torch.float32)
     off = torch.tensor([0, 7, 2, 9], dtype=torch.int32, device="cuda")
@@ -307,6 +319,21 @@ def test_backward_add_out_matches_cpu(device, n, k, kind, dtype, row_scale):
     strided = base_dx.t().contiguous().t().cuda()  # column-major grad_x
     ops.grouped_lora_backward_add_out(strided, *cuda_args(up, x, a, b, off), 0.75, None if rs is None else rs.cuda())
     assert_equal(strided, gx, "non-contiguous grad_x")
+
+
+@pytest.mark.parametrize("alias", ["x", "grad_y"])
+def test_backward_add_out_grad_x_sharing_memory_with_an_input(device, alias):
+    # grad_x may be x itself or grad_y itself (in = out here): the weight gradients read those
+    # before dX is written, so the results equal the CPU kernel's on the same aliasing
+    x, a, b, off, rs = make(97, 3, 8, D_IN, D_IN, torch.float32, kind="empty")
+    up = torch.randn(97, D_IN)
+    xc, upc = x.clone(), up.clone()
+    want = cpu_op("grouped_lora_backward_add_out", xc if alias == "x" else upc, upc, xc, a, b, off, 0.5, rs)
+    xd, upd = x.cuda(), up.cuda()
+    got = ops.grouped_lora_backward_add_out(xd if alias == "x" else upd, upd, xd, *cuda_args(a, b, off), 0.5, rs.cuda())
+    for g, w, name in zip(got, want, ("lora_a", "lora_b", "row_scale")):
+        close(g, w, torch.float32, f"grad {name} with grad_x = {alias}")
+    close(xd if alias == "x" else upd, xc if alias == "x" else upc, torch.float32, f"grad_x = {alias}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

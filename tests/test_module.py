@@ -152,8 +152,9 @@ def test_last_routing_and_balance_loss_train_router():
     assert m.router.weight.grad.abs().sum() > 0
 
 
-def test_zero_tokens_and_one_token():
-    m = randomise_lora(MoLEFFN(8, 12, 3, 2, 2.0))
+@pytest.mark.parametrize("routing", ["top1", "dense"])
+def test_zero_tokens_and_one_token(routing):
+    m = randomise_lora(MoLEFFN(8, 12, 3, 2, 2.0, routing=routing))
     y = m(torch.randn(0, 8, requires_grad=True))
     assert y.shape == (0, 8)
     y.sum().backward()
@@ -243,12 +244,13 @@ def test_every_trainable_parameter_gets_a_gradient_even_for_unused_experts():
             assert_equal(proj.lora_A.grad[e], torch.zeros_like(proj.lora_A.grad[e]))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("routing", ["top1", "dense"])
-def test_autocast_bf16_matches_reference_and_routes_in_float32(routing):
+def test_autocast_bf16_matches_reference_and_routes_in_float32(routing, device):
     """Mixed precision: float32 module under bf16 autocast (how Trainer runs bf16 on GPU)."""
-    m = randomise_lora(MoLEFFN(32, 48, 3, 8, 16.0, routing=routing))
-    x = torch.randn(2, 9, 32, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    m = randomise_lora(MoLEFFN(32, 48, 3, 8, 16.0, routing=routing)).to(device)
+    x = torch.randn(2, 9, 32).to(device).requires_grad_(True)
+    with torch.autocast(device, dtype=torch.bfloat16):
         y = m(x)
         y_ref, probs_ref, expert_ref = reference_forward(m, x.detach())
     assert y.dtype == torch.bfloat16
@@ -283,12 +285,12 @@ class SingleLoRAFFN(torch.nn.Module):
         return proj(F.silu(proj(x, "gate_proj")) * proj(x, "up_proj"), "down_proj")
 
 
-def saved_bytes_per_token(module, d, autocast=False, n1=64, n2=192):
+def saved_bytes_per_token(module, d, autocast=False, n1=64, n2=192, device="cpu"):
     """Bytes autograd saves for the backward per token: the difference of two token counts, so
     parameters (and their casts) cancel; each storage counts once however many nodes save it."""
     def measure(n):
         # An intermediate, as in a model: autocast caches its casts of leaves (not of intermediates).
-        x = torch.randn(n, d, requires_grad=True) * 1.0
+        x = torch.randn(n, d, device=device, requires_grad=True) * 1.0
         storages = {}
 
         def pack(t):
@@ -297,24 +299,25 @@ def saved_bytes_per_token(module, d, autocast=False, n1=64, n2=192):
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             module(x)
         return sum(storages.values())
 
     return (measure(n2) - measure(n1)) / (n2 - n1)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("gate_mode", ["prob", "none", "straight_through"])
-def test_saved_activations_at_most_single_lora_plus_routing_state(autocast, gate_mode):
+def test_saved_activations_at_most_single_lora_plus_routing_state(autocast, gate_mode, device):
     """Issue 4: a MoLE FFN saves no more for the backward than a single-LoRA FFN of the same
     rank, plus O(N K) routing state. One extra [N, d] tensor (x in token order next to x sorted,
     or a float32 copy of x for the router) is 4 d = 512 bytes per token here and fails this."""
     d, m, k = 128, 160, 4
-    mole = randomise_lora(MoLEFFN(d, m, k, 8, 16.0, gate_mode=gate_mode))
+    mole = randomise_lora(MoLEFFN(d, m, k, 8, 16.0, gate_mode=gate_mode)).to(device)
     single = SingleLoRAFFN(mole)
-    mole_b = saved_bytes_per_token(mole, d, autocast)
-    single_b = saved_bytes_per_token(single, d, autocast)
+    mole_b = saved_bytes_per_token(mole, d, autocast, device=device)
+    single_b = saved_bytes_per_token(single, d, autocast, device=device)
     routing_state = 8 * (k + 8)  # probs, expert, sorted_token, gate values and their indices, in 8-byte words
     assert mole_b <= single_b + routing_state, (mole_b, single_b)
     # and the measurement sees activations at all: at least the SwiGLU's [N, m] tensors

@@ -94,6 +94,7 @@ void grouped_lora_add_out_cpu(at::Tensor& out, const at::Tensor& x, const at::Te
                               const std::optional<at::Tensor>& row_scale) {
   const BelowAutograd below_autograd;
   check_grouped_lora_add_out(out, x, lora_a, lora_b, offsets, row_scale);
+  mark_written(out);
   if (out.scalar_type() == acc_type_for(x.scalar_type())) {  // float32 / float64: accumulate in place
     grouped_lora_acc(x, lora_a, lora_b, offsets, scaling, row_scale, &out);
   } else {  // add in the accumulation type, round once (what the CUDA epilogue does)
@@ -192,6 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_add_out_cpu
     const at::Tensor& lora_b, const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale) {
   const BelowAutograd below_autograd;
   check_grouped_lora_backward_add_out(grad_x, grad_y, x, lora_a, lora_b, offsets, row_scale);
+  mark_written(grad_x);
   const auto acc = acc_type_for(x.scalar_type());
   at::Tensor sum = grad_x.scalar_type() == acc ? grad_x : grad_x.to(acc);  // float32 / float64: in place
   auto [gx, ga, gb, grs] = grouped_lora_backward_acc(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale, &sum);

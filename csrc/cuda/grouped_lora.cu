@@ -23,8 +23,9 @@
 //   2. finish_h: Hs = dtype(m_i * sum_split Hp), m_i = scaling * row_scale[i]   [N, r] x's dtype
 //   3. row_gemm<STORE | ADD>: y (+)= Hs B_k^T                                 [N, out]
 // Backward: H again (1.), G = dY B_k (row_gemm<PARTIAL> split over out); finish_bwd gives
-// dH = m_i G, Hs = m_i H and d row_scale[i] = scaling <G_i, H_i>; then dX = dH A_k (row_gemm),
-// dA_k = dH_k^T X_k and dB_k = dY_k^T Hs_k (wgrad + wgrad_reduce).
+// dH = m_i G, Hs = m_i H and d row_scale[i] = scaling <G_i, H_i>; then dA_k = dH_k^T X_k and
+// dB_k = dY_k^T Hs_k (wgrad + wgrad_reduce), and last dX = dH A_k (row_gemm: last, so that an
+// accumulating grad_x may share memory with x or grad_y, as the CPU kernel allows).
 // Rounding: Hs and dH are rounded once to the input dtype before the second GEMM (PyTorch's
 // bf16 LoRA rounds the same intermediates), everything else accumulates in fp32 (fp64 for fp64).
 //
@@ -693,6 +694,10 @@ void backward_typed(const Prepared& p, const at::Tensor& gy, double scaling, at:
       reinterpret_cast<S*>(dh.mutable_data_ptr()), reinterpret_cast<S*>(hs.mutable_data_ptr()),
       grad_rs.numel() ? grad_rs.mutable_data_ptr<Acc>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // dA_k = dH_k^T X_k  [r, in];  dB_k = dY_k^T Hs_k  [out, r]. Before dX: grad_x may share
+  // memory with x or grad_y (the CPU kernel allows it), and these read both.
+  weight_grad<S, Acc>(p, lt::grad_a_shape(p.r, p.in), dh, p.x, grad_a, tc);
+  weight_grad<S, Acc>(p, lt::grad_b_shape(p.out, p.r), gy, hs, grad_b, tc);
   // dX (+)= dH A_k; accumulating, the sum with the base path's dX is rounded once in the epilogue
   {
     RowGemmArgs<S> a = row_args<S>(lt::dx_shape(p.r, p.in), dh, p.lora_a, p.offsets, p.k, p.n);
@@ -705,9 +710,6 @@ void backward_typed(const Prepared& p, const at::Tensor& gy, double scaling, at:
       launch_row_gemm<S, Acc, Epi::kStore>(a, 1, tc, p.stream);
     }
   }
-  // dA_k = dH_k^T X_k  [r, in];  dB_k = dY_k^T Hs_k  [out, r]
-  weight_grad<S, Acc>(p, lt::grad_a_shape(p.r, p.in), dh, p.x, grad_a, tc);
-  weight_grad<S, Acc>(p, lt::grad_b_shape(p.out, p.r), gy, hs, grad_b, tc);
 }
 
 void check_cuda_inputs(const at::Tensor& x) { MOLE_CHECK_CUDA_TENSOR(x, "x"); }
@@ -724,9 +726,8 @@ at::Tensor grouped_lora_cuda(const at::Tensor& x, const at::Tensor& lora_a, cons
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   begin_op(x.get_device());
   at::Tensor y = at::empty({x.size(0), lora_b.size(1)}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (x.size(0) == 0) return y;
-  const Prepared p = prepare(x, lora_a, lora_b, offsets, row_scale);
-  run_forward(p, scaling, y, /*accumulate=*/false);
+  const Prepared p = prepare(x, lora_a, lora_b, offsets, row_scale);  // checks the offsets, also for N = 0
+  if (x.size(0) > 0) run_forward(p, scaling, y, /*accumulate=*/false);
   end_op(p.device, p.stream);
   return y;
 }
@@ -737,11 +738,15 @@ void grouped_lora_add_out_cuda(at::Tensor& out, const at::Tensor& x, const at::T
                                const std::optional<at::Tensor>& row_scale) {
   const BelowAutograd below_autograd;
   check_grouped_lora_add_out(out, x, lora_a, lora_b, offsets, row_scale);
+  mark_written(out);
   check_cuda_inputs(x);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   begin_op(x.get_device());
-  if (x.size(0) == 0) return;
-  const Prepared p = prepare(x, lora_a, lora_b, offsets, row_scale);
+  const Prepared p = prepare(x, lora_a, lora_b, offsets, row_scale);  // checks the offsets, also for N = 0
+  if (x.size(0) == 0) {
+    end_op(p.device, p.stream);
+    return;
+  }
   if (out.is_contiguous()) {
     run_forward(p, scaling, out, /*accumulate=*/true);
   } else {
@@ -769,12 +774,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_into(at::Tensor& grad_x,
   at::Tensor grad_a = at::empty(lora_a.sizes(), lora_a.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor grad_b = at::empty(lora_b.sizes(), lora_b.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor grad_rs = at::empty({row_scale.has_value() ? n : 0}, x.options().dtype(acc));
+  const Prepared p = prepare(x, lora_a, lora_b, offsets, row_scale);  // checks the offsets, also for N = 0
   if (n == 0) {
     grad_a.zero_();
     grad_b.zero_();
+    end_op(p.device, p.stream);
     return {grad_a, grad_b, grad_rs.to(rs_t)};
   }
-  const Prepared p = prepare(x, lora_a, lora_b, offsets, row_scale);
   const at::Tensor gy = grad_y.to(x.scalar_type()).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_lora_backward_cuda", [&] {
     using S = typename Native<scalar_t>::type;
@@ -813,6 +819,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_add_out_cud
     const at::Tensor& lora_b, const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale) {
   const BelowAutograd below_autograd;
   check_grouped_lora_backward_add_out(grad_x, grad_y, x, lora_a, lora_b, offsets, row_scale);
+  mark_written(grad_x);
   check_cuda_inputs(x);
   if (grad_x.is_contiguous()) {
     return backward_into(grad_x, /*accumulate_dx=*/true, grad_y, x, lora_a, lora_b, offsets, scaling, row_scale);

@@ -142,10 +142,10 @@ def _dense_projection(z, proj: Projection, probs, scaling, dropout, training):
     z_rep = z.repeat(k, 1)
     if dropout > 0:
         z_rep = F.dropout(z_rep, dropout, training)
-    offsets = torch.arange(0, (k + 1) * n, n, dtype=torch.int32, device=z.device)
+    offsets = torch.arange(k + 1, dtype=torch.int32, device=z.device) * n  # (a step of n fails for n = 0)
     z_rep = z_rep.to(weight.dtype)
     delta = ops.grouped_lora(z_rep, a, b, offsets, scaling, probs.t().reshape(-1))
-    return base + delta.view(k, n, -1).sum(0)
+    return base + delta.view(k, n, delta.shape[-1]).sum(0)
 
 
 def mole_ffn(x: torch.Tensor, router_weight: torch.Tensor, router_bias: Optional[torch.Tensor],
