@@ -310,6 +310,13 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+def test_cuda_rng_states_in_device_order():
+    # saved as torch_cuda_0 .. torch_cuda_11: string order would put 10 and 11 before 2
+    tensors = {f"torch_cuda_{i}": torch.full((2,), i, dtype=torch.uint8) for i in range(12)}
+    tensors["torch_cpu"] = torch.zeros(3, dtype=torch.uint8)
+    assert [int(t[0]) for t in ck.cuda_rng_states(tensors)] == list(range(12))
+
+
 def test_corrupt_or_mismatched_checkpoint_refused(trained, tmp_path):
     import shutil
 

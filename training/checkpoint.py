@@ -97,12 +97,19 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
+def cuda_rng_states(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The saved CUDA generator states in device order (torch_cuda_0, 1, ..., 10: numeric, not
+    string, order)."""
+    keys = [k for k in tensors if k.startswith("torch_cuda_")]
+    return [tensors[k] for k in sorted(keys, key=lambda k: int(k[len("torch_cuda_"):]))]
+
+
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     torch.random.set_rng_state(tensors["torch_cpu"])
     if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
+        cuda = cuda_rng_states(tensors)[: torch.cuda.device_count()]  # a resume may see fewer GPUs
+        for i, st in enumerate(cuda):
+            torch.cuda.set_rng_state(st, i)
     kind, pos, has_gauss, gauss = meta["numpy"]
     np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
     v, st, g = meta["python"]
