@@ -6,7 +6,8 @@ permute (tile path, the sort path for K > 1024, int32 and int64 ids, 16-byte and
 a bad id in lazy mode), permute_rows / unpermute (and their validate-mode permutation check),
 load_balance_loss forward and backward (both partial-kernel layouts, with and without mask),
 grouped_lora / grouped_lora_add_out / grouped_lora_backward(_add_out) / lora_linear (tensor-core bf16 / fp16 and SIMT
-fp32 / fp64 kernels, split and unsplit reductions, an empty expert, bad offsets in lazy mode).
+fp32 / fp64 kernels, split and unsplit reductions, an empty expert, 16-byte and element accesses,
+a misaligned base, bad offsets in lazy mode).
 Exits non-zero when a result differs from the CPU kernel, so a wrong answer under the sanitizer
 is caught too.
 """
@@ -41,6 +42,7 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     ok = True
 
+    print("-- router", flush=True)  # section markers: a run cut by a time cap shows where it was
     # router: K = 3 (register kernel), K = 100 (generic); bf16 and fp64
     for k, dt in ((3, torch.bfloat16), (100, torch.float32), (20, torch.float64)):
         logits = torch.randn(70, k, generator=g).to(dt)
@@ -51,6 +53,7 @@ def main() -> int:
         ok &= same(ops.router_top1_backward(gp.to(dev), cp.to(dev)), ops.router_top1_backward(gp, cp),
                    f"router backward k={k}")
 
+    print("-- permute", flush=True)
     # permute: tile path (int32 ids, 16-byte rows), sort path (int64 ids, 6-byte rows)
     for n, k, d, dt, it in ((300, 5, 64, torch.bfloat16, torch.int32), (200, 1500, 3, torch.float16, torch.int64)):
         x = torch.randn(n, d, generator=g).to(dt)
@@ -81,6 +84,7 @@ def main() -> int:
     except RuntimeError:
         pass
 
+    print("-- load_balance_loss", flush=True)
     # load balance: k < threads / 2 (shared combine) and k >= threads / 2 (whole columns)
     for n, k, masked in ((500, 4, True), (90, 300, False)):
         probs = torch.softmax(torch.randn(n, k, generator=g), -1)
@@ -94,7 +98,11 @@ def main() -> int:
                    ops.load_balance_loss_backward(gl, probs, ex, mask), f"loss backward k={k}")
 
     # grouped LoRA: every kernel (shrink partials, finish, expand store / add, G partials, dX,
-    # weight-gradient partials and reduction, offsets check) per dtype; n = 2 splits the reduction
+    # weight-gradient partials and reduction, offsets check) per dtype; n = 2 splits the reduction.
+    # d_in = 320 / d_out = 72 rows are 16-byte aligned in every dtype (the vectorised loads and
+    # epilogues), d_in = 300 in bf16 / fp16 is not (element accesses); "misaligned": x starts one
+    # element into its storage (the host's fallback to element accesses); "scalar": the vector
+    # switch off (mole_ext._C.set_grouped_lora_vectorized(False)).
     def close(a, b, what, tol):
         a, b = a.detach().cpu().double(), b.detach().cpu().double()
         ok_ = torch.allclose(a, b, rtol=tol, atol=tol * (b.abs().max().item() + 1e-12))
@@ -102,9 +110,24 @@ def main() -> int:
             print(f"MISMATCH: {what} (max abs err {(a - b).abs().max().item():.3e})", flush=True)
         return ok_
 
-    for n, dt, tol in ((70, torch.bfloat16, 3e-2), (2, torch.float16, 5e-3), (70, torch.float32, 1e-4),
-                       (70, torch.float64, 1e-10)):
-        k, r, d_in, d_out = 3, 8, 300, 72
+    def to_dev(t, misaligned):
+        if not misaligned:
+            return t.to(dev)
+        flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=dev)
+        view = flat[1:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    cases = [(70, torch.bfloat16, 3e-2, 320, ""), (70, torch.bfloat16, 3e-2, 300, ""),
+             (2, torch.float16, 5e-3, 320, ""), (70, torch.float16, 5e-3, 320, "misaligned"),
+             (70, torch.bfloat16, 3e-2, 320, "scalar"), (70, torch.float32, 1e-4, 300, ""),
+             (70, torch.float64, 1e-10, 300, "")]
+    for n, dt, tol, d_in, variant in cases:
+        print(f"-- grouped_lora n={n} {dt} d_in={d_in} {variant}", flush=True)
+        _C.set_grouped_lora_vectorized(variant != "scalar")
+        mis = variant == "misaligned"
+        k, r, d_out = 3, 8, 72
+        tag = f"{dt} d_in={d_in} {variant}"
         off = torch.tensor([0, n // 2, n // 2, n], dtype=torch.int32)  # expert 1 empty
         x = torch.randn(n, d_in, generator=g).to(dt)
         a = (torch.randn(k, r, d_in, generator=g) / d_in ** 0.5).to(dt)
@@ -113,29 +136,31 @@ def main() -> int:
         gy = torch.randn(n, d_out, generator=g).to(dt)
         base_dx = torch.randn(n, d_in, generator=g).to(dt)
         cpu = (x, a, b, off)
-        dev_args = [t.to(dev) for t in cpu]
-        ok &= close(ops.grouped_lora(*dev_args, 0.5, rs.to(dev)), ops.grouped_lora(*cpu, 0.5, rs), f"grouped_lora {dt}", tol)
+        dev_args = [to_dev(x, mis), a.to(dev), b.to(dev), off.to(dev)]
+        ok &= close(ops.grouped_lora(*dev_args, 0.5, rs.to(dev)), ops.grouped_lora(*cpu, 0.5, rs), f"grouped_lora {tag}",
+                    tol)
         base = torch.randn(n, d_out, generator=g).to(dt)
-        out_d, out_c = base.to(dev), base.clone()
+        out_d, out_c = to_dev(base, mis), base.clone()
         ops.grouped_lora_add_out(out_d, *dev_args, 0.5, rs.to(dev))
         ops.grouped_lora_add_out(out_c, *cpu, 0.5, rs)
-        ok &= close(out_d, out_c, f"grouped_lora_add_out {dt}", tol)
-        got = ops.grouped_lora_backward(gy.to(dev), *dev_args, 0.5, rs.to(dev))
+        ok &= close(out_d, out_c, f"grouped_lora_add_out {tag}", tol)
+        got = ops.grouped_lora_backward(to_dev(gy, mis), *dev_args, 0.5, rs.to(dev))
         want = ops.grouped_lora_backward(gy, *cpu, 0.5, rs)
         for u, v, w in zip(got, want, ("grad_x", "grad_a", "grad_b", "grad_row_scale")):
-            ok &= close(u, v, f"grouped_lora_backward {w} {dt}", tol)
-        gx_d, gx_c = base_dx.to(dev), base_dx.clone()  # the dX epilogue that adds onto the base path's dX
+            ok &= close(u, v, f"grouped_lora_backward {w} {tag}", tol)
+        gx_d, gx_c = to_dev(base_dx, mis), base_dx.clone()  # the dX epilogue that adds onto the base path's dX
         got_acc = ops.grouped_lora_backward_add_out(gx_d, gy.to(dev), *dev_args, 0.5, rs.to(dev))
         want_acc = ops.grouped_lora_backward_add_out(gx_c, gy, *cpu, 0.5, rs)
-        ok &= close(gx_d, gx_c, f"grouped_lora_backward_add_out grad_x {dt}", tol)
+        ok &= close(gx_d, gx_c, f"grouped_lora_backward_add_out grad_x {tag}", tol)
         for u, v, w in zip(got_acc, want_acc, ("grad_a", "grad_b", "grad_row_scale")):
-            ok &= close(u, v, f"grouped_lora_backward_add_out {w} {dt}", tol)
+            ok &= close(u, v, f"grouped_lora_backward_add_out {w} {tag}", tol)
         w_base = (torch.randn(d_out, d_in, generator=g) / d_in ** 0.5).to(dt)
         ok &= close(ops.lora_linear(dev_args[0], w_base.to(dev), None, *dev_args[1:], 0.5, rs.to(dev)),
-                    ops.lora_linear(x, w_base, None, a, b, off, 0.5, rs), f"lora_linear {dt}", tol)
+                    ops.lora_linear(x, w_base, None, a, b, off, 0.5, rs), f"lora_linear {tag}", tol)
         if int((got[1][1] != 0).sum()) or int((got[2][1] != 0).sum()):
-            print(f"MISMATCH: nonzero weight gradient of the empty expert ({dt})", flush=True)
+            print(f"MISMATCH: nonzero weight gradient of the empty expert ({tag})", flush=True)
             ok = False
+    _C.set_grouped_lora_vectorized(True)
     bad = torch.tensor([0, 9, 3, 20], dtype=torch.int32, device=dev)  # decreasing: reported, no OOB access
     ops.grouped_lora(torch.randn(20, 16, device=dev), torch.randn(3, 4, 16, device=dev),
                      torch.randn(3, 8, 4, device=dev), bad, 1.0, None)
