@@ -5,12 +5,15 @@ Providers (all with the same frozen base SwiGLU FFN and trainable LoRA of rank r
                LoRA, unpermute once)
   single_lora  one plain LoRA per projection (PyTorch Linear + LoRA, what PEFT does)
   expert_loop  the released LLaVA-MoLE code's style: a Python loop over experts in token order
-               (mole_ext.reference.mole_ffn)
+               (mole_ext.reference.mole_ffn: the LoRA math in float32, the readable oracle)
+  expert_loop_native  the same loop in the model's dtype (bf16 on CUDA: no float32 copies of the
+               rows, LoRA GEMMs on tensor cores), deltas added in place: the cheaper loop, and the
+               one the overhead target is judged against whenever it is the faster of the two
   dense        every expert on every token, weighted by the router (MoLEFFN routing="dense")
   base         the frozen FFN without any LoRA (the floor every provider sits above)
 
 Columns: median / p20 / p80 ms, ratio to single_lora, overhead above the frozen base in ms
-and as a share of the expert loop's overhead (the issue's target: mole_ext at most 1/3 at K = 8),
+and as a share of the faster expert loop's overhead (the issue's target: mole_ext at most 1/3 at K = 8),
 and the activations each provider saves for its backward (MiB, parameters excluded; the issue's
 rule: mole_ext no more than single_lora plus O(N) routing state).
 
@@ -77,6 +80,32 @@ class SingleLoRAFFN(nn.Module):
         return proj(h, "down", self.base.down_proj)
 
 
+def native_expert_loop(mole: MoLEFFN):
+    """The per-expert loop in the model's dtype: top-1 routing in float32 (as MoLEFFN's), then
+    per projection the base linear and, for each expert, its rows' LoRA added in place."""
+    def proj(z, p, expert, gate):
+        out = F.linear(z, p.weight, p.bias)
+        for k in range(p.lora_A.shape[0]):
+            idx = (expert == k).nonzero().squeeze(1)  # a host sync per expert, as in the released code
+            if idx.numel():
+                zk = z[idx]
+                delta = F.linear(F.linear(zk, p.lora_A[k]), p.lora_B[k]) * (gate[idx, None] * mole.scaling)
+                out.index_add_(0, idx, delta)
+        return out
+
+    def forward(t):
+        x2 = t.reshape(-1, t.shape[-1])
+        logits = F.linear(x2.float(), mole.router.weight.float(),
+                          None if mole.router.bias is None else mole.router.bias.float())
+        probs = logits.softmax(-1)
+        p_top, expert = probs.max(-1)
+        gate = p_top.to(t.dtype)
+        h = F.silu(proj(x2, mole.gate_proj, expert, gate)) * proj(x2, mole.up_proj, expert, gate)
+        return proj(h, mole.down_proj, expert, gate).reshape(t.shape)
+
+    return forward
+
+
 def make_providers(cfg: Config, device: str):
     torch.manual_seed(0)
     mole = MoLEFFN(cfg.d, cfg.m, cfg.k, cfg.r, 2.0 * cfg.r, dtype=cfg.dtype, device=device)
@@ -93,6 +122,7 @@ def make_providers(cfg: Config, device: str):
         "single_lora": single,
         "expert_loop": lambda t: ref.mole_ffn(t, mole.router.weight, mole.router.bias, proj(mole.gate_proj),
                                               proj(mole.up_proj), proj(mole.down_proj), mole.scaling)[0],
+        "expert_loop_native": native_expert_loop(mole),
         "dense": dense,
         "base": lambda t: ref.base_ffn(t, mole.gate_proj.weight, mole.up_proj.weight, mole.down_proj.weight),
     }
@@ -160,7 +190,10 @@ def main(argv=None):
                                          reps=reps)
         q = {name: harness.quantiles(t) for name, t in times.items()}
         base, single = q["base"]["median"], q["single_lora"]["median"]
-        loop_overhead = q["expert_loop"]["median"] - base
+        loop_overhead = min(q["expert_loop"]["median"], q["expert_loop_native"]["median"]) - base
+        # one line per configuration as it finishes: a run cut short by a time cap still leaves numbers
+        print(f"N={cfg.n} d={cfg.d} m={cfg.m} r={cfg.r} K={cfg.k}: " + ", ".join(
+            f"{name} {st['median'] * 1e3:.3f} ms" for name, st in q.items()), flush=True)
         for name, stats in q.items():
             rows.append({
                 "bench": "mole_ffn", "provider": name, "N": cfg.n, "d": cfg.d, "m": cfg.m, "r": cfg.r, "K": cfg.k,
@@ -168,7 +201,7 @@ def main(argv=None):
                 "p20_ms": stats["p20"] * 1e3, "p80_ms": stats["p80"] * 1e3,
                 "vs_single_lora": stats["median"] / single,
                 "overhead_vs_base_ms": (stats["median"] - base) * 1e3,
-                # this provider's overhead above the frozen base, as a share of the expert loop's
+                # this provider's overhead above the frozen base, as a share of the faster loop's
                 "overhead_vs_loop": (stats["median"] - base) / loop_overhead if loop_overhead > 0 else None,
                 "speedup_mole_ext": stats["median"] / q["mole_ext"]["median"],
                 "saved_MiB": saved[name],
@@ -178,7 +211,8 @@ def main(argv=None):
             "overhead_vs_base_ms", "overhead_vs_loop", "speedup_mole_ext", "saved_MiB", "saved_vs_single_lora"]
     harness.print_table(rows, cols)
     worst = max(r["vs_single_lora"] for r in rows if r["provider"] == "mole_ext")
-    slower_than_loop = [r["K"] for r in rows if r["provider"] == "expert_loop" and r["speedup_mole_ext"] < 1]
+    slower_than_loop = sorted({r["K"] for r in rows if r["provider"] in ("expert_loop", "expert_loop_native")
+                               and r["speedup_mole_ext"] < 1})
     target = 1.10 if device == "cpu" else 1.05
     verdict = (f"mole_ext / single_lora worst {worst:.3f} (target <= {target}): {'MET' if worst <= target else 'MISSED'}; "
                f"slower than the expert loop at K = {slower_than_loop or 'none'}")

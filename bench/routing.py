@@ -81,6 +81,7 @@ def build_cases(cfg: Config, device: torch.device) -> List[Case]:
 
         def fb(fn):
             def run():
+                leaf.grad = None  # else autograd accumulates into it: traffic the bytes do not count
                 p, _ = fn(leaf)
                 p.backward(gp)
             return run
@@ -99,6 +100,7 @@ def build_cases(cfg: Config, device: torch.device) -> List[Case]:
 
         def fb(fn):
             def run():
+                leaf.grad = None
                 xs = fn(leaf, expert, k)[0]
                 xs.backward(gy)
             return run
