@@ -40,7 +40,7 @@ def torch_headers(version: str, cache: str) -> str:
     """include/ of torch==version, downloaded and unpacked once under cache."""
     dest = os.path.join(cache, f"torch-{version}")
     inc = os.path.join(dest, "torch", "include")
-    if os.path.isdir(os.path.join(inc, "ATen")):
+    if os.path.isdir(os.path.join(inc, "ATen")) and os.path.isfile(os.path.join(dest, CPP_EXTENSION)):
         return inc
     os.makedirs(cache, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
@@ -48,11 +48,23 @@ def torch_headers(version: str, cache: str) -> str:
                         f"torch=={version}", "-d", tmp], check=True)
         (wheel,) = glob.glob(os.path.join(tmp, "torch-*.whl"))
         with zipfile.ZipFile(wheel) as z:
-            members = [m for m in z.namelist() if m.startswith("torch/include/") or m == "torch/version.py"]
+            members = [m for m in z.namelist()
+                       if m.startswith("torch/include/") or m in ("torch/version.py", CPP_EXTENSION)]
             z.extractall(os.path.join(tmp, "x"), members)
         shutil.rmtree(dest, ignore_errors=True)
         os.rename(os.path.join(tmp, "x"), dest)
     return inc
+
+
+CPP_EXTENSION = "torch/utils/cpp_extension.py"
+
+
+def default_std(inc: str) -> str:
+    """The -std that release's BuildExtension adds when setup.py passes none (as ours does):
+    c++17 up to at least 2.11, whatever its headers could take."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(inc)), CPP_EXTENSION)) as f:
+        found = re.findall(r"cpp_flag_prefix \+ '(c\+\+\d+)'", f.read())
+    return f"-std={found[0]}" if found else "-std=c++17"
 
 
 def gencode(archs: str):
@@ -87,14 +99,15 @@ def main(argv=None) -> int:
                 os.path.join(cuda_home, "include"), sysconfig.get_paths()["include"]]
     common = ["-O3", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C", "-DMOLE_EXT_WITH_CUDA=1"] + \
         [f"-I{d}" for d in includes]
-    # the flags setup.py passes (no -std: torch's headers need C++20, which torch's build adds)
-    cxx = ["c++", "-fPIC", "-std=c++20", *common]
+    # the flags setup.py passes, and the -std that release's build adds (setup.py passes none)
+    std = default_std(inc)
+    cxx = ["c++", "-fPIC", std, "-ffp-contract=off", *common]
     cu = [nvcc, *common, "--expt-relaxed-constexpr", "--expt-extended-lambda", "-U__CUDA_NO_HALF_OPERATORS__",
           "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "--compiler-options", "-fPIC",
-          "-std=c++20", "-Xptxas=-v", *gencode(args.archs)]
+          std, "-Xptxas=-v", *gencode(args.archs)]
     sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
                      + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-    print(f"compiling {len(sources)} sources against torch {args.torch} headers ({version_line}), "
+    print(f"compiling {len(sources)} sources against torch {args.torch} headers ({version_line}), {std}, "
           f"archs {args.archs}, {args.jobs} jobs", flush=True)
 
     def compile_one(src):
