@@ -102,7 +102,8 @@ def main() -> int:
     # d_in = 320 / d_out = 72 rows are 16-byte aligned in every dtype (the vectorised loads and
     # epilogues), d_in = 300 in bf16 / fp16 is not (element accesses); "misaligned": x starts one
     # element into its storage (the host's fallback to element accesses); "scalar": the vector
-    # switch off (mole_ext._C.set_grouped_lora_vectorized(False)).
+    # switch off (mole_ext._C.set_grouped_lora_vectorized(False)); "nopipe": 16-byte accesses but the
+# plain main loop instead of the cp.async pipeline (mole_ext._C.set_grouped_lora_pipelined(False)).
     def close(a, b, what, tol):
         a, b = a.detach().cpu().double(), b.detach().cpu().double()
         ok_ = torch.allclose(a, b, rtol=tol, atol=tol * (b.abs().max().item() + 1e-12))
@@ -120,11 +121,13 @@ def main() -> int:
 
     cases = [(70, torch.bfloat16, 3e-2, 320, ""), (70, torch.bfloat16, 3e-2, 300, ""),
              (2, torch.float16, 5e-3, 320, ""), (70, torch.float16, 5e-3, 320, "misaligned"),
-             (70, torch.bfloat16, 3e-2, 320, "scalar"), (70, torch.float32, 1e-4, 300, ""),
+             (70, torch.bfloat16, 3e-2, 320, "scalar"), (70, torch.bfloat16, 3e-2, 320, "nopipe"),
+             (70, torch.float32, 1e-4, 300, ""),
              (70, torch.float64, 1e-10, 300, "")]
     for n, dt, tol, d_in, variant in cases:
         print(f"-- grouped_lora n={n} {dt} d_in={d_in} {variant}", flush=True)
         _C.set_grouped_lora_vectorized(variant != "scalar")
+        _C.set_grouped_lora_pipelined(variant != "nopipe")
         mis = variant == "misaligned"
         k, r, d_out = 3, 8, 72
         tag = f"{dt} d_in={d_in} {variant}"
@@ -161,6 +164,7 @@ def main() -> int:
             print(f"MISMATCH: nonzero weight gradient of the empty expert ({tag})", flush=True)
             ok = False
     _C.set_grouped_lora_vectorized(True)
+    _C.set_grouped_lora_pipelined(True)
     bad = torch.tensor([0, 9, 3, 20], dtype=torch.int32, device=dev)  # decreasing: reported, no OOB access
     ops.grouped_lora(torch.randn(20, 16, device=dev), torch.randn(3, 4, 16, device=dev),
                      torch.randn(3, 8, 4, device=dev), bad, 1.0, None)

@@ -5,6 +5,8 @@ Providers:
   mole_ext     torch.ops.mole_ext.grouped_lora / grouped_lora_backward (segment map on the device)
   mole_ext_scalar  the same kernels with element instead of 16-byte global accesses
                (mole_ext._C.set_grouped_lora_vectorized(False)): the A/B of that choice; CUDA only
+  mole_ext_unpipelined  16-byte accesses, but the plain main loop (load, barrier, multiply)
+               instead of the cp.async pipeline (mole_ext._C.set_grouped_lora_pipelined(False)); CUDA only
   grouped_mm   torch.nn.functional.grouped_mm (PyTorch's CUTLASS grouped GEMM; CUDA, bf16 only)
   loop         a Python loop over experts (host-synchronising offsets.tolist(), one GEMM pair each)
   mask         all experts then mask: one GEMM against the K stacked LoRA matrices, the rows'
@@ -206,7 +208,26 @@ def mask_provider(x, a, b, off, rs, gy, expert, scaling):
     return fwd, bwd
 
 
+def mole_ext_unpipelined_provider(x, a, b, off, rs, gy, expert, scaling):
+    if x.device.type != "cuda":
+        raise NotImplementedError("mole_ext_unpipelined: the pipeline switch exists for the CUDA kernels only")
+    from mole_ext import _C
+
+    def plain(fn):
+        def run():
+            _C.set_grouped_lora_pipelined(False)
+            try:
+                return fn()
+            finally:
+                _C.set_grouped_lora_pipelined(True)
+        return run
+
+    fwd, bwd = mole_ext_provider(x, a, b, off, rs, gy, expert, scaling)
+    return plain(fwd), plain(bwd)
+
+
 PROVIDERS: Dict[str, Callable] = {"mole_ext": mole_ext_provider, "mole_ext_scalar": mole_ext_scalar_provider,
+                                  "mole_ext_unpipelined": mole_ext_unpipelined_provider,
                                   "grouped_mm": grouped_mm_provider,
                                   "loop": loop_provider, "mask": mask_provider}
 
@@ -281,7 +302,7 @@ def main(argv=None):
     if device == "cpu":
         print(f"CPU run ({env['device']}): the CPU kernels at small float32 sizes; the GPU numbers come from "
               "bench/gpu_check.sh on a GPU machine. grouped_mm is CUDA-only.")
-        wanted = [p for p in wanted if p not in ("grouped_mm", "mole_ext_scalar")]
+        wanted = [p for p in wanted if p not in ("grouped_mm", "mole_ext_scalar", "mole_ext_unpipelined")]
     elif not hasattr(F, "grouped_mm"):
         print(f"torch {torch.__version__} has no torch.nn.functional.grouped_mm: that provider is skipped")
         wanted = [p for p in wanted if p != "grouped_mm"]

@@ -206,4 +206,19 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   });
+  m.def("set_grouped_lora_pipelined", [](bool on) {
+#ifdef MOLE_EXT_WITH_CUDA
+    mole_ext::tuning::set_grouped_lora_pipelined(on);
+#else
+    (void)on;
+#endif
+  }, "CUDA grouped_lora*, bf16 / fp16: the cp.async pipelined main loop where rows allow (default) or "
+     "the plain one; the results are identical.");
+  m.def("grouped_lora_pipelined", []() {
+#ifdef MOLE_EXT_WITH_CUDA
+    return mole_ext::tuning::grouped_lora_pipelined();
+#else
+    return false;
+#endif
+  });
 }

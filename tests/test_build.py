@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import mole_ext
@@ -44,15 +45,17 @@ def test_index_math_binding_smoke():
     assert im.valid_offsets([0, 2, 2], 2) and not im.valid_offsets([0, 3, 2], 2)
 
 
-def test_grouped_lora_vector_access_switch_round_trips():
-    # the CUDA kernels' A/B switch (results identical either way; tests/test_cuda_grouped_lora.py)
+@pytest.mark.parametrize("switch", ["vectorized", "pipelined"])
+def test_grouped_lora_switches_round_trip(switch):
+    # the CUDA kernels' A/B switches (results identical either way; tests/test_cuda_grouped_lora.py)
+    get, put = getattr(_C, f"grouped_lora_{switch}"), getattr(_C, f"set_grouped_lora_{switch}")
     if not _C.compiled_with_cuda():
-        assert _C.grouped_lora_vectorized() is False
+        assert get() is False
         return
-    assert _C.grouped_lora_vectorized() is True
-    _C.set_grouped_lora_vectorized(False)
+    assert get() is True
+    put(False)
     try:
-        assert _C.grouped_lora_vectorized() is False
+        assert get() is False
     finally:
-        _C.set_grouped_lora_vectorized(True)
-    assert _C.grouped_lora_vectorized() is True
+        put(True)
+    assert get() is True

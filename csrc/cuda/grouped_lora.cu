@@ -16,7 +16,10 @@
 // written in 16-byte vectors where every row of a matrix starts 16-byte aligned (tile loads of
 // row-contiguous operands, the epilogues); MOLE_EXT_GROUPED_LORA_SCALAR=1 or
 // mole_ext._C.set_grouped_lora_vectorized(False) turns that off (element accesses, the same
-// results bit for bit: a cross-check and an A/B switch for the benchmarks).
+// results bit for bit: a cross-check and an A/B switch for the benchmarks). With vector accesses,
+// the bf16 / fp16 row GEMMs run a cp.async pipelined main loop (block_mma_pipelined, sm_80+; the
+// same products in the same order, so again identical results; set_grouped_lora_pipelined(False)
+// or MOLE_EXT_GROUPED_LORA_NO_PIPELINE=1 turns it off).
 //
 // Forward (y = scaling * row_scale * B_k (A_k x)):
 //   1. row_gemm<PARTIAL>: Hp[split] = X A_k^T over a piece of `in`          [splits, N, r] fp32
@@ -261,6 +264,155 @@ __device__ __forceinline__ void block_mma(unsigned char* smem, const Operand<S>&
   }
 }
 
+// ---- the pipelined main loop (16-bit types on tensor cores, sm_80+) ----
+//
+// block_mma above loads a k-step's tiles, waits at a barrier, multiplies, and only then loads the
+// next: the memory system idles while the tensor cores work and the other way round. This
+// variant keeps kStages k-steps in flight with cp.async (global -> shared without registers,
+// zero-filled past the valid bytes), so a block's next tiles arrive while it multiplies. It
+// needs both operands in 16-byte row chunks (every row 16-byte aligned: the host's vec_rows) and
+// takes the right operand in its stored layout: n-major rows ("B col": element (k, n) at
+// p[n * s_j + k], k contiguous; lora_a in the shrink, lora_b in the expand) through wmma's
+// col_major fragments, or k-major rows ("B row": k * s_i + n, n contiguous; lora_b in G, lora_a in
+// dX) through row_major ones. The multiplications are block_mma's, in the same order, on the
+// same zero-filled tiles: the results are identical bit for bit (a CUDA test checks it).
+
+constexpr int kStages = 3;
+enum Pipe : int { kPipeNone = 0, kPipeBRow = 1, kPipeBCol = 2 };
+
+template <typename S>
+struct PipeSmem {
+  static constexpr int LDA = BK + 8;                 // A stage [BM][LDA]
+  static constexpr int LDB_ROW = BN + 8;             // B row stage [BK][LDB_ROW]
+  static constexpr int LDB_COL = BK + 8;             // B col stage [BN][LDB_COL]
+  static constexpr size_t kA = sizeof(S) * BM * LDA;
+  static constexpr size_t kB = sizeof(S) * (BK * LDB_ROW > BN * LDB_COL ? BK * LDB_ROW : BN * LDB_COL);
+  static constexpr size_t kStage = kA + kB;
+  static constexpr size_t kC = sizeof(float) * BM * (BN + 4);  // the epilogue's tile (TileSmem's LDC)
+  static constexpr size_t kBytes = kStages * kStage > kC ? kStages * kStage : kC;
+  static_assert(kA % 128 == 0 && kStage % 128 == 0, "stages keep 128-byte alignment");
+  static_assert((sizeof(S) * LDA) % 16 == 0 && (sizeof(S) * LDB_ROW) % 16 == 0 && (sizeof(S) * LDB_COL) % 16 == 0,
+                "16-byte chunks land 16-byte aligned");
+  static_assert((sizeof(S) * 16 * LDA) % 32 == 0 && (sizeof(S) * 16 * LDB_ROW) % 32 == 0 &&
+                    (sizeof(S) * 16 * LDB_COL) % 32 == 0,
+                "fragment pointers stay 32-byte aligned");
+  static_assert(kBytes <= 48 * 1024, "static shared memory limit");
+};
+
+// 16 bytes global -> shared, asynchronously; bytes past src_bytes (0..16) are zero-filled and not
+// read. Both addresses 16-byte aligned. Without sm_80 (or in a host-side emulation of the
+// kernels) a synchronous copy with the same effect.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
+#else
+  unsigned char* o = static_cast<unsigned char*>(dst);
+  const unsigned char* i = static_cast<const unsigned char*>(src);
+  for (int b = 0; b < 16; ++b) o[b] = b < src_bytes ? i[b] : static_cast<unsigned char>(0);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// dst[r * LD + c] = src[r * s_r + c] for r < rv, c < cv, else 0, in 16-byte chunks (rows of src
+// 16-byte aligned), asynchronously. A chunk with nothing valid reads nothing (its source address
+// is the tile's first row, which exists).
+template <typename S, int R, int C, int LD>
+__device__ __forceinline__ void async_tile(S* __restrict__ dst, const S* __restrict__ src, int64_t s_r, int rv,
+                                           int cv) {
+  constexpr int V = 16 / static_cast<int>(sizeof(S));
+  static_assert(C % V == 0, "tile rows hold whole 16-byte chunks");
+  for (int idx = threadIdx.x; idx < R * (C / V); idx += kThreads) {
+    const int r = idx / (C / V), c0 = (idx % (C / V)) * V;
+    const int valid = r < rv ? lt::vec_chunk_valid(c0, V, cv) : 0;
+    const S* from = valid > 0 ? src + static_cast<int64_t>(r) * s_r + c0 : src;
+    cp_async16(dst + r * LD + c0, from, valid * static_cast<int>(sizeof(S)));
+  }
+}
+
+// block_mma<S, float, true> with the kStages cp.async pipeline. A: element (m, k) at
+// A.p[m * A.s_i + k]; B as PIPE says (B row: B.p[k * B.s_i + n]; B col: B.p[n * B.s_j + k]).
+// Leaves C in shared memory (ld TileSmem<S, float>::LDC) like block_mma. Every thread of the
+// block must call it.
+template <typename S, int PIPE>
+__device__ __forceinline__ void block_mma_pipelined(unsigned char* smem, const Operand<S>& A, const Operand<S>& B,
+                                                    int mv, int nv, int64_t klen) {
+  using P = PipeSmem<S>;
+  using L = TileSmem<S, float>;
+  namespace wmma = nvcuda::wmma;
+  constexpr bool kBCol = PIPE == kPipeBCol;
+  using BLayout = std::conditional_t<kBCol, wmma::col_major, wmma::row_major>;
+  const int warp = threadIdx.x / kWarp;
+  const int fm = warp % 4;         // fragment row of this warp (as block_mma)
+  const int fn0 = (warp / 4) * 2;  // its two fragment columns
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2];
+  wmma::fill_fragment(c[0], 0.0f);
+  wmma::fill_fragment(c[1], 0.0f);
+  const int64_t steps = index_math::ceil_div(klen, static_cast<int64_t>(BK));
+  auto stage_a = [&](int64_t t) { return reinterpret_cast<S*>(smem + (t % kStages) * P::kStage); };
+  auto stage_b = [&](int64_t t) { return reinterpret_cast<S*>(smem + (t % kStages) * P::kStage + P::kA); };
+  // Issues k-step t's tiles (nothing past the last step) and commits a group either way, so that
+  // "at most kStages - 2 groups in flight" always means "step t's tiles have landed".
+  auto issue = [&](int64_t t) {
+    if (t < steps) {
+      const int64_t k0 = t * BK;
+      const int kv = static_cast<int>(klen - k0 < BK ? klen - k0 : BK);
+      async_tile<S, BM, BK, P::LDA>(stage_a(t), A.p + k0, A.s_i, mv, kv);
+      if constexpr (kBCol) {
+        async_tile<S, BN, BK, P::LDB_COL>(stage_b(t), B.p + k0, B.s_j, nv, kv);
+      } else {
+        async_tile<S, BK, BN, P::LDB_ROW>(stage_b(t), B.p + k0 * B.s_i, B.s_i, kv, nv);
+      }
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) issue(t);
+  for (int64_t t = 0; t < steps; ++t) {
+    cp_async_wait<kStages - 2>();
+    // step t's tiles are visible to every thread, and every thread is done with step t - 1,
+    // whose stage the next issue overwrites
+    __syncthreads();
+    issue(t + kStages - 1);
+    const S* sa = stage_a(t);
+    const S* sb = stage_b(t);
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, S, wmma::row_major> fa;
+      wmma::load_matrix_sync(fa, sa + fm * 16 * P::LDA + kk, P::LDA);
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, S, BLayout> fb;
+        if constexpr (kBCol) {
+          wmma::load_matrix_sync(fb, sb + (fn0 + q) * 16 * P::LDB_COL + kk, P::LDB_COL);
+        } else {
+          wmma::load_matrix_sync(fb, sb + kk * P::LDB_ROW + (fn0 + q) * 16, P::LDB_ROW);
+        }
+        wmma::mma_sync(c[q], fa, fb, c[q]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every stage consumed (and no copy in flight) before sC overwrites them
+  float* sC = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    wmma::store_matrix_sync(sC + fm * 16 * L::LDC + (fn0 + q) * 16, c[q], L::LDC, wmma::mem_row_major);
+  }
+  __syncthreads();
+}
+
 // ---- row_gemm: output rows are segment rows ----
 
 enum class Epi { kPartial, kStore, kAdd };
@@ -276,11 +428,22 @@ struct RowGemmArgs {
   void* out;           // kPartial: Acc [splits, N, ncols]; else S [N, ldo]
   int64_t ldo;
   bool a_vec, b_vec, out_vec;  // 16-byte accesses to a, b, out (every row 16-byte aligned)
+  int pipe;                    // Pipe: the cp.async main loop and b's layout for it, or kPipeNone
 };
 
-template <typename S, typename Acc, bool TC, Epi EPI>
+// Shared memory of a row_gemm block (PipeSmem is instantiated for the pipelined 16-bit kernels only).
+template <typename S, typename Acc, int PIPE>
+constexpr size_t row_gemm_smem() {
+  if constexpr (PIPE == kPipeNone) {
+    return TileSmem<S, Acc>::kBytes;
+  } else {
+    return PipeSmem<S>::kBytes;
+  }
+}
+
+template <typename S, typename Acc, bool TC, Epi EPI, int PIPE = kPipeNone>
 __global__ void __launch_bounds__(kThreads) row_gemm_kernel(const RowGemmArgs<S> p) {
-  __shared__ __align__(128) unsigned char smem[TileSmem<S, Acc>::kBytes];
+  __shared__ __align__(128) unsigned char smem[row_gemm_smem<S, Acc, PIPE>()];
   const lt::SegTile st = lt::seg_tile(p.offsets, p.k_seg, p.n, BM, static_cast<int64_t>(blockIdx.x));
   if (st.row_begin >= st.row_end) return;  // idle tile: the whole block leaves before any barrier
   const int mv = static_cast<int>(st.row_end - st.row_begin);
@@ -291,7 +454,16 @@ __global__ void __launch_bounds__(kThreads) row_gemm_kernel(const RowGemmArgs<S>
   const Operand<S> A{p.a + st.row_begin * p.lda + kbeg, p.lda, 1, /*j_fast=*/true, p.a_vec};
   const Operand<S> B{p.b + st.segment * p.b_seg + kbeg * p.b_sk + n0 * p.b_sn, p.b_sk, p.b_sn,
                      /*j_fast=*/p.b_sn == 1, p.b_vec && p.b_sn == 1};
-  block_mma<S, Acc, TC>(smem, A, B, mv, nv, kend > kbeg ? kend - kbeg : 0);
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  constexpr bool kPipelined = PIPE != kPipeNone && TC && kIs16Bit<S> && std::is_same_v<Acc, float>;
+#else
+  constexpr bool kPipelined = false;  // no cp.async before sm_80 (the host never asks for it there)
+#endif
+  if constexpr (kPipelined) {
+    block_mma_pipelined<S, PIPE>(smem, A, B, mv, nv, kend > kbeg ? kend - kbeg : 0);
+  } else {
+    block_mma<S, Acc, TC>(smem, A, B, mv, nv, kend > kbeg ? kend - kbeg : 0);
+  }
   const Acc* sC = reinterpret_cast<const Acc*>(smem);
   using OutT = std::conditional_t<EPI == Epi::kPartial, Acc, S>;
   if (p.out_vec) {  // 16-byte chunks of a row: the same values as the loop below, fewer accesses
@@ -543,6 +715,15 @@ RowGemmArgs<S> row_args(const lt::RowGemmShape& sh, const at::Tensor& left, cons
   a.kchunk = sh.klen;
   a.a_vec = vec_rows<S>(a.a, a.lda);
   a.b_vec = vec_rows<S>(a.b, a.b_sk) && (a.b_seg * static_cast<int64_t>(sizeof(S))) % 16 == 0;
+  a.pipe = kPipeNone;
+  if (kIs16Bit<S> && tuning::grouped_lora_pipelined() && a.a_vec) {
+    if (a.b_sn == 1 && a.b_vec) {
+      a.pipe = kPipeBRow;  // rows of b are k: n contiguous, every row 16-byte aligned
+    } else if (a.b_sk == 1 && vec_rows<S>(a.b, a.b_sn) &&
+               (a.b_seg * static_cast<int64_t>(sizeof(S))) % 16 == 0) {
+      a.pipe = kPipeBCol;  // rows of b are n: k contiguous
+    }
+  }
   return a;
 }
 
@@ -554,7 +735,11 @@ void launch_row_gemm(const RowGemmArgs<S>& args, int64_t splits, bool tc, cudaSt
   // The tensor-core variant exists for 16-bit types only (fp32 / fp64 would compile the SIMT
   // loop twice).
   if constexpr (kIs16Bit<S>) {
-    if (tc) {
+    if (tc && args.pipe == kPipeBRow) {
+      row_gemm_kernel<S, Acc, true, EPI, kPipeBRow><<<grid, kThreads, 0, stream>>>(args);
+    } else if (tc && args.pipe == kPipeBCol) {
+      row_gemm_kernel<S, Acc, true, EPI, kPipeBCol><<<grid, kThreads, 0, stream>>>(args);
+    } else if (tc) {
       row_gemm_kernel<S, Acc, true, EPI><<<grid, kThreads, 0, stream>>>(args);
     } else {
       row_gemm_kernel<S, Acc, false, EPI><<<grid, kThreads, 0, stream>>>(args);
@@ -854,8 +1039,18 @@ std::atomic<bool>& vectorized_flag() {
 }
 }  // namespace
 
+std::atomic<bool>& pipelined_flag() {
+  static std::atomic<bool> on{[] {
+    const char* e = std::getenv("MOLE_EXT_GROUPED_LORA_NO_PIPELINE");
+    return !(e != nullptr && (std::strcmp(e, "1") == 0 || std::strcmp(e, "true") == 0));
+  }()};
+  return on;
+}
+
 void set_grouped_lora_vectorized(bool on) { vectorized_flag().store(on); }
 bool grouped_lora_vectorized() { return vectorized_flag().load(); }
+void set_grouped_lora_pipelined(bool on) { pipelined_flag().store(on); }
+bool grouped_lora_pipelined() { return pipelined_flag().load(); }
 }  // namespace tuning
 
 TORCH_LIBRARY_IMPL(mole_ext, CUDA, m) {

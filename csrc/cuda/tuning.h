@@ -10,6 +10,11 @@ namespace tuning {
 // the switch is for cross-checks and side-by-side benchmarks.
 void set_grouped_lora_vectorized(bool on);
 bool grouped_lora_vectorized();
+// grouped_lora*, bf16 / fp16 row GEMMs: the cp.async pipelined main loop where both operands'
+// rows are 16-byte aligned and vector accesses are on (on by default; MOLE_EXT_GROUPED_LORA_NO_PIPELINE=1
+// turns it off at start-up). Results are identical either way.
+void set_grouped_lora_pipelined(bool on);
+bool grouped_lora_pipelined();
 
 }  // namespace tuning
 }  // namespace mole_ext
