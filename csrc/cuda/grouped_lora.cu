@@ -1037,7 +1037,6 @@ std::atomic<bool>& vectorized_flag() {
   }()};
   return on;
 }
-}  // namespace
 
 std::atomic<bool>& pipelined_flag() {
   static std::atomic<bool> on{[] {
@@ -1046,6 +1045,7 @@ std::atomic<bool>& pipelined_flag() {
   }()};
   return on;
 }
+}  // namespace
 
 void set_grouped_lora_vectorized(bool on) { vectorized_flag().store(on); }
 bool grouped_lora_vectorized() { return vectorized_flag().load(); }
