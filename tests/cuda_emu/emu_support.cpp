@@ -1,7 +1,9 @@
-// Runtime of the CPU emulation of the CUDA kernels (tests/test_cuda_emulated.py, README.md here):
+// Runtime of the CPU emulation of the CUDA kernels (tests/test_cuda_emulated*.py, README.md here):
 // the fiber scheduler behind emu::launch, barriers and warp collectives, the wmma and memory
-// checks, the host side of the kernels' error reporting, and the op library mole_cuda_emu that
-// exposes the emulated CUDA entry points of csrc/cuda/grouped_lora.cu (CPU tensors in and out).
+// checks, the host side of the kernels' error reporting, self-test kernels, and the common ops of
+// the emulated op library (MOLE_EMU_LIBRARY: torch.ops.mole_cuda_emu for grouped_lora.cu,
+// torch.ops.mole_cuda_emu_routing for the routing kernels). The entry points of the emulated
+// sources are registered by emu_ops_grouped_lora.cpp / emu_ops_routing.cpp (CPU tensors in and out).
 #include <ATen/ATen.h>
 #include <c10/core/CPUAllocator.h>
 #include <sys/mman.h>
@@ -24,9 +26,14 @@
 #include <tuple>
 #include <vector>
 
+#include "emu_ops.h"
 #include "emu_prelude.h"  // cuda_emu.h + the real common.cuh (ErrorSlots, begin_op / end_op)
+#include "error_flags.h"
 #include "mma.h"
-#include "tuning.h"
+
+#ifndef MOLE_EMU_LIBRARY
+#error "build with -DMOLE_EMU_LIBRARY=<op namespace> (tests/test_cuda_emulated.py)"
+#endif
 
 namespace emu {
 namespace {
@@ -52,7 +59,9 @@ struct Fiber {
 struct Stats {
   std::map<std::string, uint64_t> launches;  // "kernel expression @ file:line"
   std::map<std::string, uint64_t> ever;      // the same since the library was loaded (never reset)
-  uint64_t blocks = 0, barriers = 0, warp_collectives = 0, mma = 0, vec16 = 0;
+  std::map<std::string, uint64_t> instances;  // launches per kernel specialisation, since loaded
+  uint64_t blocks = 0, barriers = 0, warp_collectives = 0, mma = 0, vec16 = 0, vec8 = 0, atomics = 0;
+  uint64_t dynamic_smem_launches = 0;  // launches with a nonzero smem argument
   uint64_t split_launches = 0;  // launches with gridDim.z > 1 (the split reductions of row_gemm)
 };
 
@@ -293,15 +302,20 @@ bool run_block() {
 }
 
 // ---- shared memory ----
-constexpr size_t kSharedBytes = 48 * 1024;  // the static shared memory limit of a block
-alignas(4096) unsigned char g_shared[kSharedBytes];
+constexpr size_t kSharedBytes = 48 * 1024;  // static + dynamic shared memory of a block (no opt-in)
+constexpr size_t kDynGuard = 256;           // poisoned bytes after the dynamic shared memory
+alignas(4096) unsigned char g_shared[kSharedBytes + kDynGuard + 4096];
 struct SharedVar {
   const char* file;
   int line;
   size_t offset, bytes;
 };
 std::vector<SharedVar> g_shared_vars;  // this launch's variables
-size_t g_shared_used = 0;
+size_t g_shared_used = 0;   // arena bytes taken (variables, padding, the dynamic guard)
+size_t g_dyn_bytes = 0;     // this launch's dynamic shared memory (its smem argument)
+size_t g_dyn_offset = SIZE_MAX;  // where it starts in the arena, once a kernel declared it
+const char* g_dyn_file = nullptr;
+int g_dyn_line = 0;
 
 void poison_shared() { std::memset(g_shared, 0xFF, sizeof g_shared); }
 
@@ -423,15 +437,66 @@ void* shared_alloc(const char* file, int line, size_t bytes, size_t align) {
   if (align == 0 || (align & (align - 1)) != 0 || align > 4096) fail("__shared__ variable at %s:%d: bad alignment %zu", file, line, align);
   size_t off = (g_shared_used + align - 1) / align * align;
   if (align < 4096 && (off / align) % 2 == 0) off += align;  // exactly as aligned as declared
-  if (off + bytes > kSharedBytes)
-    fail("__shared__ variables of the kernel need more than %zu bytes (the static shared memory limit)", kSharedBytes);
+  // static + dynamic bytes in use (the dynamic ones counted even before a kernel declares them)
+  const size_t guard = g_dyn_offset == SIZE_MAX ? 0 : kDynGuard;
+  const size_t dyn_pending = g_dyn_offset == SIZE_MAX ? g_dyn_bytes : 0;
+  if (off + bytes - guard + dyn_pending > kSharedBytes)
+    fail("the __shared__ variables of the kernel (up to %s:%d) and its %zu bytes of dynamic shared memory need "
+         "more than %zu bytes (the limit without cudaFuncSetAttribute opt-in)",
+         file, line, g_dyn_bytes, kSharedBytes);
   g_shared_vars.push_back(SharedVar{file, line, off, bytes});
   g_shared_used = off + bytes;
   return g_shared + off;
 }
 
+void* dynamic_shared_alloc(const char* file, int line, size_t align) {
+  if (S().cur < 0) fail("an extern __shared__ array used outside a kernel");
+  if (align == 0 || (align & (align - 1)) != 0 || align > 4096)
+    fail("extern __shared__ array at %s:%d: bad alignment %zu", file, line, align);
+  if (g_dyn_offset == SIZE_MAX) {
+    // CUDA aligns dynamic shared memory to 16 bytes (more only if a declaration asks): exactly
+    // that here, so code that relies on luckier alignment fails.
+    const size_t a = std::max<size_t>(align, 16);
+    size_t off = (g_shared_used + a - 1) / a * a;
+    if ((off / a) % 2 == 0) off += a;
+    if (off + g_dyn_bytes > kSharedBytes)
+      fail("the kernel's __shared__ variables and %zu bytes of dynamic shared memory need more than %zu bytes",
+           g_dyn_bytes, kSharedBytes);
+    g_dyn_offset = off;
+    g_dyn_file = file;
+    g_dyn_line = line;
+    g_shared_used = off + g_dyn_bytes + kDynGuard;
+  }
+  if ((g_dyn_offset % align) != 0)
+    fail("extern __shared__ array at %s:%d asks for %zu-byte alignment, but the dynamic shared memory was first "
+         "declared at %s:%d with less",
+         file, line, align, g_dyn_file, g_dyn_line);
+  return g_shared + g_dyn_offset;
+}
+
+// After every block: nothing was written past the end of the dynamic shared memory.
+bool dynamic_guard_intact() {
+  if (g_dyn_offset == SIZE_MAX) return true;
+  const unsigned char* g = g_shared + g_dyn_offset + g_dyn_bytes;
+  for (size_t i = 0; i < kDynGuard; ++i) {
+    if (g[i] != 0xFF) {
+      scheduler_fail(format("write %zu bytes past the end of the %zu bytes of dynamic shared memory (the launch's "
+                            "smem argument; extern __shared__ at %s:%d)",
+                            i, g_dyn_bytes, g_dyn_file, g_dyn_line));
+      return false;
+    }
+  }
+  return true;
+}
+
 void count_vec16() { ++stats().vec16; }
+void count_vec8() { ++stats().vec8; }
 void count_mma() { ++stats().mma; }
+
+void atomic_op(const char* what) {
+  if (S().cur < 0) fail("%s called outside a kernel", what);
+  ++stats().atomics;
+}
 
 int lane_id() {
   if (S().cur < 0) fail("a warp-level intrinsic called outside a kernel");
@@ -512,13 +577,17 @@ void launch_blocks(const LaunchSite& site, dim3 grid, dim3 block, size_t dynamic
   const uint64_t nthreads = static_cast<uint64_t>(block.x) * block.y * block.z;
   if (nthreads < 1 || nthreads > kMaxThreads || block.z > 64)
     bad(format("invalid block (%u, %u, %u)", block.x, block.y, block.z));
-  if (dynamic_smem != 0) bad("dynamic shared memory is not emulated");
+  if (dynamic_smem > kSharedBytes)
+    bad(format("%zu bytes of dynamic shared memory: more than %zu needs cudaFuncSetAttribute (not emulated)",
+               dynamic_smem, kSharedBytes));
   const uint64_t nblocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
   if (nblocks > (1ull << 24)) bad(format("%llu blocks: too many to emulate", static_cast<unsigned long long>(nblocks)));
 
   ++stats().launches[format("%s @ %s:%d", site.kernel, site.file, site.line)];
   ++stats().ever[format("%s @ %s:%d", site.kernel, site.file, site.line)];
+  if (site.instance != nullptr) ++stats().instances[site.instance()];
   if (grid.z > 1) ++stats().split_launches;
+  if (dynamic_smem > 0) ++stats().dynamic_smem_launches;
   s.site = &site;
   s.run = run;
   s.run_ctx = ctx;
@@ -534,6 +603,8 @@ void launch_blocks(const LaunchSite& site, dim3 grid, dim3 block, size_t dynamic
 
   g_shared_vars.clear();
   g_shared_used = 0;
+  g_dyn_bytes = dynamic_smem;
+  g_dyn_offset = SIZE_MAX;
   std::vector<uint64_t> order(nblocks);
   std::iota(order.begin(), order.end(), uint64_t{0});
   if (config().block_order == 1) std::reverse(order.begin(), order.end());
@@ -543,7 +614,7 @@ void launch_blocks(const LaunchSite& site, dim3 grid, dim3 block, size_t dynamic
                               static_cast<unsigned>(b / (static_cast<uint64_t>(grid.x) * grid.y))};
     poison_shared();
     ++stats().blocks;
-    if (!run_block()) {
+    if (!run_block() || !dynamic_guard_intact()) {
       s.cur = -1;
       s.site = nullptr;
       throw std::runtime_error("EMULATED CUDA FAILURE: " + s.failure);  // the fibers are remade next launch
@@ -556,23 +627,99 @@ void launch_blocks(const LaunchSite& site, dim3 grid, dim3 block, size_t dynamic
 
 }  // namespace emu
 
+// ---- misaligned accesses (builds with -fsanitize=alignment, MOLE_EMU_SANITIZE_ALIGNMENT) ----
+// GCC instruments every load, store and reference binding of the TU with an alignment check and
+// calls this handler on a misaligned address; no sanitizer runtime is linked, this is it. In a
+// kernel the access fails the launch (a misaligned access is a launch failure on the GPU); on the
+// host it is recorded and raised at the end of the launch or op.
+extern "C" {
+struct EmuUbsanLocation {
+  const char* file;
+  uint32_t line, column;
+};
+struct EmuUbsanType {
+  uint16_t kind, info;
+  char name[1];
+};
+struct EmuUbsanTypeMismatch {
+  EmuUbsanLocation loc;
+  const EmuUbsanType* type;
+  unsigned char log_alignment;
+  unsigned char check_kind;
+};
+__attribute__((visibility("hidden"))) void __ubsan_handle_type_mismatch_v1(EmuUbsanTypeMismatch* d, uintptr_t p) {
+  static const char* kKinds[] = {"load of",           "store to",       "reference binding to", "member access within",
+                                 "member call on",    "constructor call on", "downcast of",     "downcast of",
+                                 "upcast of",         "cast to virtual base of", "_Nonnull binding to", "dynamic operation on"};
+  const uintptr_t align = uintptr_t{1} << d->log_alignment;
+  if (p == 0 || p % align == 0) return;  // only alignment is checked in these builds
+  const char* kind = d->check_kind < sizeof kKinds / sizeof kKinds[0] ? kKinds[d->check_kind] : "access to";
+  char msg[512];
+  std::snprintf(msg, sizeof msg, "misaligned %s address %p for type %s, which requires %zu-byte alignment (%s:%u)",
+                kind, reinterpret_cast<void*>(p), d->type ? d->type->name : "?", static_cast<size_t>(align),
+                d->loc.file ? d->loc.file : "?", d->loc.line);
+  if (emu::S().cur >= 0) emu::fail("%s", msg);  // in a kernel: never returns
+  std::lock_guard<std::mutex> lock(emu::g_blocks_mu);
+  emu::g_violations.push_back(msg);
+}
+__attribute__((visibility("hidden"))) void __ubsan_handle_type_mismatch_v1_abort(EmuUbsanTypeMismatch* d, uintptr_t p) {
+  __ubsan_handle_type_mismatch_v1(d, p);
+}
+}
+
 // ---- host side of the kernels' error reporting (csrc/cuda/errors.cu on a GPU) ----
-// The emulator behaves like validate mode: end_op raises what the op's kernels reported.
+// As errors.cu: begin_op raises what an earlier op's kernels reported (the lazy check), end_op
+// raises what this op's kernels reported in validate mode (on by default here; set_validate turns
+// it off), check_errors raises anything pending. The slots are plain host memory the emulated
+// kernels write through report_error (common.cuh). Messages as errors.cu's.
 namespace mole_ext {
 namespace cuda {
 namespace {
 ErrorSlots g_slots{};
+bool g_validate = true;
+
+const char* kind_message(int kind) {
+  switch (kind) {
+    case cuda_errors::kPermuteExpert:
+      return "permute: expert ids must be in [0, num_experts)";
+    case cuda_errors::kLoadBalanceExpert:
+      return "load_balance_loss: expert ids must be in [0, K) (K = probs.size(1))";
+    case cuda_errors::kPermuteRowsIndex:
+      return "permute_rows: sorted_token must be a permutation of [0, N), but an entry is out of range";
+    case cuda_errors::kUnpermuteIndex:
+      return "unpermute: sorted_token must be a permutation of [0, N), but an entry is out of range";
+    case cuda_errors::kPermuteRowsDuplicate:
+      return "permute_rows: sorted_token must be a permutation of [0, N), but a row is hit other than once";
+    case cuda_errors::kUnpermuteDuplicate:
+      return "unpermute: sorted_token must be a permutation of [0, N), but a row is hit other than once";
+    case cuda_errors::kGroupedLoraOffsets:
+      return "grouped_lora: offsets must be non-decreasing with offsets[0] = 0 and offsets[-1] = N (the rows of x)";
+    default:
+      return "unknown error";
+  }
+}
 
 void raise_reported(const char* when) {
   std::ostringstream msg;
   bool any = false;
   for (int k = 0; k < cuda_errors::kNumKinds; ++k) {
     if (g_slots.flag[k] == 0) continue;
-    if (any) msg << "; ";
-    msg << "kind " << k;
-    if (k == cuda_errors::kGroupedLoraOffsets) msg << " (grouped_lora: offsets must be non-decreasing from 0 to N)";
-    msg << ": value " << g_slots.value[k] << " at " << g_slots.where[k] << ", bound " << g_slots.bound[k];
+    const int32_t flag = g_slots.flag[k];
+    if (flag != 1) {
+      g_slots.flag[k] = 0;
+      TORCH_CHECK(false, "emulated error slot ", k, " holds flag ", flag, " (kernels write 1)");
+    }
+    const int64_t value = g_slots.value[k], where = g_slots.where[k], bound = g_slots.bound[k];
     g_slots.flag[k] = 0;
+    if (any) msg << "; ";
+    msg << kind_message(k) << ": ";
+    if (k == cuda_errors::kPermuteRowsDuplicate || k == cuda_errors::kUnpermuteDuplicate) {
+      msg << "row " << where << " of " << bound << " is hit " << value << " times";
+    } else if (k == cuda_errors::kGroupedLoraOffsets) {
+      msg << "found offsets[" << where << "] = " << value << " (N = " << bound << ")";
+    } else {
+      msg << "found " << value << " at position " << where << " (valid range [0, " << bound << "))";
+    }
     any = true;
   }
   TORCH_CHECK(!any, "mole_ext CUDA kernel (emulated) reported ", when, ": ", msg.str());
@@ -580,26 +727,17 @@ void raise_reported(const char* when) {
 }  // namespace
 
 ErrorSlots* error_slots(int) { return &g_slots; }
-void begin_op(int) { raise_reported("before this op"); }
-void end_op(int, cudaStream_t) { raise_reported("in this op"); }
-
-// The emulated CUDA entry points (csrc/cuda/grouped_lora.cu).
-at::Tensor grouped_lora_cuda(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
-                             const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale);
-void grouped_lora_add_out_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
-                               const at::Tensor& lora_b, const at::Tensor& offsets, double scaling,
-                               const std::optional<at::Tensor>& row_scale);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_cuda(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
-    const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_add_out_cuda(
-    at::Tensor& grad_x, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale);
-at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& offsets,
-                            double scaling, const std::optional<at::Tensor>& row_scale,
-                            const std::optional<at::Tensor>& lora_x);
+void begin_op(int) { raise_reported("before this op (an earlier op's error)"); }
+void end_op(int, cudaStream_t) {
+  if (g_validate) raise_reported("in this op");
+}
 }  // namespace cuda
+
+namespace cuda_errors {
+void check_pending(int, bool) { cuda::raise_reported("(pending)"); }
+void set_validate(bool on) { cuda::g_validate = on; }
+bool validate() { return cuda::g_validate; }
+}  // namespace cuda_errors
 }  // namespace mole_ext
 
 // ---- self-test kernels: each breaks one rule the emulator enforces (or checks a collective) ----
@@ -708,10 +846,57 @@ __global__ void oob_write(float* out, int64_t n) {
   if (threadIdx.x == 0) out[n] = 1.0f;  // one element past the end
 }
 
+// out[t] = __match_any_sync of key t % 5 (warp 0) / t % 32 < 7 ? 1 : t (warp 1, int64 keys);
+// out[256 + t] = __ballot_sync(t % 3 == 0); out[512 + t] = __any_sync / __all_sync bits.
+__global__ void match_and_ballot(int64_t* out) {
+  const int t = threadIdx.x;
+  out[t] = threadIdx.x < 32 ? __match_any_sync(0xffffffffu, t % 5)
+                            : __match_any_sync(0xffffffffu, static_cast<int64_t>(t % 32 < 7 ? 1 : t));
+  out[256 + t] = __ballot_sync(0xffffffffu, t % 3 == 0);
+  out[512 + t] = __any_sync(0xffffffffu, t == 40) + 2 * __all_sync(0xffffffffu, t / 32 != 3);
+}
+__global__ void match_any_divergent(int64_t* out) {
+  if (threadIdx.x % 32 >= 16) return;
+  out[threadIdx.x] = __match_any_sync(0xffffffffu, 1);
+}
+// Dynamic shared memory (written as the transform leaves `extern __shared__ int d[];`): thread t
+// writes `writes` ints from 256 * t / 256 on, then reads its neighbour's first one; out[256] =
+// the base address mod 32.
+__global__ void dynamic_smem(float* out, int writes, int read) {
+  auto& d = dynamic_shared<float[], 0>(__FILE__, __LINE__);
+  auto& again = dynamic_shared<float[], 0>(__FILE__, __LINE__ + 1000);  // a second declaration, the same bytes
+  for (int i = 0; i < writes; ++i) d[threadIdx.x * writes + i] = static_cast<float>(threadIdx.x);
+  __syncthreads();
+  if (read) out[threadIdx.x] = again[((threadIdx.x + 1) % 256) * writes];
+  if (threadIdx.x == 0) out[256] = static_cast<float>(reinterpret_cast<uintptr_t>(d) % 32);
+}
+__global__ void dynamic_smem_with_static(float* out) {
+  auto& s = shared_var<float[10000], 0>(__FILE__, __LINE__);
+  auto& d = dynamic_shared<float[], 0>(__FILE__, __LINE__);
+  s[threadIdx.x] = 1.0f;
+  d[threadIdx.x] = 1.0f;
+  out[threadIdx.x] = s[threadIdx.x] + d[threadIdx.x];
+}
+// hist[t % 7] += 1 by every thread of 4 blocks.
+__global__ void atomics(int* hist) { atomicAdd(hist + threadIdx.x % 7, 1); }
+__global__ void misaligned_vec8(const unsigned char* p, unsigned* out) {
+  const uint2 v = *reinterpret_cast<const uint2*>(p + 4);
+  out[threadIdx.x] = v.x;
+}
+// A 4-byte scalar load from an address that is only 2-byte aligned: a launch failure on the GPU,
+// caught here only by a build with the alignment sanitizer.
+__global__ void misaligned_scalar(const unsigned char* p, unsigned* out) {
+  out[threadIdx.x] = *reinterpret_cast<const unsigned*>(p + 2 + 0 * threadIdx.x);
+}
+
+template <typename... P, typename... A>
+void go_smem(const char* name, dim3 grid, size_t smem, void (*k)(P...), A&&... a) {
+  const LaunchSite site{name, __FILE__, __LINE__};
+  launch(site, grid, dim3(256), smem, nullptr, k, std::forward<A>(a)...);
+}
 template <typename... P, typename... A>
 void go(const char* name, dim3 grid, void (*k)(P...), A&&... a) {
-  const LaunchSite site{name, __FILE__, __LINE__};
-  launch(site, grid, dim3(256), 0, nullptr, k, std::forward<A>(a)...);
+  go_smem(name, grid, 0, k, std::forward<A>(a)...);
 }
 
 at::Tensor run(const std::string& name) {
@@ -744,6 +929,31 @@ at::Tensor run(const std::string& name) {
     go("misaligned_vec16", dim3(1), &misaligned_vec16, static_cast<const unsigned char*>(bytes.data_ptr<uint8_t>()),
        reinterpret_cast<unsigned*>(u.data_ptr<int>()));
     return u;
+  } else if (name == "match_and_ballot" || name == "match_any_divergent") {
+    at::Tensor r = at::zeros({768}, at::kLong);
+    go(name.c_str(), dim3(1), name == "match_and_ballot" ? &match_and_ballot : &match_any_divergent,
+       r.data_ptr<int64_t>());
+    return r;
+  } else if (name == "dynamic_smem") {
+    go_smem("dynamic_smem", dim3(2), 256 * 3 * sizeof(float), &dynamic_smem, o, 3, 1);
+  } else if (name == "dynamic_smem_unwritten") {
+    go_smem("dynamic_smem_unwritten", dim3(1), 256 * sizeof(float), &dynamic_smem, o, 0, 1);
+  } else if (name == "dynamic_smem_overflow") {  // one float too few
+    go_smem("dynamic_smem_overflow", dim3(1), 255 * sizeof(float), &dynamic_smem, o, 1, 0);
+  } else if (name == "dynamic_smem_too_big") {  // 40000 static + 9500 dynamic bytes > 48 KB
+    go_smem("dynamic_smem_too_big", dim3(1), 9500, &dynamic_smem_with_static, o);
+  } else if (name == "dynamic_smem_fits") {
+    go_smem("dynamic_smem_fits", dim3(1), 1024, &dynamic_smem_with_static, o);
+  } else if (name == "atomics") {
+    at::Tensor h = at::zeros({7}, at::kInt);
+    go("atomics", dim3(4), &atomics, h.data_ptr<int>());
+    return h;
+  } else if (name == "misaligned_vec8" || name == "misaligned_scalar") {
+    at::Tensor bytes = at::zeros({64}, at::kByte);
+    at::Tensor u = at::zeros({256}, at::kInt);
+    go(name.c_str(), dim3(1), name == "misaligned_vec8" ? &misaligned_vec8 : &misaligned_scalar,
+       static_cast<const unsigned char*>(bytes.data_ptr<uint8_t>()), reinterpret_cast<unsigned*>(u.data_ptr<int>()));
+    return u;
   } else if (name == "oob_write") {
     at::Tensor t = at::empty({100}, f32);  // inside the op: poisoned, with guard zones
     go("oob_write", dim3(1), &oob_write, t.data_ptr<float>(), int64_t{100});
@@ -756,62 +966,24 @@ at::Tensor run(const std::string& name) {
 }  // namespace selftest
 }  // namespace emu
 
-// ---- the op library: torch.ops.mole_cuda_emu.* ----
+// ---- the op library: the ops every emulated library has (MOLE_EMU_LIBRARY) ----
+namespace emu {
+
+OpScope::OpScope() : saved_(c10::GetCPUAllocator()) {
+  poison_allocator().base = saved_;
+  c10::SetCPUAllocator(&poison_allocator(), /*priority=*/255);
+}
+OpScope::~OpScope() { c10::SetCPUAllocator(saved_, /*priority=*/255); }
+void OpScope::check(const char* op) { check_guards(std::string("at the end of ") + op); }
+
+}  // namespace emu
+
 namespace {
 
-// Scope of one emulated op: allocations are poisoned and guarded, and checked at the end.
-struct OpScope {
-  c10::Allocator* saved;
-  OpScope() {
-    saved = c10::GetCPUAllocator();
-    emu::poison_allocator().base = saved;
-    c10::SetCPUAllocator(&emu::poison_allocator(), /*priority=*/255);
-  }
-  ~OpScope() { c10::SetCPUAllocator(saved, /*priority=*/255); }
-  static void check(const char* op) { emu::check_guards(std::string("at the end of ") + op); }
-};
-
-at::Tensor grouped_lora(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& off,
-                        double scaling, const std::optional<at::Tensor>& rs) {
-  OpScope scope;
-  at::Tensor y = mole_ext::cuda::grouped_lora_cuda(x, a, b, off, scaling, rs);
-  OpScope::check("grouped_lora");
-  return y;
-}
-void grouped_lora_add_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
-                          const at::Tensor& off, double scaling, const std::optional<at::Tensor>& rs) {
-  OpScope scope;
-  mole_ext::cuda::grouped_lora_add_out_cuda(out, x, a, b, off, scaling, rs);
-  OpScope::check("grouped_lora_add_out");
-}
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward(
-    const at::Tensor& gy, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& off,
-    double scaling, const std::optional<at::Tensor>& rs) {
-  OpScope scope;
-  auto r = mole_ext::cuda::grouped_lora_backward_cuda(gy, x, a, b, off, scaling, rs);
-  OpScope::check("grouped_lora_backward");
-  return r;
-}
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_add_out(
-    at::Tensor& gx, const at::Tensor& gy, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
-    const at::Tensor& off, double scaling, const std::optional<at::Tensor>& rs) {
-  OpScope scope;
-  auto r = mole_ext::cuda::grouped_lora_backward_add_out_cuda(gx, gy, x, a, b, off, scaling, rs);
-  OpScope::check("grouped_lora_backward_add_out");
-  return r;
-}
-at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                       const at::Tensor& a, const at::Tensor& b, const at::Tensor& off, double scaling,
-                       const std::optional<at::Tensor>& rs, const std::optional<at::Tensor>& lora_x) {
-  OpScope scope;
-  at::Tensor y = mole_ext::cuda::lora_linear_cuda(x, w, bias, a, b, off, scaling, rs, lora_x);
-  OpScope::check("lora_linear");
-  return y;
-}
 at::Tensor selftest(const std::string& name) {
-  OpScope scope;
+  emu::OpScope scope;
   at::Tensor r = emu::selftest::run(name);
-  OpScope::check("selftest");
+  emu::OpScope::check("selftest");
   return r;
 }
 
@@ -823,46 +995,47 @@ void configure(int64_t sm_count, int64_t block_order, int64_t thread_order, int6
   emu::config().thread_order = static_cast<int>(thread_order);
   emu::config().seed = static_cast<uint64_t>(seed);
 }
-void set_vectorized(bool on) { mole_ext::tuning::set_grouped_lora_vectorized(on); }
-bool vectorized() { return mole_ext::tuning::grouped_lora_vectorized(); }
-void set_pipelined(bool on) { mole_ext::tuning::set_grouped_lora_pipelined(on); }
 std::string stats_text() {
   const emu::Stats& s = emu::stats();
   std::ostringstream o;
   for (const auto& [k, v] : s.launches) o << "launch\t" << k << "\t" << v << "\n";
   for (const auto& [k, v] : s.ever) o << "ever\t" << k << "\t" << v << "\n";
+  for (const auto& [k, v] : s.instances) o << "instance\t" << k << "\t" << v << "\n";
   o << "blocks\t" << s.blocks << "\nbarriers\t" << s.barriers << "\nwarp_collectives\t" << s.warp_collectives
-    << "\nmma\t" << s.mma << "\nvec16\t" << s.vec16 << "\nsplit_launches\t" << s.split_launches << "\n";
+    << "\nmma\t" << s.mma << "\nvec16\t" << s.vec16 << "\nvec8\t" << s.vec8 << "\natomics\t" << s.atomics
+    << "\nsplit_launches\t" << s.split_launches << "\ndynamic_smem_launches\t" << s.dynamic_smem_launches << "\n";
   return o.str();
 }
 void reset_stats() {
   auto ever = std::move(emu::stats().ever);
+  auto instances = std::move(emu::stats().instances);
   emu::stats() = emu::Stats{};
   emu::stats().ever = std::move(ever);
+  emu::stats().instances = std::move(instances);
+}
+void set_validate(bool on) { mole_ext::cuda_errors::set_validate(on); }
+bool validate() { return mole_ext::cuda_errors::validate(); }
+void check_errors() { mole_ext::cuda_errors::check_pending(-1, true); }
+bool sanitize_alignment() {
+#ifdef MOLE_EMU_SANITIZE_ALIGNMENT
+  return true;
+#else
+  return false;
+#endif
 }
 
 }  // namespace
 
-TORCH_LIBRARY(mole_cuda_emu, m) {
-  m.def("grouped_lora(Tensor x, Tensor lora_a, Tensor lora_b, Tensor offsets, float scaling, Tensor? row_scale) -> Tensor",
-        &grouped_lora);
-  m.def("grouped_lora_add_out(Tensor(a!) out, Tensor x, Tensor lora_a, Tensor lora_b, Tensor offsets, float scaling, "
-        "Tensor? row_scale) -> ()",
-        &grouped_lora_add_out);
-  m.def("grouped_lora_backward(Tensor grad_y, Tensor x, Tensor lora_a, Tensor lora_b, Tensor offsets, float scaling, "
-        "Tensor? row_scale) -> (Tensor, Tensor, Tensor, Tensor)",
-        &grouped_lora_backward);
-  m.def("grouped_lora_backward_add_out(Tensor(a!) grad_x, Tensor grad_y, Tensor x, Tensor lora_a, Tensor lora_b, "
-        "Tensor offsets, float scaling, Tensor? row_scale) -> (Tensor, Tensor, Tensor)",
-        &grouped_lora_backward_add_out);
-  m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor offsets, "
-        "float scaling, Tensor? row_scale, Tensor? lora_x=None) -> Tensor",
-        &lora_linear);
+#define MOLE_EMU_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+MOLE_EMU_TORCH_LIBRARY(MOLE_EMU_LIBRARY, m) {
   m.def("selftest(str name) -> Tensor", &selftest);
   m.def("configure(int sm_count, int block_order, int thread_order, int seed) -> ()", &configure);
-  m.def("set_vectorized(bool on) -> ()", &set_vectorized);
-  m.def("vectorized() -> bool", &vectorized);
-  m.def("set_pipelined(bool on) -> ()", &set_pipelined);
   m.def("stats() -> str", &stats_text);
   m.def("reset_stats() -> ()", &reset_stats);
+  // validate mode (on by default): end_op raises what the op's kernels reported; off, the error
+  // stays pending until the next op's begin_op or check_errors (errors.cu's lazy mode)
+  m.def("set_validate(bool on) -> ()", &set_validate);
+  m.def("validate() -> bool", &validate);
+  m.def("check_errors() -> ()", &check_errors);
+  m.def("sanitize_alignment() -> bool", &sanitize_alignment);
 }
