@@ -115,22 +115,31 @@ def mole_ext_provider(x, a, b, off, rs, gy, expert, scaling):
             lambda: torch.ops.mole_ext.grouped_lora_backward(gy, x, a, b, off, scaling, rs))
 
 
-def mole_ext_scalar_provider(x, a, b, off, rs, gy, expert, scaling):
-    if x.device.type != "cuda":
-        raise NotImplementedError("mole_ext_scalar: the vector-access switch exists for the CUDA kernels only")
-    from mole_ext import _C
+def _mole_ext_with_switch_off(switch: str, name: str):
+    """mole_ext with one of the CUDA kernels' A/B switches (mole_ext._C.set_grouped_lora_<switch>)
+    off during each call."""
+    def provider(x, a, b, off, rs, gy, expert, scaling):
+        if x.device.type != "cuda":
+            raise NotImplementedError(f"{name}: the {switch} switch exists for the CUDA kernels only")
+        from mole_ext import _C
+        put = getattr(_C, f"set_grouped_lora_{switch}")
 
-    def scalar(fn):
-        def run():
-            _C.set_grouped_lora_vectorized(False)
-            try:
-                return fn()
-            finally:
-                _C.set_grouped_lora_vectorized(True)
-        return run
+        def off_during(fn):
+            def run():
+                put(False)
+                try:
+                    return fn()
+                finally:
+                    put(True)
+            return run
 
-    fwd, bwd = mole_ext_provider(x, a, b, off, rs, gy, expert, scaling)
-    return scalar(fwd), scalar(bwd)
+        fwd, bwd = mole_ext_provider(x, a, b, off, rs, gy, expert, scaling)
+        return off_during(fwd), off_during(bwd)
+    return provider
+
+
+mole_ext_scalar_provider = _mole_ext_with_switch_off("vectorized", "mole_ext_scalar")
+mole_ext_unpipelined_provider = _mole_ext_with_switch_off("pipelined", "mole_ext_unpipelined")
 
 
 def grouped_mm_provider(x, a, b, off, rs, gy, expert, scaling):
@@ -206,24 +215,6 @@ def mask_provider(x, a, b, off, rs, gy, expert, scaling):
         return dh @ a_all, (dh.T @ x).view(k, r, -1), (gy.T @ (h * mask)).view(-1, k, r).permute(1, 0, 2), grs
 
     return fwd, bwd
-
-
-def mole_ext_unpipelined_provider(x, a, b, off, rs, gy, expert, scaling):
-    if x.device.type != "cuda":
-        raise NotImplementedError("mole_ext_unpipelined: the pipeline switch exists for the CUDA kernels only")
-    from mole_ext import _C
-
-    def plain(fn):
-        def run():
-            _C.set_grouped_lora_pipelined(False)
-            try:
-                return fn()
-            finally:
-                _C.set_grouped_lora_pipelined(True)
-        return run
-
-    fwd, bwd = mole_ext_provider(x, a, b, off, rs, gy, expert, scaling)
-    return plain(fwd), plain(bwd)
 
 
 PROVIDERS: Dict[str, Callable] = {"mole_ext": mole_ext_provider, "mole_ext_scalar": mole_ext_scalar_provider,
