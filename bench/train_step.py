@@ -5,7 +5,10 @@
 
 Providers, each in its own subprocess (so peak memory is its own): ``mole`` (MoLEFFN with K experts
 on every MLP + attention LoRA) and ``lora`` (plain LoRA on the MLP projections + attention LoRA,
-what PEFT does), both rank r. One step = forward, LM + balance loss, backward, AdamW step.
+what PEFT does), both rank r. One step = forward, LM + balance loss, backward, AdamW step; for
+``mole`` also the routing analytics that ``training.trainer`` records every step (counts and
+entropy per layer, expert, domain and token kind). ``--gradient-checkpointing`` recomputes each
+decoder layer in backward (as ``train.gradient_checkpointing=true`` does).
 Reports the median (p20, p80) step time, tokens/s, peak memory (CUDA: max allocated; CPU: max RSS)
 and MoLE/LoRA throughput ratio; appends rows to bench/results/train_step.jsonl.
 """
@@ -87,17 +90,23 @@ def build(cfg: BenchConfig, provider: str, device):
     return model.to(device)
 
 
-def worker(cfg: BenchConfig, provider: str, steps: int, warmup: int) -> dict:
+def worker(cfg: BenchConfig, provider: str, steps: int, warmup: int, checkpointing: bool = False) -> dict:
     import resource
 
     import torch
     import torch.nn.functional as F
 
+    from training.analytics import RoutingStats
     from training.model import mole_modules
-    from training.trainer import balance_loss
+    from training.trainer import balance_losses
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build(cfg, provider, device).train()
+    if checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+        if not any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+            raise RuntimeError("--gradient-checkpointing: transformers enabled it on no layer")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     moles = [m for _, m in mole_modules(model)]
     n_img = (cfg.image_size // cfg.patch_size) ** 2
@@ -107,6 +116,9 @@ def worker(cfg: BenchConfig, provider: str, steps: int, warmup: int) -> dict:
     ids = ids.to(device)
     pix = torch.randn(cfg.batch, 3, cfg.image_size, cfg.image_size, generator=g).to(device, getattr(torch, cfg.dtype))
     mask = torch.ones_like(ids, dtype=torch.bool).reshape(-1)
+    is_img = (ids == cfg.vocab - 1).reshape(-1)
+    tok_dom = torch.zeros_like(ids).reshape(-1)
+    stats = RoutingStats([n for n, _ in mole_modules(model)], cfg.experts, ["bench"])
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -117,7 +129,10 @@ def worker(cfg: BenchConfig, provider: str, steps: int, warmup: int) -> dict:
         logits = model(input_ids=ids, pixel_values=pix, use_cache=False).logits
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         if moles:
-            loss = loss + 0.01 * torch.stack([balance_loss(m.last_routing.probs, m.last_routing.expert, mask) for m in moles]).mean()
+            routings = [(m.last_routing.probs, m.last_routing.expert) for m in moles]
+            for li, (p, e) in enumerate(routings):
+                stats.update(li, p, e, tok_dom, is_img, mask)
+            loss = loss + 0.01 * balance_losses(routings, mask).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -130,7 +145,7 @@ def worker(cfg: BenchConfig, provider: str, steps: int, warmup: int) -> dict:
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"provider": provider, "median_s": med, "p20_s": q[0], "p80_s": q[3], "tokens_per_s": ids.numel() / med,
             "peak_mem_gib": peak / 2**30, "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__}
+            "torch": torch.__version__, "gradient_checkpointing": checkpointing}
 
 
 def main() -> int:
@@ -139,17 +154,19 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--providers", default="lora,mole")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute each decoder layer in backward")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     cfg = CONFIGS[args.config]
     if args.worker:
-        print("RESULT " + json.dumps(worker(cfg, args.worker, args.steps, args.warmup)))
+        print("RESULT " + json.dumps(worker(cfg, args.worker, args.steps, args.warmup, args.gradient_checkpointing)))
         return 0
     rows = []
     for prov in args.providers.split(","):
         r = subprocess.run([sys.executable, __file__, "--config", args.config, "--steps", str(args.steps),
-                            "--warmup", str(args.warmup), "--worker", prov], capture_output=True, text=True)
+                            "--warmup", str(args.warmup), "--worker", prov]
+                           + (["--gradient-checkpointing"] if args.gradient_checkpointing else []), capture_output=True, text=True)
         line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
         if r.returncode or not line:
             print(r.stderr[-3000:], file=sys.stderr)
@@ -157,7 +174,8 @@ def main() -> int:
         rows.append(json.loads(line[0][7:]))
     base = next((r for r in rows if r["provider"] == "lora"), rows[0])
     print(f"config {cfg.name}: batch {cfg.batch}, {cfg.seq} text + {(cfg.image_size // cfg.patch_size) ** 2} image tokens, "
-          f"K={cfg.experts}, r={cfg.rank}, {cfg.dtype}, device {rows[0]['device']}")
+          f"K={cfg.experts}, r={cfg.rank}, {cfg.dtype}, device {rows[0]['device']}"
+          + (", gradient checkpointing" if args.gradient_checkpointing else ""))
     print(f"{'provider':<9}{'median s':>10}{'p20':>9}{'p80':>9}{'tokens/s':>11}{'peak GiB':>10}{'vs lora':>9}")
     for r in rows:
         r["throughput_vs_lora"] = r["tokens_per_s"] / base["tokens_per_s"]

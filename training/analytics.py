@@ -34,16 +34,16 @@ class RoutingStats:
         dev = probs.device
         if self.counts.device != dev:
             self.counts, self.entropy = self.counts.to(dev), self.entropy.to(dev)
-        m = mask.to(dev).bool()
-        p = probs.detach().float()[m]
-        e = expert.to(dev).long()[m]
-        cell = token_domain.to(dev)[m].long() * 2 + is_image.to(dev)[m].long()  # (domain, kind) flattened
-        D = len(self.domains)
-        c = torch.bincount(cell * self.K + e, minlength=D * 2 * self.K).to(self.counts.dtype)
-        self.counts[layer] += c.view(D, 2, self.K)
+        # No boolean indexing and no bincount: on CUDA both wait for the device (the output size
+        # depends on the data). Padding tokens go to cell 0 with weight 0 instead.
+        m = mask.to(dev).reshape(-1).bool()
+        cell = token_domain.to(dev).reshape(-1).long() * 2 + is_image.to(dev).reshape(-1).long()  # (domain, kind)
+        cell = torch.where(m, cell, 0)
+        idx = torch.where(m, cell * self.K + expert.to(dev).reshape(-1).long(), 0)
+        self.counts[layer].view(-1).index_add_(0, idx, m.to(self.counts.dtype))
+        p = probs.detach().float()
         h = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
-        ent = torch.zeros(D * 2, dtype=self.entropy.dtype, device=dev).index_add_(0, cell, h.to(self.entropy.dtype))
-        self.entropy[layer] += ent.view(D, 2)
+        self.entropy[layer].view(-1).index_add_(0, cell, torch.where(m, h, 0.0).to(self.entropy.dtype))
 
     def all_reduce(self) -> None:
         import torch.distributed as dist

@@ -25,27 +25,43 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def balance_loss(probs: torch.Tensor, expert: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The Switch balance loss on non-padding tokens, over the *global* batch.
+def balance_losses(routings: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> torch.Tensor:
+    """The Switch balance loss of each MoLE layer on non-padding tokens, over the *global* batch:
+    ``routings`` holds each layer's ``(probs, expert)``; returns a ``[L]`` tensor.
 
-    One process: the core op ``mole_ext.load_balance_loss``. Under DDP each rank sees part of the
-    batch; ``f_k`` (no gradient) and the token count are all-reduced, and the local ``P_k`` share is
-    scaled by the world size, so that DDP's gradient averaging and the mean of the logged values
-    both equal the single-process loss on the whole batch.
+    One process: the core op ``mole_ext.load_balance_loss`` per layer. Under DDP each rank sees
+    part of the batch; every layer's ``f_k`` (no gradient) and the token count go through *one*
+    all-reduce for all layers, and the local ``P_k`` share is scaled by the world size, so that
+    DDP's gradient averaging and the mean of the logged values both equal the single-process loss
+    on the whole batch. Nothing here waits for the device.
     """
     from mole_ext import load_balance_loss
 
     W = _world()
     if W == 1:
-        return load_balance_loss(probs, expert, mask)
-    K = probs.shape[-1]
-    m = mask.to(probs.dtype)
-    counts = torch.zeros(K, dtype=probs.dtype, device=probs.device).index_add_(0, expert.long(), m)
-    stats = torch.cat([counts, m.sum().view(1)]).detach()
-    dist.all_reduce(stats)
-    f, M = stats[:K] / stats[K].clamp_min(1), stats[K].clamp_min(1)
-    P_local = (probs * m[:, None]).sum(0) / M
-    return K * (f * P_local).sum() * W
+        return torch.stack([load_balance_loss(p, e, mask) for p, e in routings])
+    stats, local = [], []
+    for probs, expert in routings:
+        K = probs.shape[-1]
+        m = mask.to(probs.dtype)
+        counts = torch.zeros(K, dtype=probs.dtype, device=probs.device).index_add_(0, expert.long(), m)
+        stats.append(torch.cat([counts, m.sum().view(1)]).detach())
+        local.append((probs * m[:, None]).sum(0))
+    flat = torch.cat(stats)  # layers may differ in K only in principle; keep them flat
+    dist.all_reduce(flat)
+    out, at = [], 0
+    for P_sum, probs in zip(local, (p for p, _ in routings)):
+        K = probs.shape[-1]
+        s = flat[at:at + K + 1]
+        at += K + 1
+        M = s[K].clamp_min(1)
+        out.append(K * (s[:K] / M * (P_sum / M)).sum() * W)
+    return torch.stack(out)
+
+
+def balance_loss(probs: torch.Tensor, expert: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One layer's :func:`balance_losses`."""
+    return balance_losses([(probs, expert)], mask)[0]
 
 
 class MoLETrainer(Trainer):
@@ -111,17 +127,17 @@ class MoLETrainer(Trainer):
             mask = inputs["attention_mask"].bool().reshape(-1)
             tok_dom = domain[:, None].expand_as(inputs["input_ids"]).reshape(-1)
             is_img = (inputs["input_ids"] == self.image_token_id).reshape(-1)
-            parts = []
-            for li, m in enumerate(self.moles):
-                r = m.last_routing
-                parts.append(balance_loss(r.probs, r.expert, mask))
-                if model.training:
-                    self.routing.update(li, r.probs, r.expert, tok_dom, is_img, mask)
-            bal = torch.stack(parts).mean()
+            routings = [(m.last_routing.probs, m.last_routing.expert) for m in self.moles]
+            if model.training:
+                for li, (p, e) in enumerate(routings):
+                    self.routing.update(li, p, e, tok_dom, is_img, mask)
+            bal = balance_losses(routings, mask).mean()
             loss = lm + self.run_cfg.train.balance_weight * bal
         if model.training:
             ga = self.current_gradient_accumulation_steps if hasattr(self, "current_gradient_accumulation_steps") else 1
-            self._acc += torch.stack([lm.detach().float().cpu(), bal.detach().float().cpu()]) / W / ga
+            if self._acc.device != lm.device:  # kept on the model's device: no host sync per step
+                self._acc = self._acc.to(lm.device)
+            self._acc += torch.stack([lm.detach().float(), bal.detach().float()]) / W / ga
         return (loss, out) if return_outputs else loss
 
     # -- logs ----------------------------------------------------------------------------------
@@ -129,9 +145,8 @@ class MoLETrainer(Trainer):
         if "loss" in logs:
             acc = self._acc.clone()
             if _world() > 1:
-                buf = acc.to(self.args.device)
-                dist.all_reduce(buf)
-                acc = buf.cpu()
+                dist.all_reduce(acc)
+            acc = acc.cpu()
             steps = max(1, self.state.global_step - getattr(self, "_last_logged_step", 0))
             logs["lm_loss"] = round(float(acc[0]) / steps, 6)
             if self.moles:
