@@ -41,12 +41,22 @@ from torch.utils import cpp_extension  # noqa: E402
 
 
 def _nvidia_include_dirs():
-    """cuBLAS/cuSPARSE headers of the pip `nvidia-*` wheels (ATen's CUDA headers include them)."""
+    """Include dirs of the pip `nvidia-*` wheels that hold the cuBLAS/cuSPARSE headers ATen's CUDA
+    headers include (a toolkit may lack them, as here). Each dir once."""
     dirs = []
-    for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
-        dirs += sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
-        dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
-    return [d for d in dirs if os.path.isdir(d)]
+    for site in sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}):
+        for d in sorted(glob.glob(os.path.join(site, "nvidia", "*", "include"))):
+            if d not in dirs and any(os.path.exists(os.path.join(d, h)) for h in ("cublas_v2.h", "cusparse.h")):
+                dirs.append(d)
+    return dirs
+
+
+def _after_toolkit(dirs):
+    """-isystem flags: searched after every -I dir, so the toolkit's own headers (torch adds
+    -I$CUDA_HOME/include) always win and a wheel only fills in what the toolkit lacks. The wheel
+    nvidia-cuda-runtime also ships cuda_runtime.h & co.; ahead of the toolkit's (-I) they would mix
+    one CUDA version's runtime headers with another nvcc's."""
+    return [f for d in dirs for f in ("-isystem", d)]
 
 
 def _cutlass_include_dirs():
@@ -98,12 +108,14 @@ include_dirs = [os.path.join(ROOT, "csrc")]
 extra = {"cxx": cxx_flags}
 if build_cuda:
     define_macros.append(("MOLE_EXT_WITH_CUDA", "1"))
-    include_dirs += _nvidia_include_dirs() + _cutlass_include_dirs()
+    include_dirs += _cutlass_include_dirs()
+    cxx_flags += _after_toolkit(_nvidia_include_dirs())
     nvcc = opt + ["--expt-relaxed-constexpr", "--expt-extended-lambda", "-lineinfo",
                   "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                   "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     if debug:
         nvcc += ["-G"]
+    nvcc += _after_toolkit(_nvidia_include_dirs())
     if os.environ.get("NVCC_THREADS"):
         nvcc += ["--threads", os.environ["NVCC_THREADS"]]
     extra["nvcc"] = nvcc

@@ -36,7 +36,7 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F

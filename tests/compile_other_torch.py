@@ -93,12 +93,13 @@ def main(argv=None) -> int:
     with open(os.path.join(os.path.dirname(inc), "version.py")) as f:
         version_line = next((ln.strip() for ln in f if ln.startswith("__version__")), "?")
     site = sysconfig.get_paths()["purelib"]
-    nvidia = sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")) +
-                    glob.glob(os.path.join(site, "nvidia", "*", "include")))
-    includes = [os.path.join(ROOT, "csrc"), *nvidia, inc, os.path.join(inc, "torch", "csrc", "api", "include"),
+    # as setup.py: the wheels' cuBLAS/cuSPARSE headers after every -I dir (the toolkit's win)
+    nvidia = [d for d in sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+              if any(os.path.exists(os.path.join(d, h)) for h in ("cublas_v2.h", "cusparse.h"))]
+    includes = [os.path.join(ROOT, "csrc"), inc, os.path.join(inc, "torch", "csrc", "api", "include"),
                 os.path.join(cuda_home, "include"), sysconfig.get_paths()["include"]]
     common = ["-O3", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C", "-DMOLE_EXT_WITH_CUDA=1"] + \
-        [f"-I{d}" for d in includes]
+        [f"-I{d}" for d in includes] + [f for d in nvidia for f in ("-isystem", d)]
     # the flags setup.py passes, and the -std that release's build adds (setup.py passes none)
     std = default_std(inc)
     cxx = ["c++", "-fPIC", std, "-ffp-contract=off", *common]

@@ -373,6 +373,25 @@ def _all_grouped_ops(x, a, b, off, rs, up, base, base_dx):
         up, x, a, b, off, 0.75, rs), gx, *acc]
 
 
+_ALL_OP_RESULTS = ("y", "add_out", "gx", "ga", "gb", "grs", "gx_acc", "ga_acc", "gb_acc", "grs_acc")
+
+
+def _same_with_switch_off(args, is_on, set_on, what):
+    """Every grouped op's results with a kernel switch on (the default, checked) and off must be
+    identical bit for bit; returns the results with it on."""
+    assert is_on(), f"{what}: on by default"
+    on = _all_grouped_ops(*args)
+    set_on(False)
+    try:
+        off = _all_grouped_ops(*args)
+    finally:
+        set_on(True)
+    torch.cuda.synchronize()
+    for u, v, name in zip(on, off, _ALL_OP_RESULTS):
+        assert_equal(u, v, f"{what}: {name}")
+    return on
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("d_in,d_out,r,misaligned", [(40, 72, 16, False), (4096, 200, 8, False),
                                                      (136, 17, 64, False), (33, 24, 8, False), (40, 72, 16, True)])
@@ -392,17 +411,8 @@ def test_vector_and_element_accesses_agree_bit_for_bit(device, dtype, d_in, d_ou
         xd.copy_(x)
         assert xd.is_contiguous() and xd.data_ptr() % 16 != 0
     args = (xd, *cuda_args(a, b, off, rs), up, base, base_dx)
-    assert _C.grouped_lora_vectorized(), "vector accesses are the default"
-    vec = _all_grouped_ops(*args)
-    _C.set_grouped_lora_vectorized(False)
-    try:
-        elem = _all_grouped_ops(*args)
-    finally:
-        _C.set_grouped_lora_vectorized(True)
-    torch.cuda.synchronize()
-    for u, v, name in zip(vec, elem, ("y", "add_out", "gx", "ga", "gb", "grs", "gx_acc", "ga_acc", "gb_acc",
-                                      "grs_acc")):
-        assert_equal(u, v, f"vector vs element accesses: {name}")
+    vec = _same_with_switch_off(args, _C.grouped_lora_vectorized, _C.set_grouped_lora_vectorized,
+                                "vector vs element accesses")
     close(vec[0], cpu_op("grouped_lora", x, a, b, off, 0.75, rs), dtype, "vectorized forward vs CPU")
 
 
@@ -421,17 +431,9 @@ def test_pipelined_and_plain_main_loops_agree_bit_for_bit(device, dtype, d_in, d
     g = torch.Generator().manual_seed(8)
     up, base, base_dx = (torch.randn(n, c, generator=g).to(dtype).cuda() for c in (d_out, d_out, d_in))
     args = (*cuda_args(x, a, b, off, rs), up, base, base_dx)
-    assert _C.grouped_lora_pipelined() and _C.grouped_lora_vectorized(), "the pipelined loop is the default"
-    piped = _all_grouped_ops(*args)
-    _C.set_grouped_lora_pipelined(False)
-    try:
-        plain = _all_grouped_ops(*args)
-    finally:
-        _C.set_grouped_lora_pipelined(True)
-    torch.cuda.synchronize()
-    for u, v, name in zip(piped, plain, ("y", "add_out", "gx", "ga", "gb", "grs", "gx_acc", "ga_acc", "gb_acc",
-                                         "grs_acc")):
-        assert_equal(u, v, f"pipelined vs plain main loop: {name}")
+    assert _C.grouped_lora_vectorized(), "the pipelined loop needs the vector path (the default)"
+    piped = _same_with_switch_off(args, _C.grouped_lora_pipelined, _C.set_grouped_lora_pipelined,
+                                  "pipelined vs plain main loop")
     close(piped[0], cpu_op("grouped_lora", x, a, b, off, 0.75, rs), dtype, "pipelined forward vs CPU")
     close(piped[2], cpu_op("grouped_lora_backward", up.cpu(), x, a, b, off, 0.75, rs)[0], dtype,
           "pipelined dX vs CPU")

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <sstream>
+#include <string>
 
 namespace mole_ext {
 namespace cuda_errors {
@@ -18,6 +20,42 @@ enum Kind : int {
   kGroupedLoraOffsets = 6,    // grouped_lora*: offsets not non-decreasing from 0 to N
   kNumKinds = 7,
 };
+
+// The message of one kind, and one report (flag set with value, where, bound) in words. Shared by
+// errors.cu and the CPU emulator of the CUDA sources (tests/cuda_emu), so both say the same.
+inline const char* kind_message(int kind) {
+  switch (kind) {
+    case kPermuteExpert:
+      return "permute: expert ids must be in [0, num_experts)";
+    case kLoadBalanceExpert:
+      return "load_balance_loss: expert ids must be in [0, K) (K = probs.size(1))";
+    case kPermuteRowsIndex:
+      return "permute_rows: sorted_token must be a permutation of [0, N), but an entry is out of range";
+    case kUnpermuteIndex:
+      return "unpermute: sorted_token must be a permutation of [0, N), but an entry is out of range";
+    case kPermuteRowsDuplicate:
+      return "permute_rows: sorted_token must be a permutation of [0, N), but a row is hit other than once";
+    case kUnpermuteDuplicate:
+      return "unpermute: sorted_token must be a permutation of [0, N), but a row is hit other than once";
+    case kGroupedLoraOffsets:
+      return "grouped_lora: offsets must be non-decreasing with offsets[0] = 0 and offsets[-1] = N (the rows of x)";
+    default:
+      return "unknown error";
+  }
+}
+
+inline std::string describe_report(int kind, int64_t value, int64_t where, int64_t bound) {
+  std::ostringstream msg;
+  msg << kind_message(kind) << ": ";
+  if (kind == kPermuteRowsDuplicate || kind == kUnpermuteDuplicate) {
+    msg << "row " << where << " of " << bound << " is hit " << value << " times";
+  } else if (kind == kGroupedLoraOffsets) {
+    msg << "found offsets[" << where << "] = " << value << " (N = " << bound << ")";
+  } else {
+    msg << "found " << value << " at position " << where << " (valid range [0, " << bound << "))";
+  }
+  return msg.str();
+}
 
 // Raises (TORCH_CHECK) if a kernel on `device` (-1: any device) has reported an error since the
 // last check, clearing the report. With synchronize, first waits for the device(s) so every

@@ -37,27 +37,6 @@ std::atomic<int>& validate_flag() {
   return v;
 }
 
-const char* kind_message(int kind) {
-  switch (kind) {
-    case cuda_errors::kPermuteExpert:
-      return "permute: expert ids must be in [0, num_experts)";
-    case cuda_errors::kLoadBalanceExpert:
-      return "load_balance_loss: expert ids must be in [0, K) (K = probs.size(1))";
-    case cuda_errors::kPermuteRowsIndex:
-      return "permute_rows: sorted_token must be a permutation of [0, N), but an entry is out of range";
-    case cuda_errors::kUnpermuteIndex:
-      return "unpermute: sorted_token must be a permutation of [0, N), but an entry is out of range";
-    case cuda_errors::kPermuteRowsDuplicate:
-      return "permute_rows: sorted_token must be a permutation of [0, N), but a row is hit other than once";
-    case cuda_errors::kUnpermuteDuplicate:
-      return "unpermute: sorted_token must be a permutation of [0, N), but a row is hit other than once";
-    case cuda_errors::kGroupedLoraOffsets:
-      return "grouped_lora: offsets must be non-decreasing with offsets[0] = 0 and offsets[-1] = N (the rows of x)";
-    default:
-      return "unknown error";
-  }
-}
-
 // Reads and clears the slots of one device; raises if a flag was set. `synchronized`: the caller
 // has waited for the device (needed to read slots that live in device memory).
 void check_device(int device, bool synchronized) {
@@ -88,14 +67,7 @@ void check_device(int device, bool synchronized) {
     const int64_t value = v->value[k], where = v->where[k], bound = v->bound[k];
     v->flag[k] = 0;
     if (any) msg << "; ";
-    msg << kind_message(k) << ": ";
-    if (k == cuda_errors::kPermuteRowsDuplicate || k == cuda_errors::kUnpermuteDuplicate) {
-      msg << "row " << where << " of " << bound << " is hit " << value << " times";
-    } else if (k == cuda_errors::kGroupedLoraOffsets) {
-      msg << "found offsets[" << where << "] = " << value << " (N = " << bound << ")";
-    } else {
-      msg << "found " << value << " at position " << where << " (valid range [0, " << bound << "))";
-    }
+    msg << cuda_errors::describe_report(k, value, where, bound);
     any = true;
   }
   TORCH_CHECK(!any, "mole_ext CUDA kernel on cuda:", device, " reported: ", msg.str(),

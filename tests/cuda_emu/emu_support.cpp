@@ -678,27 +678,6 @@ namespace {
 ErrorSlots g_slots{};
 bool g_validate = true;
 
-const char* kind_message(int kind) {
-  switch (kind) {
-    case cuda_errors::kPermuteExpert:
-      return "permute: expert ids must be in [0, num_experts)";
-    case cuda_errors::kLoadBalanceExpert:
-      return "load_balance_loss: expert ids must be in [0, K) (K = probs.size(1))";
-    case cuda_errors::kPermuteRowsIndex:
-      return "permute_rows: sorted_token must be a permutation of [0, N), but an entry is out of range";
-    case cuda_errors::kUnpermuteIndex:
-      return "unpermute: sorted_token must be a permutation of [0, N), but an entry is out of range";
-    case cuda_errors::kPermuteRowsDuplicate:
-      return "permute_rows: sorted_token must be a permutation of [0, N), but a row is hit other than once";
-    case cuda_errors::kUnpermuteDuplicate:
-      return "unpermute: sorted_token must be a permutation of [0, N), but a row is hit other than once";
-    case cuda_errors::kGroupedLoraOffsets:
-      return "grouped_lora: offsets must be non-decreasing with offsets[0] = 0 and offsets[-1] = N (the rows of x)";
-    default:
-      return "unknown error";
-  }
-}
-
 void raise_reported(const char* when) {
   std::ostringstream msg;
   bool any = false;
@@ -712,14 +691,7 @@ void raise_reported(const char* when) {
     const int64_t value = g_slots.value[k], where = g_slots.where[k], bound = g_slots.bound[k];
     g_slots.flag[k] = 0;
     if (any) msg << "; ";
-    msg << kind_message(k) << ": ";
-    if (k == cuda_errors::kPermuteRowsDuplicate || k == cuda_errors::kUnpermuteDuplicate) {
-      msg << "row " << where << " of " << bound << " is hit " << value << " times";
-    } else if (k == cuda_errors::kGroupedLoraOffsets) {
-      msg << "found offsets[" << where << "] = " << value << " (N = " << bound << ")";
-    } else {
-      msg << "found " << value << " at position " << where << " (valid range [0, " << bound << "))";
-    }
+    msg << cuda_errors::describe_report(k, value, where, bound);
     any = true;
   }
   TORCH_CHECK(!any, "mole_ext CUDA kernel (emulated) reported ", when, ": ", msg.str());

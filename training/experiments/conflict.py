@@ -479,7 +479,7 @@ def run_experiment(cfg: ConflictConfig, argv: list[str]) -> Path:
         (json.loads(s1.read_text())["seconds"] if s1.exists() else 0.0)
     run_commits = sorted({r.get("commit") or "unrecorded" for r in results.values()})
     command = "python -m training.experiments.conflict " + " ".join(argv)
-    header = [f"# Data-conflict experiment", "",
+    header = ["# Data-conflict experiment", "",
               f"Command: `{command.strip()}`  ", f"Commit: `{commit}`  ", f"Seed: {cfg.seed} (data, stage 1 and "
               f"every run)  ", f"Machine: {_machine()}; torch {torch.__version__}  ",
               f"Runs trained and evaluated at commit(s): {', '.join(f'`{c}`' for c in run_commits)}  ",
