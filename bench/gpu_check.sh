@@ -17,9 +17,10 @@
 #   bench      python bench/routing.py --quick, bench/grouped_gemm.py --quick and --profile, bench/mole_ffn.py
 #   memcheck   compute-sanitizer --tool memcheck over bench/gpu_check_kernels.py (each kernel once,
 #   racecheck  ... and --tool racecheck; the two run at the same time, PyTorch's caching allocator off)
-#   train      python bench/train_step.py --config 7b (LLaVA-MoLE vs plain-LoRA LLaVA training step,
+#   train      python -m training.demo --model tiny (the main job on the GPU), then
+#              python bench/train_step.py --config 7b (LLaVA-MoLE vs plain-LoRA LLaVA training step,
 #              random bf16 7B weights): last, only with time left in the budget (a skip is not a
-#              failure); `GPU_CHECK_STAGES="env train"` runs it alone after a build
+#              failure); `GPU_CHECK_STAGES="env info train"` runs it alone after a build
 # Output: gpu_check.json and gpu_check.md (summary), gpu_check.log (every stage's output),
 # junit.xml (all test files), the benchmarks' tables (routing-cuda.md, ...), in $OUT when set, else
 # bench/results/gpu_check-<UTC date>/. At most 8 files, so a caller that brings back only a
@@ -222,11 +223,18 @@ bench_stage() {
 
 train_stage() {
   cd "$ROOT" || return 2
+  local rc=0 cfg=7b
+  # the README's main job on the GPU, at the tiny model size (the SmolLM2 weights and the gguf
+  # package are not on the image): both stages under bf16 autocast, evaluation, heatmaps
+  echo "== python -m training.demo --model tiny"
+  timeout 60 "$PY" -m training.demo --model tiny --out "$WORK/demo" > "$WORK/demo_run.log" 2>&1 || rc=1
+  grep -v 'it/s\]' "$WORK/demo_run.log" | tail -n 20  # without the progress bars
   # two providers, each its own process: import, random 7B init on the GPU, 1 warm-up + 3 steps
   # (without a GPU, as when this script is checked on a CPU machine: the tiny configuration)
-  local cfg=7b
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || cfg=tiny
-  "$PY" bench/train_step.py --config "$cfg" --steps 3 --warmup 1 --no-save
+  echo "== bench/train_step.py --config $cfg"
+  timeout 110 "$PY" bench/train_step.py --config "$cfg" --steps 3 --warmup 1 --no-save || rc=1
+  return $rc
 }
 
 export -f train_stage env_stage build_stage info_stage tests_stage sanitizer_stage memcheck_stage racecheck_stage bench_stage
@@ -245,7 +253,7 @@ SAN1=$!
 run_stage racecheck 90 racecheck_stage &
 SAN2=$!
 wait "$SAN1" "$SAN2"
-run_stage train 120 train_stage
+run_stage train 180 train_stage
 
 # ---- summary: gpu_check.json, gpu_check.md, gpu_check.log (+ rows, junit) ---------------------
 {

@@ -96,16 +96,13 @@ def worker(cfg: BenchConfig, provider: str, steps: int, warmup: int, checkpointi
     import torch.nn.functional as F
 
     from training.analytics import RoutingStats
-    from training.model import mole_modules
+    from training.model import enable_checkpointing, mole_modules
     from training.trainer import balance_losses
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build(cfg, provider, device).train()
     if checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
-        if not any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
-            raise RuntimeError("--gradient-checkpointing: transformers enabled it on no layer")
+        enable_checkpointing(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     moles = [m for _, m in mole_modules(model)]
     n_img = (cfg.image_size // cfg.patch_size) ** 2

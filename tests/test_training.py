@@ -24,7 +24,7 @@ from training.analytics import RoutingStats  # noqa: E402
 from training.config import DataConfig, DatasetSpec, ModelConfig, load_config
 from training.data import IGNORE, BadRecord, Collator, LlavaData, MixtureSampler, make_builtin
 from training.lora import LoRALinear
-from training.model import build_model  # noqa: E402
+from training.model import build_model, enable_checkpointing  # noqa: E402
 
 CACHE = str(ROOT / ".cache" / "mole_ext")
 TINY = ["model.source=tiny", f"model.cache_dir={CACHE}", "data.builtin_per_domain=8",
@@ -492,7 +492,7 @@ def test_gradient_checkpointing_same_loss_and_grads():
                 if p.requires_grad and p.ndim > 1:
                     p.normal_(0, 0.05)
         if ckpt:
-            m.activation_checkpointing_enable({"use_reentrant": False})
+            enable_checkpointing(m)
             assert m.model.language_model.layers[0].gradient_checkpointing
         ids = torch.randint(0, 1000, (2, 10))
         mask = torch.ones_like(ids, dtype=torch.bool)

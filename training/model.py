@@ -311,6 +311,15 @@ def mole_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MoLEFFN)]
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant). transformers renamed the method
+    (``gradient_checkpointing_enable`` before 5.2x, a deprecated alias after); either works."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+    if not any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        raise RuntimeError("activation checkpointing: transformers enabled it on no layer of this model")
+
+
 def build_model(cfg: ModelConfig, stage: int = 2) -> Built:
     """The full LLaVA-MoLE for a stage: stage 1 has no MoLE/LoRA (language model frozen),
     stage 2 injects them. A random vision tower (sources tiny/smollm2) always trains."""

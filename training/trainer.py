@@ -386,6 +386,14 @@ class StopAfter(TrainerCallback):
         return control
 
 
+def _checkpointing_args(on: bool) -> dict:
+    """Activation checkpointing for ``TrainingArguments``: ``activation_checkpointing`` in the
+    transformers we pin, ``gradient_checkpointing`` in releases before the rename (the GPU image
+    has 5.17), so that training runs on either."""
+    name = "activation" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient"
+    return {f"{name}_checkpointing": on, f"{name}_checkpointing_kwargs": {"use_reentrant": False} if on else None}
+
+
 def training_args(cfg: RunConfig) -> TrainingArguments:
     t = cfg.train
     if t.device not in ("auto", "cpu"):
@@ -426,8 +434,7 @@ def training_args(cfg: RunConfig) -> TrainingArguments:
         save_total_limit=t.save_total_limit,  # applied by MoLETrainer._rotate
         seed=t.seed,
         data_seed=t.seed,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **_checkpointing_args(t.gradient_checkpointing),
         remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_workers,
         report_to=["tensorboard"] if _has_tensorboard() else [],
