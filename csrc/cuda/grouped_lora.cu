@@ -14,7 +14,8 @@
 // use a SIMT inner product with the same tiling. MOLE_EXT_GROUPED_LORA_SIMT=1 forces the SIMT
 // path for bf16 / fp16 as well (a cross-check of the tensor-core path). Global memory is read and
 // written in 16-byte vectors where every row of a matrix starts 16-byte aligned (tile loads of
-// row-contiguous operands, the epilogues); MOLE_EXT_GROUPED_LORA_SCALAR=1 or
+// row-contiguous operands, the epilogues; wgrad's left operand, dH or dY read along its rows of
+// tokens, is staged k-major for that, block_mma's AT); MOLE_EXT_GROUPED_LORA_SCALAR=1 or
 // mole_ext._C.set_grouped_lora_vectorized(False) turns that off (element accesses, the same
 // results bit for bit: a cross-check and an A/B switch for the benchmarks). With vector accesses,
 // the bf16 / fp16 row GEMMs run a cp.async pipelined main loop (block_mma_pipelined, sm_80+; the
@@ -120,6 +121,7 @@ struct TileSmem {
   // Leading dimensions padded to a multiple of 8 16-bit elements (wmma's ldm rule) and off the
   // 32-bank period; fragment pointers stay 32-byte aligned (checked by static_assert below).
   static constexpr int LDA = BK + 8;
+  static constexpr int LDAT = BM + 8;  // the A tile stored k-major (block_mma's AT)
   static constexpr int LDB = BN + 8;
   static constexpr int LDC = BN + 4;
   static constexpr size_t kA = sizeof(S) * BM * LDA;
@@ -128,6 +130,7 @@ struct TileSmem {
   static constexpr size_t kBytes = (kA + kB) > kC ? (kA + kB) : kC;
   static_assert(kA % 32 == 0, "the B tile must start 32-byte aligned");
   static_assert((sizeof(S) * 16 * LDA) % 32 == 0 && (sizeof(S) * 16 * LDB) % 32 == 0, "fragment rows");
+  static_assert(sizeof(S) * BK * LDAT <= kA && (sizeof(S) * 16 * LDAT) % 32 == 0, "the k-major A tile");
   static_assert((sizeof(Acc) * 16 * LDC) % 32 == 0, "accumulator fragment rows");
   static_assert(kBytes <= 48 * 1024, "static shared memory limit");
 };
@@ -180,10 +183,26 @@ struct Operand {
   bool vec;  // 16-byte loads (load_tile)
 };
 
+// The k-step of A starting at k0 into shared memory: m-major (sA[m * LDA + k]) or, with AT,
+// k-major (sA[k * LDAT + m], A.s_i == 1: rows of the source are k, columns m).
+template <typename S, typename Acc, bool AT>
+__device__ __forceinline__ void load_a_tile(S* sA, const Operand<S>& A, int64_t k0, int mv, int kv) {
+  using L = TileSmem<S, Acc>;
+  if constexpr (AT) {
+    load_tile<S, BK, BM, L::LDAT>(sA, A.p + k0 * A.s_j, A.s_j, A.s_i, kv, mv, /*c_fast=*/true, A.vec);
+  } else {
+    load_tile<S, BM, BK, L::LDA>(sA, A.p + k0 * A.s_j, A.s_i, A.s_j, mv, kv, A.j_fast, A.vec);
+  }
+}
+
 // C[BM x BN] = sum_k A[m, k] B[k, n] over k in [0, klen), m < mv, n < nv (zero elsewhere),
 // left in shared memory sC (ld TileSmem::LDC, accumulator type) for the epilogue. Every thread
 // of the block must call it (it has barriers).
-template <typename S, typename Acc, bool TC>
+// AT: A is m-contiguous in memory (A.s_i == 1: the weight gradients' dY / dH, read along a row of
+// tokens) and its tile is stored k-major, sA[k * LDAT + m], so that the load walks m with 16-byte
+// vectors where A.vec allows (and with conflict-free shared stores either way); the tensor cores
+// read it through col_major fragments. The same products in the same order as the m-major tile.
+template <typename S, typename Acc, bool TC, bool AT = false>
 __device__ __forceinline__ void block_mma(unsigned char* smem, const Operand<S>& A, const Operand<S>& B, int mv,
                                           int nv, int64_t klen) {
   using L = TileSmem<S, Acc>;
@@ -203,15 +222,20 @@ __device__ __forceinline__ void block_mma(unsigned char* smem, const Operand<S>&
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2];
     wmma::fill_fragment(c[0], 0.0f);
     wmma::fill_fragment(c[1], 0.0f);
+    using ALayout = std::conditional_t<AT, wmma::col_major, wmma::row_major>;
     for (int64_t k0 = 0; k0 < klen; k0 += BK) {
       const int kv = static_cast<int>(klen - k0 < BK ? klen - k0 : BK);
-      load_tile<S, BM, BK, L::LDA>(sA, A.p + k0 * A.s_j, A.s_i, A.s_j, mv, kv, A.j_fast, A.vec);
+      load_a_tile<S, Acc, AT>(sA, A, k0, mv, kv);
       load_tile<S, BK, BN, L::LDB>(sB, B.p + k0 * B.s_i, B.s_i, B.s_j, kv, nv, B.j_fast, B.vec);
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < BK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, S, wmma::row_major> fa;
-        wmma::load_matrix_sync(fa, sA + fm * 16 * L::LDA + kk, L::LDA);
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, S, ALayout> fa;
+        if constexpr (AT) {
+          wmma::load_matrix_sync(fa, sA + kk * L::LDAT + fm * 16, L::LDAT);
+        } else {
+          wmma::load_matrix_sync(fa, sA + fm * 16 * L::LDA + kk, L::LDA);
+        }
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, S, wmma::row_major> fb;
@@ -237,14 +261,16 @@ __device__ __forceinline__ void block_mma(unsigned char* smem, const Operand<S>&
     }
     for (int64_t k0 = 0; k0 < klen; k0 += BK) {
       const int kv = static_cast<int>(klen - k0 < BK ? klen - k0 : BK);
-      load_tile<S, BM, BK, L::LDA>(sA, A.p + k0 * A.s_j, A.s_i, A.s_j, mv, kv, A.j_fast, A.vec);
+      load_a_tile<S, Acc, AT>(sA, A, k0, mv, kv);
       load_tile<S, BK, BN, L::LDB>(sB, B.p + k0 * B.s_i, B.s_i, B.s_j, kv, nv, B.j_fast, B.vec);
       __syncthreads();
 #pragma unroll 4
       for (int kk = 0; kk < BK; ++kk) {
         Acc a[4], b[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = to_acc<Acc>(sA[(tm + 16 * i) * L::LDA + kk]);
+        for (int i = 0; i < 4; ++i) {
+          a[i] = to_acc<Acc>(AT ? sA[kk * L::LDAT + tm + 16 * i] : sA[(tm + 16 * i) * L::LDA + kk]);
+        }
 #pragma unroll
         for (int j = 0; j < 4; ++j) b[j] = to_acc<Acc>(sB[kk * L::LDB + tn + 16 * j]);
 #pragma unroll
@@ -525,6 +551,7 @@ struct WgradArgs {
   int64_t ldb;
   const int64_t* offsets;
   int64_t k_seg, n, chunk_rows, m_rows, ncols, n_tiles;
+  bool a_vec;       // 16-byte loads of a, along m (every row 16-byte aligned)
   bool b_vec;       // 16-byte loads of b (every row 16-byte aligned)
   float* out_f;     // partials [chunks, M, ncols] in Acc (out_f or out_d)
   double* out_d;
@@ -540,9 +567,9 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradArgs<S> p) {
   const int mv = static_cast<int>(p.m_rows - m0 < BM ? p.m_rows - m0 : BM);
   const int nv = static_cast<int>(p.ncols - n0 < BN ? p.ncols - n0 : BN);
   const int64_t rows = st.row_end - st.row_begin;  // 0 for an idle chunk: its partial is zeros
-  const Operand<S> A{p.a + st.row_begin * p.lda + m0, 1, p.lda, /*j_fast=*/false, /*vec=*/false};
+  const Operand<S> A{p.a + st.row_begin * p.lda + m0, 1, p.lda, /*j_fast=*/false, p.a_vec};
   const Operand<S> B{p.b + st.row_begin * p.ldb + n0, p.ldb, 1, /*j_fast=*/true, p.b_vec};
-  block_mma<S, Acc, TC>(smem, A, B, mv, nv, rows > 0 ? rows : 0);
+  block_mma<S, Acc, TC, /*AT=*/true>(smem, A, B, mv, nv, rows > 0 ? rows : 0);
   const Acc* sC = reinterpret_cast<const Acc*>(smem);
   Acc* out = nullptr;
   if constexpr (std::is_same_v<Acc, double>) {
@@ -824,6 +851,7 @@ void weight_grad(const Prepared& p, const lt::WgradShape& sh, const at::Tensor& 
   a.m_rows = m_rows;
   a.ncols = ncols;
   a.n_tiles = index_math::ceil_div(ncols, BN);
+  a.a_vec = vec_rows<S>(a.a, a.lda);
   a.b_vec = vec_rows<S>(a.b, a.ldb);
   if constexpr (std::is_same_v<Acc, double>) {
     a.out_d = part.mutable_data_ptr<double>();
