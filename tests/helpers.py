@@ -79,3 +79,17 @@ def routing_for(n: int, k: int, kind: str, generator=None) -> torch.Tensor:
             e[e == 1] = 0
         return e
     raise ValueError(kind)
+
+
+def load_balance_inputs(n: int, k: int, dtype, mask_kind: str, seed: int, skew: float | None = None):
+    """Inputs of load_balance_loss: probs [n, k] (a float64 softmax cast to dtype), expert [n]
+    int64, mask [n] bool or None. mask_kind: "none", "random" (about 70% kept) or "all_false";
+    skew: the share of tokens moved to expert 0 (None: uniform routing)."""
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(n, k, generator=gen, dtype=torch.float64), -1).to(dtype)
+    expert = torch.randint(0, k, (n,), generator=gen)
+    if skew is not None:
+        expert = torch.where(torch.rand(n, generator=gen) < skew, torch.zeros_like(expert), expert)
+    mask = {"none": None, "random": torch.rand(n, generator=gen) < 0.7,
+            "all_false": torch.zeros(n, dtype=torch.bool)}[mask_kind]
+    return probs, expert, mask

@@ -35,6 +35,7 @@ import pytest
 import torch
 
 from mole_ext import _C
+from helpers import load_balance_inputs as lb_inputs
 from test_cuda_emulated import EMU, PAD, SANITIZE_ALIGNMENT, Emulated, build_library, code_only, csrc_root
 
 ops_cpu = torch.ops.mole_ext
@@ -502,15 +503,6 @@ def test_permute_rows_bad_and_repeated_entries(remu):
 
 # ---- load_balance_loss --------------------------------------------------------------------------
 
-def lb_inputs(n, k, dtype, mask_kind, seed, skew=False):
-    gen = torch.Generator().manual_seed(seed)
-    probs = torch.softmax(torch.randn(n, k, generator=gen, dtype=torch.float64), -1).to(dtype)
-    expert = torch.randint(0, k, (n,), generator=gen)
-    if skew:
-        expert = torch.where(torch.rand(n, generator=gen) < 0.9, torch.zeros_like(expert), expert)
-    mask = {"none": None, "random": torch.rand(n, generator=gen) < 0.7,
-            "all_false": torch.zeros(n, dtype=torch.bool)}[mask_kind]
-    return probs, expert, mask
 
 
 def acc_of(dtype):
@@ -544,7 +536,7 @@ LB_SHAPES = [(1, 1), (33, 3), (1025, 8), (5000, 3), (700, 128), (600, 129), (400
 @pytest.mark.parametrize("n,k", LB_SHAPES, ids=[f"N{n}-K{k}" for n, k in LB_SHAPES])
 def test_load_balance_matches_cpu(remu, n, k, mask_kind):
     for dtype in FLOATS:
-        probs, expert, mask = lb_inputs(n, k, dtype, mask_kind, n * 31 + k, skew=n == 5000)
+        probs, expert, mask = lb_inputs(n, k, dtype, mask_kind, n * 31 + k, skew=0.9 if n == 5000 else None)
         loss = check_load_balance(remu, probs, expert, mask, f"N={n} K={k} {dtype} mask={mask_kind}",
                                   torch.int32 if dtype == torch.bfloat16 else torch.int64)
         if mask_kind == "all_false":

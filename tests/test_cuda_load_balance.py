@@ -15,6 +15,7 @@ from mole_ext import _C
 from mole_ext import reference as ref
 
 from cuda_testing import assert_close, assert_equal, cpu_op, cuda_params, validate_mode, validated_device
+from helpers import load_balance_inputs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 LOSS_RTOL = {torch.float32: 2.5e-7, torch.float64: 1e-14}
@@ -23,16 +24,8 @@ LOSS_RTOL = {torch.float32: 2.5e-7, torch.float64: 1e-14}
 device = pytest.fixture(params=cuda_params(), name="device")(validated_device)
 
 
-def _inputs(n, k, dtype, mask_kind, seed, device, skew=False):
-    gen = torch.Generator().manual_seed(seed)
-    probs = torch.softmax(torch.randn(n, k, generator=gen, dtype=torch.float64), -1).to(dtype)
-    expert = torch.randint(0, k, (n,), generator=gen)
-    if skew:
-        expert = torch.where(torch.rand(n, generator=gen) < 0.99, torch.zeros_like(expert), expert)
-    mask = {"none": None, "random": torch.rand(n, generator=gen) < 0.7,
-            "all_false": torch.zeros(n, dtype=torch.bool)}[mask_kind]
-    to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return to(probs), to(expert), to(mask)
+def _inputs(n, k, dtype, mask_kind, seed, device, skew=None):
+    return tuple(None if t is None else t.to(device) for t in load_balance_inputs(n, k, dtype, mask_kind, seed, skew))
 
 
 def _acc(dtype):
@@ -57,7 +50,7 @@ def test_loss_and_grad_match_cpu(device, n, k, dtype, mask_kind):
 
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
 def test_loss_one_million_tokens_skewed(device, index_dtype):
-    probs, expert, mask = _inputs(1 << 20, 8, torch.float32, "random", 11, device, skew=True)
+    probs, expert, mask = _inputs(1 << 20, 8, torch.float32, "random", 11, device, skew=0.99)
     expert = expert.to(index_dtype)
     loss = mole_ext.ops.load_balance_loss(probs, expert, mask)
     assert_close(loss, cpu_op("load_balance_loss", probs, expert, mask), rtol=LOSS_RTOL[torch.float32], what="loss")
