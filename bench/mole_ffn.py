@@ -83,10 +83,9 @@ class SingleLoRAFFN(nn.Module):
 def native_expert_loop(mole: MoLEFFN):
     """The per-expert loop in the model's dtype: top-1 routing in float32 (as MoLEFFN's), then
     per projection the base linear and, for each expert, its rows' LoRA added in place."""
-    def proj(z, p, expert, gate):
+    def proj(z, p, rows, gate):
         out = F.linear(z, p.weight, p.bias)
-        for k in range(p.lora_A.shape[0]):
-            idx = (expert == k).nonzero().squeeze(1)  # a host sync per expert, as in the released code
+        for k, idx in enumerate(rows):
             if idx.numel():
                 zk = z[idx]
                 delta = F.linear(F.linear(zk, p.lora_A[k]), p.lora_B[k]) * (gate[idx, None] * mole.scaling)
@@ -100,8 +99,11 @@ def native_expert_loop(mole: MoLEFFN):
         probs = logits.softmax(-1)
         p_top, expert = probs.max(-1)
         gate = p_top.to(t.dtype)
-        h = F.silu(proj(x2, mole.gate_proj, expert, gate)) * proj(x2, mole.up_proj, expert, gate)
-        return proj(h, mole.down_proj, expert, gate).reshape(t.shape)
+        # each expert's rows, once per forward for all three projections: a host sync per expert,
+        # as in the released code
+        rows = [(expert == k).nonzero().squeeze(1) for k in range(mole.gate_proj.lora_A.shape[0])]
+        h = F.silu(proj(x2, mole.gate_proj, rows, gate)) * proj(x2, mole.up_proj, rows, gate)
+        return proj(h, mole.down_proj, rows, gate).reshape(t.shape)
 
     return forward
 
