@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "common.cuh"
+#include "tuning.h"
 
 namespace mole_ext {
 namespace cuda {
@@ -30,10 +31,7 @@ SlotTable& table() {
 }
 
 std::atomic<int>& validate_flag() {
-  static std::atomic<int> v([] {
-    const char* e = std::getenv("MOLE_EXT_CUDA_VALIDATE");
-    return (e != nullptr && (std::strcmp(e, "1") == 0 || std::strcmp(e, "true") == 0)) ? 1 : 0;
-  }());
+  static std::atomic<int> v(tuning::env_flag("MOLE_EXT_CUDA_VALIDATE") ? 1 : 0);
   return v;
 }
 

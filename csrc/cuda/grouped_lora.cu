@@ -670,10 +670,7 @@ bool vec_rows(const void* p, int64_t ld) {
 }
 
 bool force_simt() {
-  static const bool on = [] {
-    const char* e = std::getenv("MOLE_EXT_GROUPED_LORA_SIMT");
-    return e != nullptr && (std::strcmp(e, "1") == 0 || std::strcmp(e, "true") == 0);
-  }();
+  static const bool on = tuning::env_flag("MOLE_EXT_GROUPED_LORA_SIMT");
   return on;
 }
 
@@ -1059,18 +1056,12 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
 namespace tuning {
 namespace {
 std::atomic<bool>& vectorized_flag() {
-  static std::atomic<bool> on{[] {
-    const char* e = std::getenv("MOLE_EXT_GROUPED_LORA_SCALAR");
-    return !(e != nullptr && (std::strcmp(e, "1") == 0 || std::strcmp(e, "true") == 0));
-  }()};
+  static std::atomic<bool> on{!env_flag("MOLE_EXT_GROUPED_LORA_SCALAR")};
   return on;
 }
 
 std::atomic<bool>& pipelined_flag() {
-  static std::atomic<bool> on{[] {
-    const char* e = std::getenv("MOLE_EXT_GROUPED_LORA_NO_PIPELINE");
-    return !(e != nullptr && (std::strcmp(e, "1") == 0 || std::strcmp(e, "true") == 0));
-  }()};
+  static std::atomic<bool> on{!env_flag("MOLE_EXT_GROUPED_LORA_NO_PIPELINE")};
   return on;
 }
 }  // namespace

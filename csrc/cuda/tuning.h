@@ -2,8 +2,17 @@
 // compiler) can expose them.
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
+
 namespace mole_ext {
 namespace tuning {
+
+// Whether the environment variable `name` is "1" or "true": the start-up value of a switch.
+inline bool env_flag(const char* name) {
+  const char* e = std::getenv(name);
+  return e != nullptr && (std::strcmp(e, "1") == 0 || std::strcmp(e, "true") == 0);
+}
 
 // grouped_lora*: 16-byte global loads / stores where rows are 16-byte aligned (on by default;
 // MOLE_EXT_GROUPED_LORA_SCALAR=1 turns it off at start-up). Results are identical either way;
