@@ -1,5 +1,5 @@
 """Grouped LoRA GEMM (shrink + expand over expert segments), forward and backward, against the
-baselines side by side in one process, with the HBM roofline of the bytes each call must move.
+baselines side by side in one process, with a DRAM traffic model of the kernels beside each case.
 
 Providers:
   mole_ext     torch.ops.mole_ext.grouped_lora / grouped_lora_backward (segment map on the device)
@@ -11,21 +11,27 @@ Providers:
   loop         a Python loop over experts (host-synchronising offsets.tolist(), one GEMM pair each)
   mask         all experts then mask: one GEMM against the K stacked LoRA matrices, the rows'
                other experts zeroed, one GEMM back (K times the FLOPs, no host sync)
-  roofline     the bytes the call must move (inputs read once, outputs written once) at the
-               device's HBM bandwidth: H200 4.8 TB/s, H100 SXM 3.35 TB/s, A100 2.0 TB/s, else
-               the bandwidth of a large copy_ measured in the same run (which the of_copy
-               column always reports against: what the device reaches in practice)
+Beside every case, the traffic model of bench/traffic.py (the kernels' tiling, csrc/cuda/grouped_lora.cu):
+the bytes the op must move at minimum (min_MB), the bytes the current kernels move (impl_MB), the
+best fraction of the copy bandwidth they can reach (pred_frac = min / impl), the time they take
+at the bandwidth of a large copy_ measured in the same run (pred_us), and on a GPU mole_ext's
+measured time as a fraction of that prediction (of_pred; 1.0 = the kernels run at copy speed).
+Forward and backward are validated and reported separately: a provider that fails one still
+runs the other.
 
-Columns: median (p20-p80) microseconds per call, GB/s of those bytes, fraction of the roofline,
-speed-up of mole_ext over each provider. L2 is flushed (a 256 MiB write) before every timed call.
+Columns: median (p20-p80) microseconds per call, GB/s of the minimum bytes, of_copy (the fraction
+of the copy bandwidth that GB/s is), speed-up of mole_ext over each provider. L2 is flushed (a
+256 MiB write) before every timed call.
 
   python bench/grouped_gemm.py           # CUDA: bf16, N in {8192, 16384, 65536}, in = 4096,
                                          # out = 11008, r in {16, 32, 64, 128}, K in {2, 4, 8},
                                          # uniform and skewed (99% on one expert) routings
-  python bench/grouped_gemm.py --quick   # a subset (CUDA) / tiny shapes (CPU)
+  python bench/grouped_gemm.py --quick   # CUDA: N = 16384, r in {16, 32, 64, 128}, 4096 -> 11008 and
+                                         # 11008 -> 4096, K = 4, and a skewed K = 8 case / CPU: tiny shapes
   python bench/grouped_gemm.py --profile # where mole_ext's time goes, kernel by kernel (torch.profiler),
                                          # at N = 16384, r = 32, K = 8 (CUDA) / a small CPU shape
-On a machine without CUDA the CPU kernels run at small float32 sizes, and the script says so.
+On a machine without CUDA the CPU kernels run at small float32 sizes, and the script says so; the
+traffic model of the CUDA kernels at the GPU configurations is printed too (predictions only).
 Rows are appended to bench/results/grouped_gemm.jsonl; the table goes to
 bench/results/grouped_gemm-<cuda|cpu>.md.
 """
@@ -43,12 +49,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+import traffic  # noqa: E402
 
 import mole_ext  # noqa: E402,F401
 from mole_ext import ops  # noqa: E402
-
-HBM_PEAK = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}  # bytes/s, by device-name substring
-
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -62,9 +66,10 @@ class Config:
 
 
 def cuda_configs(quick: bool) -> List[Config]:
-    if quick:
-        return [Config(n, 4096, 11008, r, k, rt, "bfloat16") for n in (16384, 65536) for r in (16, 64)
-                for k in (4, 8) for rt in ("uniform", "skewed")]
+    if quick:  # the GPU check's: every rank of the targets, both FFN shapes, one skewed routing
+        return ([Config(16384, 4096, 11008, r, 4, "uniform", "bfloat16") for r in (16, 32, 64, 128)] +
+                [Config(16384, 11008, 4096, r, 4, "uniform", "bfloat16") for r in (32, 128)] +
+                [Config(16384, 4096, 11008, 32, 8, "skewed", "bfloat16")])
     return [Config(n, 4096, 11008, r, k, rt, "bfloat16") for n in (8192, 16384, 65536) for r in (16, 32, 64, 128)
             for k in (2, 4, 8) for rt in ("uniform", "skewed")]
 
@@ -98,14 +103,15 @@ def make_inputs(cfg: Config, device: str):
     return x, a, b, off, rs, gy, expert
 
 
-def bytes_moved(cfg: Config, mode: str) -> int:
+def model(cfg: Config, mode: str, sms: int = traffic.DEFAULT_SMS, l2: int = traffic.DEFAULT_L2) -> traffic.Traffic:
+    """The traffic model of mole_ext's CUDA kernels for this case (bench/traffic.py)."""
     e = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
-    n, i, o, r, k = cfg.n, cfg.d_in, cfg.d_out, cfg.r, cfg.k
-    weights = k * r * (i + o) * e
-    if mode == "fwd":  # x, A, B, row_scale, offsets in; y out
-        return n * i * e + weights + n * 4 + (k + 1) * 4 + n * o * e
-    # grad_y, x, A, B, row_scale in; grad_x, grad_A, grad_B, grad_row_scale out
-    return n * o * e + n * i * e + weights + n * 4 + n * i * e + weights + n * 4
+    return traffic.grouped_lora(traffic.Shape(cfg.n, cfg.d_in, cfg.d_out, cfg.r, cfg.k, elem=e, sms=sms, l2=l2), mode)
+
+
+def bytes_moved(cfg: Config, mode: str) -> int:
+    """The bytes the op must move at minimum (inputs read once, outputs written once)."""
+    return model(cfg, mode).minimum
 
 
 # ---- providers: each returns (fwd, bwd) callables ----------------------------------------------
@@ -232,13 +238,16 @@ def copy_bandwidth(device: str) -> float:
     return 2 * n / t["median"]
 
 
-def hbm_bandwidth(device: str, env: dict, copy_bw: float) -> tuple:
-    """(bytes/s, source) of the roofline: the datasheet HBM bandwidth of a known GPU, else the
-    measured copy bandwidth."""
-    for key, bw in HBM_PEAK.items():
-        if key in env["device"]:
-            return bw, f"{key} spec"
-    return copy_bw, "measured copy_"
+def model_table(configs: List[Config], bandwidth: float, sms: int, l2: int) -> List[dict]:
+    """Rows of the traffic model (predictions) for each case and mode."""
+    rows = []
+    for cfg in configs:
+        for mode in ("fwd", "bwd"):
+            t = model(cfg, mode, sms, l2)
+            rows.append({"mode": mode, "N": cfg.n, "in": cfg.d_in, "out": cfg.d_out, "r": cfg.r, "K": cfg.k,
+                         "routing": cfg.routing, "min_MB": t.minimum / 1e6, "impl_MB": t.implementation / 1e6,
+                         "pred_frac": t.fraction, "pred_us": t.predicted_s(bandwidth) * 1e6})
+    return rows
 
 
 def profile_kernels(device: str, reps: int = 5) -> None:
@@ -278,6 +287,8 @@ def main(argv=None):
     ap.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of " + ",".join(PROVIDERS))
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--model-bw-gbps", type=float, default=3000.0,
+                    help="CPU runs only: the bandwidth at which the traffic model's times are printed")
     args = ap.parse_args(argv)
     device = args.device
     if args.threads:
@@ -298,8 +309,21 @@ def main(argv=None):
         print(f"torch {torch.__version__} has no torch.nn.functional.grouped_mm: that provider is skipped")
         wanted = [p for p in wanted if p != "grouped_mm"]
     copy_bw = copy_bandwidth(device)
-    bw, bw_src = hbm_bandwidth(device, env, copy_bw)
-    print(f"roofline: {bw / 1e9:.0f} GB/s ({bw_src}); a large copy_ reaches {copy_bw / 1e9:.0f} GB/s here")
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        sms, l2 = props.multi_processor_count, getattr(props, "L2_cache_size", traffic.DEFAULT_L2) or traffic.DEFAULT_L2
+        model_bw, model_bw_src = copy_bw, "the copy_ measured in this run"
+    else:
+        sms, l2 = traffic.DEFAULT_SMS, traffic.DEFAULT_L2
+        model_bw, model_bw_src = args.model_bw_gbps * 1e9, "assumed (--model-bw-gbps); the GPU run uses its measured copy"
+    print(f"a large copy_ reaches {copy_bw / 1e9:.0f} GB/s here; GB/s columns count each op's minimum bytes")
+    mcols = ["mode", "N", "in", "out", "r", "K", "routing", "min_MB", "impl_MB", "pred_frac", "pred_us"]
+    model_cfgs = configs if device == "cuda" else cuda_configs(args.quick)
+    model_rows = model_table(model_cfgs, model_bw, sms, l2)
+    print(f"\ntraffic model of the CUDA kernels (bench/traffic.py; {sms} SMs, L2 {l2 >> 20} MiB), predicted at "
+          f"{model_bw / 1e9:.0f} GB/s ({model_bw_src})" + ("" if device == "cuda" else ": predictions only, no GPU here"))
+    harness.print_table(model_rows, mcols)
+    print(flush=True)
     flush_buf = torch.empty(256 << 20 if device == "cuda" else 32 << 20, dtype=torch.uint8, device=device)
     flush = lambda: flush_buf.zero_()
 
@@ -311,60 +335,80 @@ def main(argv=None):
         for name in wanted:
             try:
                 fwd, bwd = PROVIDERS[name](*tensors, scaling)
-                fwd(), bwd()  # fails here if the provider cannot run this case
-                fns[(name, "fwd")], fns[(name, "bwd")] = fwd, bwd
             except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
-                skipped.setdefault(name, str(exc).splitlines()[0][:160])
+                skipped.setdefault((name, "fwd+bwd"), str(exc).splitlines()[0][:160])
+                continue
+            # forward and backward validated apart: a provider that cannot run one still runs the other
+            for mode, fn in (("fwd", fwd), ("bwd", bwd)):
+                try:
+                    fn()
+                    fns[(name, mode)] = fn
+                except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+                    skipped.setdefault((name, mode), str(exc).splitlines()[0][:160])
         for mode in ("fwd", "bwd"):
             mode_fns = {name: fn for (name, md), fn in fns.items() if md == mode}
+            if not mode_fns:
+                continue
             times = harness.time_interleaved(mode_fns, device, warmup=1 if device == "cpu" else 3, reps=reps,
                                              flush=flush)
             q = {name: harness.quantiles(t) for name, t in times.items()}
-            nbytes = bytes_moved(cfg, mode)
-            roof = nbytes / bw
+            t_model = model(cfg, mode, sms, l2)
+            nbytes = t_model.minimum
+            pred = t_model.predicted_s(copy_bw)
             mole = q.get("mole_ext", {}).get("median")
             # one line per case as it finishes, so a run cut short by a time cap still leaves its numbers
-            print(f"{mode} N={cfg.n} r={cfg.r} K={cfg.k} {cfg.routing}: " + ", ".join(
-                f"{name} {st['median'] * 1e6:.1f} us" for name, st in q.items()) + f"; roofline {roof * 1e6:.1f} us",
-                flush=True)
-            for name, st in list(q.items()) + [("roofline", {"median": roof, "p20": roof, "p80": roof})]:
+            print(f"{mode} N={cfg.n} {cfg.d_in}->{cfg.d_out} r={cfg.r} K={cfg.k} {cfg.routing}: " + ", ".join(
+                f"{name} {st['median'] * 1e6:.1f} us" for name, st in q.items()) +
+                (f"; model: {pred * 1e6:.1f} us at the copy bandwidth, best fraction {t_model.fraction:.2f}"
+                 if device == "cuda" else ""), flush=True)
+            for name, st in q.items():
                 rows.append({
                     "bench": "grouped_gemm", "provider": name, "mode": mode, "N": cfg.n, "in": cfg.d_in,
                     "out": cfg.d_out, "r": cfg.r, "K": cfg.k, "routing": cfg.routing, "dtype": cfg.dtype,
                     "us": st["median"] * 1e6, "p20_us": st["p20"] * 1e6, "p80_us": st["p80"] * 1e6,
-                    "bytes": nbytes, "GB/s": nbytes / st["median"] / 1e9, "of_roofline": roof / st["median"],
-                    "of_copy": nbytes / copy_bw / st["median"],
+                    "bytes": nbytes, "GB/s": nbytes / st["median"] / 1e9, "of_copy": nbytes / copy_bw / st["median"],
+                    "pred_us": pred * 1e6 if device == "cuda" and name == "mole_ext" else None,
+                    "of_pred": pred / st["median"] if device == "cuda" and name == "mole_ext" else None,
                     "mole_ext_speedup": (st["median"] / mole) if mole else None, "quick": args.quick,
                 })
         del tensors, fns
-    cols = ["provider", "mode", "N", "r", "K", "routing", "us", "p20_us", "p80_us", "GB/s", "of_roofline",
-            "of_copy", "mole_ext_speedup"]
+    cols = ["provider", "mode", "N", "in", "out", "r", "K", "routing", "us", "p20_us", "p80_us", "GB/s", "of_copy",
+            "pred_us", "of_pred", "mole_ext_speedup"]
     harness.print_table(rows, cols)
-    for name, why in skipped.items():
-        print(f"provider {name} skipped for some cases: {why}")
+    for (name, mode), why in skipped.items():
+        print(f"provider {name} {mode} skipped for some cases: {why}")
     verdicts = []
     if device == "cuda":
-        big = [r for r in rows if r["provider"] == "mole_ext" and r["N"] >= 16384]
-        if big:
-            worst = min(r["of_roofline"] for r in big)
-            verdicts.append(f"mole_ext worst fraction of roofline at N >= 16384: {worst:.2f} (target >= 0.80): "
-                            f"{'MET' if worst >= 0.8 else 'MISSED'}; of the measured copy bandwidth: "
-                            f"{min(r['of_copy'] for r in big):.2f}")
+        for mode, target in (("fwd", 0.80), ("bwd", 0.70)):
+            big = [r for r in rows if r["provider"] == "mole_ext" and r["mode"] == mode and r["N"] >= 16384]
+            if big:
+                worst = min(big, key=lambda r: r["of_copy"])
+                verdicts.append(
+                    f"mole_ext {mode} worst fraction of the copy bandwidth at N >= 16384: {worst['of_copy']:.2f} "
+                    f"(r={worst['r']}, {worst['in']}->{worst['out']}; target >= {target:.2f}): "
+                    f"{'MET' if worst['of_copy'] >= target else 'MISSED'}; the model predicted at best "
+                    f"{min(r['pred_frac'] for r in model_rows if r['mode'] == mode):.2f}, measured/predicted time "
+                    f"worst {max(1 / r['of_pred'] for r in big):.2f}x")
         vs = [r for r in rows if r["provider"] == "grouped_mm" and r["r"] <= 64]
-        if vs:
-            worst = min(r["mole_ext_speedup"] for r in vs)
-            verdicts.append(f"mole_ext speed-up over grouped_mm for r <= 64, worst {worst:.2f}x (target >= 1.5x): "
-                            f"{'MET' if worst >= 1.5 else 'MISSED'}")
+        for mode in ("fwd", "bwd"):
+            m = [r for r in vs if r["mode"] == mode]
+            if m:
+                worst = min(r["mole_ext_speedup"] for r in m)
+                verdicts.append(f"mole_ext {mode} speed-up over grouped_mm for r <= 64, worst {worst:.2f}x "
+                                f"(target >= 1.5x): {'MET' if worst >= 1.5 else 'MISSED'}")
     for v in verdicts:
         print(v)
     if not args.no_save:
         cmd = "python bench/grouped_gemm.py" + (" --quick" if args.quick else "")
         md = (f"# bench/grouped_gemm.py\n\n{env['device']}, torch {env['torch']}, commit {env['git_commit']}, "
               f"{env['date']}\n\nCommand: `{cmd}`; median of {reps} round-robin reps, L2 flushed before each; "
-              f"roofline {bw / 1e9:.0f} GB/s ({bw_src}); of_copy: the fraction of a large copy_'s "
-              f"{copy_bw / 1e9:.0f} GB/s measured in the same run.\n\n" + harness.markdown_table(rows, cols) +
+              f"GB/s of each op's minimum bytes; of_copy: its fraction of a large copy_'s {copy_bw / 1e9:.0f} GB/s "
+              f"measured in the same run; pred_us / of_pred: the traffic model's time at that bandwidth and the "
+              f"measured time's fraction of it.\n\n" + harness.markdown_table(rows, cols) +
+              f"\n## Traffic model (bench/traffic.py), {sms} SMs, L2 {l2 >> 20} MiB, at {model_bw / 1e9:.0f} GB/s "
+              f"({model_bw_src})\n\n" + harness.markdown_table(model_rows, mcols) +
               "".join(f"\n{v}\n" for v in verdicts) +
-              "".join(f"\nprovider {n} skipped for some cases: {w}\n" for n, w in skipped.items()))
+              "".join(f"\nprovider {n} {md_} skipped for some cases: {w}\n" for (n, md_), w in skipped.items()))
         print("wrote", harness.write_results("grouped_gemm", env, rows, md))
     return rows
 

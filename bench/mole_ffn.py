@@ -17,11 +17,20 @@ and as a share of the faster expert loop's overhead (the issue's target: mole_ex
 and the activations each provider saves for its backward (MiB, parameters excluded; the issue's
 rule: mole_ext no more than single_lora plus O(N) routing state).
 
-Each timed call is forward + backward (gradients for x and the trainable parameters). Providers
-are timed round-robin so machine noise hits all alike; ratios come from the same run.
+Each timed call is forward + backward (gradients for x and the trainable parameters); the forward
+alone is timed too (a second table), and each provider's forward and backward are validated
+apart, so a provider whose backward fails still reports its forward. Providers are timed
+round-robin so machine noise hits all alike; ratios come from the same run.
+
+Traffic model (bench/traffic.py): for each case, the bytes mole_ext's own ops in the FFN (router,
+permute, the three projections' grouped LoRA, unpermute and their backward) must move at minimum
+and the bytes they move, forward and backward apart, and the time that takes at the copy
+bandwidth measured in the same run; on a GPU, mole_ext's measured time above the frozen base as a
+fraction of that prediction (the base GEMMs and activation, common to every provider, are not modelled).
 
   python bench/mole_ffn.py              # CPU: float32, N=2048, d=1024, m=2816, r=32, K in {2,4,8}
   python bench/mole_ffn.py --quick      # tiny shapes, a smoke run
+  python bench/mole_ffn.py --gpu-check  # the GPU check's case: N=16384, d=4096, m=11008, r=32, K=4, bf16
 On CUDA (when available) the LLaMA-7B shapes of issue 4 run in bf16 instead.
 """
 
@@ -38,6 +47,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+import traffic  # noqa: E402
 
 from mole_ext import MoLEFFN, reference as ref  # noqa: E402
 
@@ -55,6 +65,7 @@ class Config:
 CPU_CONFIGS = [Config(2048, 1024, 2816, 32, k, torch.float32) for k in (2, 4, 8)]
 CUDA_CONFIGS = [Config(n, 4096, 11008, 32, k, torch.bfloat16) for n in (8192, 16384) for k in (3, 4, 8)]
 QUICK_CONFIGS = [Config(256, 128, 352, 8, k, torch.float32) for k in (2, 4)]
+GPU_CHECK_CONFIGS = [Config(16384, 4096, 11008, 32, 4, torch.bfloat16)]  # the issue's FFN target shape
 
 
 class SingleLoRAFFN(nn.Module):
@@ -165,9 +176,46 @@ def saved_mib(f, x, params) -> float:
     return sum(seen.values()) / 2 ** 20
 
 
+def copy_bandwidth(device: str) -> float:
+    """Bytes/s of a large copy_ (read + write), measured now."""
+    n = 1 << 28 if device == "cuda" else 1 << 25
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = harness.quantiles(harness.time_interleaved({"copy": lambda: dst.copy_(src)}, device, 2, 5)["copy"])
+    return 2 * n / t["median"]
+
+
+def model_for(cfg: Config, copy_bw: float, device: str, qf: dict, q: dict) -> list:
+    """Traffic-model rows of the case: forward and backward apart; on CUDA with the measured time
+    of mole_ext above the frozen base (the backward's as fwd+bwd minus fwd)."""
+    e = torch.empty((), dtype=cfg.dtype).element_size()
+    sms, l2 = traffic.DEFAULT_SMS, traffic.DEFAULT_L2
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        sms, l2 = props.multi_processor_count, getattr(props, "L2_cache_size", l2) or l2
+    ops = traffic.mole_ffn(cfg.n, cfg.d, cfg.m, cfg.r, cfg.k, elem=e, sms=sms, l2=l2)
+    measured = {}
+    if device == "cuda" and all(p in qf for p in ("mole_ext", "base")):
+        measured["fwd"] = qf["mole_ext"]["median"] - qf["base"]["median"]
+        if all(p in q for p in ("mole_ext", "base")):
+            measured["bwd"] = (q["mole_ext"]["median"] - qf["mole_ext"]["median"]) - \
+                (q["base"]["median"] - qf["base"]["median"])
+    out = []
+    for mode, parts in ops.items():
+        t = traffic.summary(parts)
+        pred = t.predicted_s(copy_bw)
+        got = measured.get(mode)
+        out.append({"mode": mode, "N": cfg.n, "d": cfg.d, "m": cfg.m, "r": cfg.r, "K": cfg.k,
+                    "min_MB": t.minimum / 1e6, "impl_MB": t.implementation / 1e6, "pred_frac": t.fraction,
+                    "pred_ms": pred * 1e3, "measured_ms": got * 1e3 if got is not None else None,
+                    "of_pred": pred / got if got else None})
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke run)")
+    ap.add_argument("--gpu-check", action="store_true", help="the GPU check's single target case, 10 reps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results/")
@@ -178,19 +226,45 @@ def main(argv=None):
     device = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
-    configs = QUICK_CONFIGS if args.quick else (CUDA_CONFIGS if device == "cuda" else CPU_CONFIGS)
-    reps = args.reps or (3 if args.quick else (20 if device == "cuda" else 7))
+    configs = (GPU_CHECK_CONFIGS if args.gpu_check else QUICK_CONFIGS if args.quick else
+               (CUDA_CONFIGS if device == "cuda" else CPU_CONFIGS))
+    reps = args.reps or (3 if args.quick else (10 if args.gpu_check else (20 if device == "cuda" else 7)))
     env = harness.environment(device)
     if device == "cpu":
         print(f"CPU run ({env['device']}): float32 at CPU sizes; GPU numbers come from the GPU check.")
-    rows = []
+    copy_bw = copy_bandwidth(device)
+    print(f"a large copy_ reaches {copy_bw / 1e9:.0f} GB/s here")
+    rows, fwd_rows, model_rows, skipped = [], [], [], {}
     for cfg in configs:
         forwards, params = make_providers(cfg, device)
         x, grad = make_input(cfg, device)
-        saved = {name: saved_mib(f, x, params) for name, f in forwards.items()}
-        times = harness.time_interleaved(timed_calls(forwards, x, grad), device, warmup=1 if device == "cpu" else 3,
-                                         reps=reps)
-        q = {name: harness.quantiles(t) for name, t in times.items()}
+        fb_calls = timed_calls(forwards, x, grad)
+        calls = {}
+        for name, f in forwards.items():  # forward and backward validated apart
+            try:
+                f(x)
+                calls[(name, "fwd")] = (lambda f=f: f(x))
+            except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+                skipped.setdefault((name, "fwd"), str(exc).splitlines()[0][:160])
+                continue
+            try:
+                fb_calls[name]()
+                calls[(name, "fwd+bwd")] = fb_calls[name]
+            except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+                skipped.setdefault((name, "bwd"), str(exc).splitlines()[0][:160])
+        saved = {name: saved_mib(f, x, params) for name, f in forwards.items() if (name, "fwd+bwd") in calls}
+        times = harness.time_interleaved(calls, device, warmup=1 if device == "cpu" else 3, reps=reps)
+        qf = {name: harness.quantiles(t) for (name, mode), t in times.items() if mode == "fwd"}
+        q = {name: harness.quantiles(t) for (name, mode), t in times.items() if mode == "fwd+bwd"}
+        for name, st in qf.items():
+            fwd_rows.append({"bench": "mole_ffn", "mode": "fwd", "provider": name, "N": cfg.n, "d": cfg.d, "m": cfg.m,
+                             "r": cfg.r, "K": cfg.k, "ms": st["median"] * 1e3, "p20_ms": st["p20"] * 1e3,
+                             "p80_ms": st["p80"] * 1e3,
+                             "vs_single_lora": st["median"] / qf["single_lora"]["median"] if "single_lora" in qf else None})
+        model_rows += model_for(cfg, copy_bw, device, qf, q)
+        if not all(p in q for p in ("base", "single_lora", "mole_ext", "expert_loop", "expert_loop_native")):
+            print(f"N={cfg.n} K={cfg.k}: a provider's backward failed; only the forward table has this case")
+            continue
         base, single = q["base"]["median"], q["single_lora"]["median"]
         loop_overhead = min(q["expert_loop"]["median"], q["expert_loop_native"]["median"]) - base
         # one line per configuration as it finishes: a run cut short by a time cap still leaves numbers
@@ -211,7 +285,22 @@ def main(argv=None):
             })
     cols = ["provider", "N", "d", "m", "r", "K", "dtype", "ms", "p20_ms", "p80_ms", "vs_single_lora",
             "overhead_vs_base_ms", "overhead_vs_loop", "speedup_mole_ext", "saved_MiB", "saved_vs_single_lora"]
-    harness.print_table(rows, cols)
+    fcols = ["provider", "mode", "N", "d", "m", "r", "K", "ms", "p20_ms", "p80_ms", "vs_single_lora"]
+    mcols = ["mode", "N", "d", "m", "r", "K", "min_MB", "impl_MB", "pred_frac", "pred_ms", "measured_ms", "of_pred"]
+    print("\nforward + backward")
+    if rows:
+        harness.print_table(rows, cols)
+    print("\nforward only")
+    harness.print_table(fwd_rows, fcols)
+    print(f"\ntraffic model of mole_ext's ops in the FFN (bench/traffic.py), at the copy bandwidth "
+          f"({copy_bw / 1e9:.0f} GB/s); measured: mole_ext minus base" +
+          ("" if device == "cuda" else " (CPU kernels: not what the model describes)"))
+    harness.print_table(model_rows, mcols)
+    for (name, mode), why in skipped.items():
+        print(f"provider {name} {mode} failed: {why}")
+    if not rows:
+        print("no case has every provider's backward: no forward+backward verdict")
+        return fwd_rows
     worst = max(r["vs_single_lora"] for r in rows if r["provider"] == "mole_ext")
     slower_than_loop = sorted({r["K"] for r in rows if r["provider"] in ("expert_loop", "expert_loop_native")
                                and r["speedup_mole_ext"] < 1})
@@ -229,10 +318,15 @@ def main(argv=None):
                 f"(rule: no more than O(N) routing state)")
     print(verdict)
     if not args.no_save and not args.quick:
-        cmd = "python bench/mole_ffn.py" + (f" --threads {args.threads}" if args.threads else "")
+        cmd = "python bench/mole_ffn.py" + (" --gpu-check" if args.gpu_check else "") + \
+            (f" --threads {args.threads}" if args.threads else "")
         md = (f"# bench/mole_ffn.py\n\n{env['device']}, torch {env['torch']}, commit {env['git_commit']}, "
               f"{env['date']}\n\nCommand: `{cmd}`; forward+backward per call, median of "
-              f"{reps} round-robin reps.\n\n" + harness.markdown_table(rows, cols) + f"\n{verdict}\n")
+              f"{reps} round-robin reps.\n\n" + harness.markdown_table(rows, cols) + f"\n{verdict}\n" +
+              "\n## Forward only\n\n" + harness.markdown_table(fwd_rows, fcols) +
+              f"\n## Traffic model of mole_ext's ops (bench/traffic.py) at the copy bandwidth, {copy_bw / 1e9:.0f} "
+              "GB/s; measured: mole_ext minus base\n\n" + harness.markdown_table(model_rows, mcols) +
+              "".join(f"\nprovider {n} {m_} failed: {w}\n" for (n, m_), w in skipped.items()))
         print("wrote", harness.write_results("mole_ffn", env, rows, md))
     return rows
 

@@ -1,0 +1,233 @@
+"""DRAM traffic model of mole_ext's CUDA kernels: the bytes an op must move at minimum, the bytes
+the current kernels move, and the time that takes at a given bandwidth (the copy bandwidth
+measured in the same run, never a datasheet's).
+
+The model follows the kernels' tiling (csrc/cuda/grouped_lora.cu: 64 x 64 output tiles, 32-deep
+reduction steps; the split and chunk rules of csrc/core/lora_tiles.h, mirrored below) under
+these rules, which the GPU check's ncu stage (dram__bytes) can confirm or refute:
+  * every kernel's inputs come from DRAM and its outputs go to DRAM (a kernel boundary is a
+    round trip: an intermediate written by one kernel and read by the next counts twice);
+  * within a kernel, an operand read by several tiles (each column tile of a row tile reads the
+    row tile's rows again; blocks run column tile by column tile, so with more row tiles than fit
+    at once the re-read misses L2) comes from DRAM once per reader when it is larger than half
+    the L2, once in all when it fits there (weights, the rank-r intermediates);
+  * permute / unpermute / permute_rows / router_top1 move their minimum (one read, one write);
+    PyTorch's own ops around them (dtype casts, autograd sums) move what their inputs and outputs
+    are.
+The minimum of an op reads each input once and writes each output once (an output that is
+accumulated into is read once too). Compute time is not modelled: the FLOPs are reported so the
+arithmetic intensity is visible (at r = 128 the tensor cores may bind before DRAM).
+
+    python bench/traffic.py     # the table of the benchmark shapes, predictions at 3000 GB/s
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, List, Tuple
+
+# the kernels' constants (csrc/cuda/grouped_lora.cu)
+BM = BN = 64
+BK = 32
+MIN_SPLIT_CHUNK = 256
+MAX_SPLITS = 16
+WGRAD_CHUNKS = 8
+# H100 SXM / H200: 132 SMs, 50 MiB L2 (the GPU check passes the device's own numbers)
+DEFAULT_SMS = 132
+DEFAULT_L2 = 50 << 20
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---- csrc/core/lora_tiles.h ----------------------------------------------------------------
+
+def seg_tile_grid(n: int, k: int, bm: int) -> int:
+    return n // bm + k
+
+
+def want_splits(blocks: int, target: int, length: int, min_chunk: int, max_splits: int) -> int:
+    s = cdiv(target, max(blocks, 1))
+    s = min(s, length // min_chunk, max_splits)
+    return max(s, 1)
+
+
+def split_plan(length: int, want: int, align: int) -> Tuple[int, int]:
+    """(chunk, splits)"""
+    want = max(want, 1)
+    if length <= 0:
+        return align, 1
+    chunk = max(cdiv(cdiv(length, want), align) * align, align)
+    return chunk, cdiv(length, chunk)
+
+
+def wgrad_chunk_rows(n: int, target_chunks: int = WGRAD_CHUNKS, align: int = BK, min_rows: int = BM) -> int:
+    return max(cdiv(cdiv(n, max(target_chunks, 1)), align) * align, min_rows)
+
+
+# ---- the model -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    n: int       # rows (tokens)
+    d_in: int
+    d_out: int
+    r: int
+    k: int       # experts
+    elem: int = 2          # bytes per element of x / weights (bf16)
+    acc: int = 4           # bytes of the fp32 partials
+    row_scale: bool = True
+    sms: int = DEFAULT_SMS
+    l2: int = DEFAULT_L2
+
+
+@dataclasses.dataclass
+class Traffic:
+    """One op: the minimum, the kernels' bytes (name -> bytes), the FLOPs."""
+    op: str
+    minimum: int
+    kernels: List[Tuple[str, int]]
+    flops: int = 0
+
+    @property
+    def implementation(self) -> int:
+        return sum(b for _, b in self.kernels)
+
+    @property
+    def fraction(self) -> float:
+        """Minimum over implementation: the best fraction of the copy bandwidth the op can reach."""
+        return self.minimum / self.implementation if self.implementation else 1.0
+
+    def predicted_s(self, bandwidth: float) -> float:
+        """Seconds to move the implementation's bytes at `bandwidth` bytes/s."""
+        return self.implementation / bandwidth
+
+
+def _reads(nbytes: int, readers: int, s: Shape) -> int:
+    """DRAM bytes of an operand read by `readers` tiles of one kernel."""
+    return nbytes if nbytes <= s.l2 // 2 else nbytes * readers
+
+
+def grouped_lora(s: Shape, mode: str, accumulate: bool = False) -> Traffic:
+    """grouped_lora (mode "fwd"; accumulate: grouped_lora_add_out) or grouped_lora_backward
+    ("bwd"; accumulate: grouped_lora_backward_add_out, dX added onto its buffer)."""
+    if mode not in ("fwd", "bwd"):
+        raise ValueError(f"mode must be 'fwd' or 'bwd', got {mode!r}")
+    e, n, i, o, r, k = s.elem, s.n, s.d_in, s.d_out, s.r, s.k
+    X, Y, A, B = n * i * e, n * o * e, k * r * i * e, k * o * r * e
+    H = n * r * e                       # a rank-r intermediate in x's dtype
+    rs = n * 4 if s.row_scale else 0
+    off = (k + 1) * (8 + 8)             # offsets in, int64 copy out
+    col_tiles_r = cdiv(r, BN)           # column tiles of the shrink / G outputs ([N, r])
+    row_tiles = seg_tile_grid(n, k, BM)
+    target = 2 * s.sms
+
+    def shrink(name):
+        _, splits = split_plan(i, want_splits(row_tiles * col_tiles_r, target, i, MIN_SPLIT_CHUNK, MAX_SPLITS), BK)
+        return (f"{name} (x A^T, {col_tiles_r} column tile(s), {splits} split(s))",
+                _reads(X, col_tiles_r, s) + A + splits * n * r * s.acc), splits
+
+    kernels = [("prepare_offsets", off)]
+    if mode == "fwd":
+        (name, nb), splits = shrink("shrink")
+        kernels.append((name, nb))
+        kernels.append(("finish_h (sum splits, scale)", splits * n * r * s.acc + rs + H))
+        kernels.append(("expand (Hs B^T" + (", add" if accumulate else "") + ")",
+                        _reads(H, cdiv(o, BN), s) + B + Y * (2 if accumulate else 1)))
+        minimum = X + A + B + rs + off + Y * (2 if accumulate else 1)
+        flops = 2 * n * r * (i + o)
+        return Traffic("grouped_lora fwd" + (" (add_out)" if accumulate else ""), minimum, kernels, flops)
+    (name, nb), h_splits = shrink("shrink again")
+    kernels.append((name, nb))
+    _, g_splits = split_plan(o, want_splits(row_tiles * col_tiles_r, target, o, MIN_SPLIT_CHUNK, MAX_SPLITS), BK)
+    kernels.append((f"G = dY B ({col_tiles_r} column tile(s), {g_splits} split(s))",
+                    _reads(Y, col_tiles_r, s) + B + g_splits * n * r * s.acc))
+    kernels.append(("finish_bwd (dH, Hs, d row_scale)", (h_splits + g_splits) * n * r * s.acc + rs + 2 * H + rs))
+    chunk_rows = wgrad_chunk_rows(n)
+    chunks = seg_tile_grid(n, k, chunk_rows)
+    m_tiles_r = cdiv(r, BM)
+    kernels.append((f"dA partials (dH^T x, x read per {m_tiles_r} r-tile(s), {chunks} chunks)",
+                    _reads(H, cdiv(i, BN), s) + _reads(X, m_tiles_r, s) + chunks * r * i * s.acc))
+    kernels.append(("dA reduce", chunks * r * i * s.acc + A))
+    kernels.append((f"dB partials (dY^T Hs, dY read per {col_tiles_r} r-tile(s))",
+                    _reads(Y, col_tiles_r, s) + _reads(H, cdiv(o, BM), s) + chunks * o * r * s.acc))
+    kernels.append(("dB reduce", chunks * o * r * s.acc + B))
+    kernels.append(("dX (dH A" + (", add" if accumulate else "") + ")",
+                    _reads(H, cdiv(i, BN), s) + A + X * (2 if accumulate else 1)))
+    # dY, x, A, B (and row_scale) in; dX (read too when accumulating), dA, dB, d row_scale out
+    minimum = Y + X + A + B + rs + off + X * (2 if accumulate else 1) + A + B + rs
+    flops = 2 * n * r * (2 * i + 2 * o + i)  # H, dX, dA (in) and G, dB (out)
+    return Traffic("grouped_lora bwd" + (" (add_out)" if accumulate else ""), minimum, kernels, flops)
+
+
+def mole_ffn(n: int, d: int, m: int, r: int, k: int, elem: int = 2, sms: int = DEFAULT_SMS,
+             l2: int = DEFAULT_L2) -> Dict[str, List[Traffic]]:
+    """The mole_ext ops of one top-1 MoLEFFN forward and backward (python/mole_ext/functional.py:
+    route + permute, three lora_linear projections whose grouped LoRA adds onto the cuBLAS base
+    GEMM's output, unpermute), without the base GEMMs and the activation, which a single-LoRA FFN
+    runs alike. Returns {"fwd": [...], "bwd": [...]}."""
+    e, f32 = elem, 4
+    X = n * d * e
+    acc_copy = elem != f32  # the router runs in float32: a cast of x when x is narrower
+
+    def sh(i, o):
+        return Shape(n, i, o, r, k, elem=e, sms=sms, l2=l2)
+
+    route_min = X + n * k * f32 + n * k * f32 + n * 8
+    route_impl = [("x -> float32", X + n * d * f32 if acc_copy else 0),
+                  ("router GEMM (logits)", (n * d * f32 if acc_copy else X) + n * k * f32),
+                  ("router_top1", n * k * f32 + n * k * f32 + n * 8)]
+    fwd = [
+        Traffic("router (float32 logits, softmax, top-1)", route_min, route_impl),
+        Traffic("permute x, permute_rows gate", 2 * X + 2 * n * 8 + 2 * n * f32,
+                [("permute", 2 * X + 2 * n * 8), ("permute_rows", 2 * n * f32)]),
+        *(dataclasses.replace(grouped_lora(sh(d, m), "fwd", accumulate=True), op=f"{p}: grouped_lora add_out")
+          for p in ("gate", "up")),
+        dataclasses.replace(grouped_lora(sh(m, d), "fwd", accumulate=True), op="down: grouped_lora add_out"),
+        Traffic("unpermute y", 2 * X + n * 8, [("unpermute", 2 * X + n * 8)]),
+    ]
+    bwd = [
+        Traffic("unpermute's adjoint (permute_rows dY)", 2 * X + n * 8, [("permute_rows", 2 * X + n * 8)]),
+        dataclasses.replace(grouped_lora(sh(m, d), "bwd", accumulate=True), op="down: grouped_lora_backward add_out"),
+        *(dataclasses.replace(grouped_lora(sh(d, m), "bwd", accumulate=True), op=f"{p}: grouped_lora_backward add_out")
+          for p in ("gate", "up")),
+        Traffic("autograd: dx_sorted = gate's + up's", 3 * X, [("add", 3 * X)]),
+        # minimum: read dx_sorted and x_sorted once, write dx (the router's dX and dW fused with the unpermute)
+        Traffic("route+permute backward (unpermute dx, router dX / dW in float32)", 3 * X + 3 * n * k * f32,
+                [("unpermute dx_sorted", 2 * X), ("router_top1_backward", 3 * n * k * f32),
+                 ("dx -> float32, addmm_, -> dtype", (X + n * d * f32) + 2 * n * d * f32 + (n * d * f32 + X)
+                  if acc_copy else 3 * X),
+                 ("x_sorted -> float32 for dW, mm", (X + n * d * f32) + n * d * f32 if acc_copy else X)]),
+    ]
+    return {"fwd": fwd, "bwd": bwd}
+
+
+def summary(ops: List[Traffic]) -> Traffic:
+    return Traffic(" + ".join(t.op for t in ops), sum(t.minimum for t in ops),
+                   [(t.op, t.implementation) for t in ops], sum(t.flops for t in ops))
+
+
+def table(bandwidth: float = 3.0e12) -> str:
+    out = [f"predictions at {bandwidth / 1e9:.0f} GB/s",
+           f"{'op':44s} {'N':>6s} {'in':>6s} {'out':>6s} {'r':>4s} {'K':>2s} {'min MB':>9s} {'impl MB':>9s} "
+           f"{'fraction':>8s} {'pred us':>8s}"]
+    for n in (16384, 65536):
+        for i, o in ((4096, 11008), (11008, 4096)):
+            for r in (16, 32, 64, 128):
+                for mode in ("fwd", "bwd"):
+                    t = grouped_lora(Shape(n, i, o, r, 4), mode)
+                    out.append(f"{t.op:44s} {n:6d} {i:6d} {o:6d} {r:4d} {4:2d} {t.minimum / 1e6:9.1f} "
+                               f"{t.implementation / 1e6:9.1f} {t.fraction:8.2f} {t.predicted_s(bandwidth) * 1e6:8.1f}")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(table())
+    for mode, ops in mole_ffn(16384, 4096, 11008, 32, 4).items():
+        s = summary(ops)
+        print(f"\nMoLEFFN {mode} (N=16384, d=4096, m=11008, r=32, K=4, bf16): mole_ext ops {s.minimum / 1e6:.0f} MB "
+              f"minimum, {s.implementation / 1e6:.0f} MB implemented ({s.fraction:.2f})")
+        for t in ops:
+            print(f"  {t.op:62s} {t.minimum / 1e6:8.1f} {t.implementation / 1e6:8.1f}  {t.fraction:.2f}")

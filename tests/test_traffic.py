@@ -1,0 +1,94 @@
+"""The DRAM traffic model of the grouped LoRA kernels (bench/traffic.py) on shapes worked out by
+hand from its rules and from the kernels' tiling constants."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import traffic  # noqa: E402
+
+# N = 1024, 256 -> 512, r = 16, K = 2, bf16; everything fits a 50 MiB L2
+X, Y, A, B = 1024 * 256 * 2, 1024 * 512 * 2, 2 * 16 * 256 * 2, 2 * 512 * 16 * 2
+RS, OFF, H, HP = 1024 * 4, 3 * 16, 1024 * 16 * 2, 1024 * 16 * 4
+SMALL = traffic.Shape(1024, 256, 512, 16, 2)
+
+
+def test_lora_tiles_rules():
+    assert traffic.seg_tile_grid(1024, 2, 64) == 18
+    assert traffic.split_plan(4096, 3, 32) == (1376, 3)  # ceil(ceil(4096 / 3) / 32) * 32
+    assert traffic.split_plan(0, 5, 32) == (32, 1)
+    # 18 row tiles want ceil(264 / 18) = 15 splits, but 256 // 256 = 1 piece is all the length allows
+    assert traffic.want_splits(18, 264, 256, 256, 16) == 1
+    assert traffic.want_splits(4, 264, 11008, 256, 16) == 16
+    assert traffic.wgrad_chunk_rows(16384) == 2048 and traffic.wgrad_chunk_rows(100) == 64
+
+
+def test_forward_bytes_by_hand():
+    t = traffic.grouped_lora(SMALL, "fwd")
+    assert t.minimum == X + A + B + RS + OFF + Y
+    # offsets; shrink (x once, A, one split of fp32 partials); finish_h; expand (Hs, B, y)
+    assert [b for _, b in t.kernels] == [OFF, X + A + HP, HP + RS + H, H + B + Y]
+    assert t.flops == 2 * 1024 * 16 * (256 + 512)
+    acc = traffic.grouped_lora(SMALL, "fwd", accumulate=True)
+    assert acc.minimum - t.minimum == Y and acc.implementation - t.implementation == Y  # y read, then written
+
+
+def test_backward_bytes_by_hand():
+    t = traffic.grouped_lora(SMALL, "bwd")
+    assert t.minimum == Y + X + A + B + RS + OFF + X + A + B + RS
+    chunks = 1024 // 128 + 2  # wgrad_chunk_rows(1024) = 128
+    g_splits = 2  # 512 // 256 pieces of `out`
+    want = [OFF, X + A + HP, Y + B + g_splits * HP, (1 + g_splits) * HP + RS + 2 * H + RS,
+            H + X + chunks * 16 * 256 * 4, chunks * 16 * 256 * 4 + A,
+            Y + H + chunks * 512 * 16 * 4, chunks * 512 * 16 * 4 + B, H + A + X]
+    assert [b for _, b in t.kernels] == want
+
+
+def test_operands_larger_than_half_the_l2_are_read_per_column_tile():
+    big = traffic.Shape(1024, 256, 512, 128, 2)                    # r = 128: two column tiles
+    small_l2 = traffic.Shape(1024, 256, 512, 128, 2, l2=X)         # x (512 KiB) > half of it
+    fwd = traffic.grouped_lora(small_l2, "fwd").implementation - traffic.grouped_lora(big, "fwd").implementation
+    assert fwd == X  # the shrink reads x twice
+    bwd = traffic.grouped_lora(small_l2, "bwd").implementation - traffic.grouped_lora(big, "bwd").implementation
+    # x twice in the shrink and in dA, dY twice in G and in dB (H = 256 KiB still fits half the L2)
+    assert bwd == 2 * X + 2 * Y
+    assert traffic.grouped_lora(small_l2, "fwd").minimum == traffic.grouped_lora(big, "fwd").minimum
+
+
+@pytest.mark.parametrize("n", [1, 1000, 16384, 65536])
+@pytest.mark.parametrize("r", [1, 16, 64, 128])
+@pytest.mark.parametrize("mode", ["fwd", "bwd"])
+def test_implementation_never_below_minimum(n, r, mode):
+    for shape in (traffic.Shape(n, 4096, 11008, r, 4), traffic.Shape(n, 11008, 4096, r, 8)):
+        t = traffic.grouped_lora(shape, mode)
+        assert 0 < t.minimum <= t.implementation and 0 < t.fraction <= 1
+
+
+def test_benchmark_shape_predictions():
+    # N = 16384, 4096 -> 11008, r = 32, K = 4, bf16: the forward is within 3% of its minimum; the
+    # backward reads x and dY twice (shrink + dA, G + dB) and moves fp32 partials
+    fwd = traffic.grouped_lora(traffic.Shape(16384, 4096, 11008, 32, 4), "fwd")
+    bwd = traffic.grouped_lora(traffic.Shape(16384, 4096, 11008, 32, 4), "bwd")
+    assert fwd.fraction > 0.97
+    assert 0.45 < bwd.fraction < 0.6
+    assert fwd.predicted_s(1e12) == pytest.approx(fwd.implementation / 1e12)
+
+
+def test_mole_ffn_ops_split_forward_and_backward():
+    ops = traffic.mole_ffn(16384, 4096, 11008, 32, 4)
+    assert set(ops) == {"fwd", "bwd"}
+    x = 16384 * 4096 * 2
+    router = ops["fwd"][0]
+    assert router.minimum < router.implementation  # the float32 copy of x
+    assert dict(router.kernels)["x -> float32"] == x + 2 * x
+    fp32 = traffic.mole_ffn(1024, 64, 128, 8, 2, elem=4)["fwd"][0]
+    assert dict(fp32.kernels)["x -> float32"] == 0
+
+
+def test_bad_mode_is_rejected():
+    with pytest.raises(ValueError, match="mode must be"):
+        traffic.grouped_lora(SMALL, "both")
