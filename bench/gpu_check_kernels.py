@@ -1,5 +1,6 @@
-"""Runs every mole_ext CUDA routing kernel once on small inputs, for compute-sanitizer
-(bench/gpu_check.sh runs it under --tool memcheck and --tool racecheck).
+"""Runs every mole_ext CUDA kernel once on small inputs against the CPU kernels: the GPU check's
+smoke stage, and its memcheck stage under compute-sanitizer (bench/gpu_check.py).
+`--ncu`: instead, the main kernels at benchmark shapes, for the check's ncu stage.
 
 Covers: router_top1 (register kernels and the generic one, forward and backward),
 permute (tile path, the sort path for K > 1024, int32 and int64 ids, 16-byte and narrow rows,
@@ -8,6 +9,7 @@ load_balance_loss forward and backward (both partial-kernel layouts, with and wi
 grouped_lora / grouped_lora_add_out / grouped_lora_backward(_add_out) / lora_linear (tensor-core bf16 / fp16 and SIMT
 fp32 / fp64 kernels, split and unsplit reductions, an empty expert, 16-byte and element accesses,
 a misaligned base, bad offsets in lazy mode).
+and MoLEFFN forward + backward (top-1 and dense routing) through autograd.
 Exits non-zero when a result differs from the CPU kernel, so a wrong answer under the sanitizer
 is caught too.
 """
@@ -175,10 +177,91 @@ def main() -> int:
     except RuntimeError:
         pass
 
+    print("-- MoLEFFN forward + backward (the module through autograd)", flush=True)
+    ok &= module_matches_cpu(dev, g)
+
     torch.cuda.synchronize()
     print("gpu_check_kernels:", "all kernels ran, results match the CPU" if ok else "MISMATCHES (see above)")
     return 0 if ok else 1
 
 
+def module_matches_cpu(dev, g) -> bool:
+    """MoLEFFN in fp32 on CUDA and on the CPU from the same weights: output and the gradients of
+    the input and of every trainable parameter (router, LoRA A / B of the three projections)."""
+    from mole_ext import MoLEFFN
+
+    ok = True
+    for routing in ("top1", "dense"):
+        torch.manual_seed(0)
+        cpu = MoLEFFN(48, 80, 3, 8, 16.0, routing=routing)
+        with torch.no_grad():
+            for p in cpu.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.1, generator=g)
+        gpu = MoLEFFN(48, 80, 3, 8, 16.0, routing=routing, device=dev)
+        gpu.load_state_dict(cpu.state_dict())
+        x = torch.randn(2, 37, 48, generator=g)
+        gy = torch.randn(2, 37, 48, generator=g)
+        xc, xg = x.clone().requires_grad_(), x.to(dev).requires_grad_()
+        yc, yg = cpu(xc), gpu(xg)
+        yc.backward(gy)
+        yg.backward(gy.to(dev))
+        ok &= closef(yg, yc, f"MoLEFFN {routing} output")
+        ok &= closef(xg.grad, xc.grad, f"MoLEFFN {routing} grad x")
+        for (name, pc), pg in zip(cpu.named_parameters(), gpu.parameters()):
+            if pc.requires_grad:
+                ok &= closef(pg.grad, pc.grad, f"MoLEFFN {routing} grad {name}")
+    return ok
+
+
+def closef(a, b, what, tol=1e-4) -> bool:
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
+    good = torch.allclose(a, b, rtol=tol, atol=tol * (b.abs().max().item() + 1e-12))
+    if not good:
+        print(f"MISMATCH: {what} (max abs err {(a - b).abs().max().item():.3e})", flush=True)
+    return good
+
+
+def ncu_workload() -> int:
+    """The kernels bench/gpu_check.py profiles with ncu (inside cudaProfilerStart / Stop, after a
+    warm-up outside): a 256 MiB copy (the bandwidth reference), the grouped LoRA forward and
+    backward at the benchmark shape (N = 16384, 4096 -> 11008, K = 4, bf16) for r = 32 and 128,
+    permute / unpermute at N = 16384, d = 4096, and the router."""
+    assert torch.cuda.is_available(), "needs a GPU"
+    dev = "cuda"
+    torch.manual_seed(0)
+    n, d_in, d_out, k = 16384, 4096, 11008, 4
+    bf = torch.bfloat16
+    src = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    expert = torch.randint(0, k, (n,), device=dev)
+    logits = torch.randn(n, k, device=dev)
+    x = torch.randn(n, d_in, device=dev, dtype=bf)
+    gy = torch.randn(n, d_out, device=dev, dtype=bf)
+    rs = torch.rand(n, device=dev)
+    off = torch.cat([torch.zeros(1, dtype=torch.long, device=dev),
+                     torch.bincount(expert, minlength=k).cumsum(0)]).to(torch.int32)
+    lora = {r: ((torch.randn(k, r, d_in, device=dev) * d_in ** -0.5).to(bf),
+                (torch.randn(k, d_out, r, device=dev) * r ** -0.5).to(bf)) for r in (32, 128)}
+
+    def work():
+        dst.copy_(src)
+        for r, (a, b) in lora.items():
+            ops.grouped_lora(x, a, b, off, 2.0, rs)
+            ops.grouped_lora_backward(gy, x, a, b, off, 2.0, rs)
+        xs, st, _ = ops.permute(x, expert, k)
+        ops.unpermute(xs, st)
+        ops.router_top1(logits)
+
+    work()  # warm-up: allocations and first launches outside the profiled range
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    work()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    print("ncu workload done", flush=True)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(ncu_workload() if sys.argv[1:] == ["--ncu"] else main())
