@@ -175,10 +175,12 @@ def _now(device: str) -> float:
     return time.perf_counter()
 
 
-def stack_runner(stack: Stack, variant: str, batch: int, prompt: int, new: int, graph: bool) -> Callable[[], tuple]:
+def stack_runner(stack: Stack, variant: str, batch: int, prompt: int, new: int, graph: bool,
+                 keep: bool = False) -> Callable[[], tuple]:
     """A callable that runs one prefill and `new` decode steps of the stack from a fresh cache
     and returns (prefill seconds, seconds per decode step). With `graph`, the decode step is a
-    CUDA graph captured once here (new tokens and the position are copied into its inputs)."""
+    CUDA graph captured once here (new tokens and the position are copied into its inputs).
+    With `keep`, each call leaves the logits of every step in `run.outputs` [new, batch, vocab]."""
     dev = stack.device
     stack.set_variant(variant)
     stack.new_cache(batch, prompt + new + 1)
@@ -209,11 +211,16 @@ def stack_runner(stack: Stack, variant: str, batch: int, prompt: int, new: int, 
         t0 = _now(dev)
         logits = stack(ids, pos)
         t1 = _now(dev)
+        outs = []
         for i in range(new):
             tok.copy_(logits.argmax(-1, keepdim=True))
             pos.fill_(prompt + i)
             logits = step()
+            if keep:
+                outs.append(logits.clone())
         t2 = _now(dev)
+        if keep:
+            run.outputs = torch.stack(outs)
         return t1 - t0, (t2 - t1) / new
 
     with torch.no_grad():

@@ -142,7 +142,7 @@ def hardware_test_files() -> List[str]:
 
 # pytest -k expression of the hardware-only cases in tests/test_cuda_*.py: bit identity of the
 # kernels' paths, CUDA graphs, determinism of reruns
-HW_K = ("bit_identical_reruns or agree_bit_for_bit or cuda_graph or is_deterministic or "
+HW_K = ("gpu_hardware or bit_identical_reruns or agree_bit_for_bit or cuda_graph or is_deterministic or "
         "deterministic or graph_replay")
 
 

@@ -195,3 +195,24 @@ def test_tool_probes_are_classified():
 def test_arch_and_device_kind():
     assert gc.arch_of((9, 0)) == "9.0a" and gc.arch_of((8, 0)) == "8.0"
     assert gc.device_kind("NVIDIA H200") == "H200" and gc.device_kind("NVIDIA H100 80GB HBM3") == "H100"
+
+
+def _collect(*args):
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return [ln for ln in out.stdout.splitlines() if "::" in ln]
+
+
+def test_hardware_selection_finds_the_hardware_only_cases():
+    """hw_tests selects bit identity, CUDA graphs and rerun determinism (and tests/test_gpu_hardware.py
+    whole); cuda_tests runs the rest of the same files, so nothing runs twice or is lost."""
+    files = gc.hardware_test_files()
+    hw = _collect("tests/test_gpu_hardware.py", *files, "-k", gc.HW_K)
+    names = " ".join(hw)
+    for needle in ("test_bit_identical_reruns", "agree_bit_for_bit", "cuda_graph",
+                   "test_gpu_hardware.py::test_every_op_reruns_bit_identically",
+                   "test_gpu_hardware.py::test_graphed_mole_ffn_training_step_matches_eager"):
+        assert needle in names, needle
+    rest = _collect(*files, "-k", f"not ({gc.HW_K})")
+    assert len(rest) > 10 * len(hw) > 0 and not set(rest) & set(hw)
+    assert "test_forward_matches_cpu_and_reference" in " ".join(rest)
