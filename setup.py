@@ -59,16 +59,6 @@ def _after_toolkit(dirs):
     return [f for d in dirs for f in ("-isystem", d)]
 
 
-def _cutlass_include_dirs():
-    try:
-        import cutlass_library  # from the pip package nvidia-cutlass
-
-        d = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
-        return [d] if os.path.isdir(d) else []
-    except ImportError:
-        return []
-
-
 def _cuda_decision(cuda_sources):
     """(build_cuda, reason)."""
     if _truthy("MOLE_EXT_SKIP_CUDA"):
@@ -108,7 +98,6 @@ include_dirs = [os.path.join(ROOT, "csrc")]
 extra = {"cxx": cxx_flags}
 if build_cuda:
     define_macros.append(("MOLE_EXT_WITH_CUDA", "1"))
-    include_dirs += _cutlass_include_dirs()
     cxx_flags += _after_toolkit(_nvidia_include_dirs())
     nvcc = opt + ["--expt-relaxed-constexpr", "--expt-extended-lambda", "-lineinfo",
                   "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
