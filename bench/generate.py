@@ -21,7 +21,7 @@ Columns: prefill ms (the prompt, batch x prompt tokens), decode ms per step and 
 (batch / step time), decode tokens/s relative to single_lora. Targets (GPU, stack): MoLE decode
 >= 0.90x single-LoRA tokens/s at batch 1 and >= 0.95x at batch 32.
 
-  python bench/generate.py                  # CPU: the demo model, a few minutes at most
+  python bench/generate.py --threads 1      # CPU: the demo model, about 4 minutes on a loaded 2-core machine
   python bench/generate.py --gpu-check      # the GPU check's stage: the 7B-shaped stack, with graphs
 Rows are appended to bench/results/generate.jsonl; the table goes to bench/results/generate-<cpu|cuda>.md.
 """
@@ -227,14 +227,14 @@ def stack_runner(stack: Stack, variant: str, batch: int, prompt: int, new: int, 
         return run
 
 
-def measure(runners: Dict[str, Callable[[], tuple]], reps: int) -> Dict[str, dict]:
+def measure(runners: Dict[str, Callable[[], tuple]], reps: int, warmup: int = 1) -> Dict[str, dict]:
     """Median (p20, p80) prefill and step times; variants round-robin, so that a machine that
-    speeds up or slows down during the run affects every variant alike; one warm-up rep."""
+    speeds up or slows down during the run affects every variant alike; `warmup` reps first."""
     got = {v: ([], []) for v in runners}
-    for rep in range(reps + 1):
+    for rep in range(reps + warmup):
         for v, run in runners.items():
             pre, step = run()
-            if rep:
+            if rep >= warmup:
                 got[v][0].append(pre)
                 got[v][1].append(step)
     return {v: {"prefill_s": harness.quantiles(p), "step_s": harness.quantiles(s)} for v, (p, s) in got.items()}
@@ -329,9 +329,10 @@ def main(argv=None):
     ap.add_argument("--gpu-check", action="store_true", help="the GPU check's run: the 7B-shaped stack, with graphs")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128 on CUDA, 32 on the CPU)")
+    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128 on CUDA, 16 on the CPU)")
     ap.add_argument("--new", type=int, default=None, help="decoded tokens per rep (default 32 on CUDA, 8 on the CPU)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up reps (default 1 on CUDA, 0 on the CPU)")
     ap.add_argument("--layers", type=int, default=4, help="layers of the stack")
     ap.add_argument("--stack-size", default="7b", choices=["7b", "small"], help="small: a CPU-sized stack (tests)")
     ap.add_argument("--cache-dir", default=".cache/mole_ext", help="where training.model keeps the converted demo model")
@@ -343,7 +344,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     model_kind = "stack" if args.gpu_check else (args.model or ("stack" if gpu else "demo"))
-    prompt = args.prompt or (128 if gpu else 32)
+    prompt = args.prompt or (128 if gpu else 16)
+    warmup = args.warmup if args.warmup is not None else (1 if gpu else 0)
     new = args.new or (32 if gpu else 8)
     batches = [int(b) for b in args.batches.split(",")]
     env = harness.environment(dev)
@@ -358,7 +360,8 @@ def main(argv=None):
         print(f"{label}; prompt {prompt}, {new} decode steps, median of {args.reps}", flush=True)
         for graph in ([False, True] if gpu else [False]):
             for b in batches:
-                res = measure({v: stack_runner(stack, v, b, prompt, new, graph) for v in VARIANTS}, args.reps)
+                res = measure({v: stack_runner(stack, v, b, prompt, new, graph) for v in VARIANTS}, args.reps,
+                              warmup)
                 rows += rows_for(label, b, prompt, res, graph)
                 print(f"batch {b}{' graph' if graph else ''}: " + ", ".join(
                     f"{v} {r['step_s']['median'] * 1e3:.2f} ms/step" for v, r in res.items()), flush=True)
@@ -368,7 +371,8 @@ def main(argv=None):
         print(f"{label}; prompt {prompt}, {new} decode steps, median of {args.reps}, {torch.get_num_threads()} threads",
               flush=True)
         for b in batches:
-            res = measure({v: demo_runner(model, parts, vocab, v, b, prompt, new) for v in VARIANTS}, args.reps)
+            res = measure({v: demo_runner(model, parts, vocab, v, b, prompt, new) for v in VARIANTS}, args.reps,
+                          warmup)
             rows += rows_for(label, b, prompt, res, False)
             print(f"batch {b}: " + ", ".join(f"{v} {r['step_s']['median'] * 1e3:.2f} ms/step"
                                              for v, r in res.items()), flush=True)

@@ -18,7 +18,8 @@ The minimum of an op reads each input once and writes each output once (an outpu
 accumulated into is read once too). Compute time is not modelled: the FLOPs are reported so the
 arithmetic intensity is visible (at r = 128 the tensor cores may bind before DRAM).
 
-    python bench/traffic.py     # the table of the benchmark shapes, predictions at 3000 GB/s
+    python bench/traffic.py             # the table of the benchmark shapes, predictions at 3000 GB/s
+    python bench/traffic.py --readme    # the README's table of predicted fractions
 """
 
 from __future__ import annotations
@@ -223,7 +224,27 @@ def table(bandwidth: float = 3.0e12) -> str:
     return "\n".join(out)
 
 
+def readme_table() -> str:
+    """The README's table: predicted best fraction of the copy bandwidth per op and rank."""
+    ranks = (16, 32, 64, 128)
+    out = ["| op (N = 16384, K = 4, bf16) | " + " | ".join(f"r = {r}" for r in ranks) + " | target |",
+           "|---|" + "---|" * (len(ranks) + 1)]
+    for i, o in ((4096, 11008), (11008, 4096)):
+        for mode, target in (("fwd", ">= 0.80"), ("bwd", ">= 0.70")):
+            fr = [grouped_lora(Shape(16384, i, o, r, 4), mode).fraction for r in ranks]
+            out.append(f"| grouped_lora {mode}, {i} -> {o} | " + " | ".join(f"{f:.2f}" for f in fr) + f" | {target} |")
+    for mode, ops in mole_ffn(16384, 4096, 11008, 32, 4).items():
+        s = summary(ops)
+        out.append(f"| MoLE FFN {mode}: mole_ext's ops (r = 32) | | {s.fraction:.2f} | | | |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--readme"]:
+        print(readme_table())
+        raise SystemExit(0)
     print(table())
     for mode, ops in mole_ffn(16384, 4096, 11008, 32, 4).items():
         s = summary(ops)

@@ -92,3 +92,21 @@ def test_mole_ffn_ops_split_forward_and_backward():
 def test_bad_mode_is_rejected():
     with pytest.raises(ValueError, match="mode must be"):
         traffic.grouped_lora(SMALL, "both")
+
+
+def test_model_constants_match_the_kernels():
+    """The model's tile sizes and split / chunk rules are the kernels' (csrc/cuda/**). When a
+    constant changes there, this fails until bench/traffic.py follows."""
+    import glob
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = "".join(open(f).read() for f in glob.glob(os.path.join(root, "csrc", "cuda", "**", "*.*"), recursive=True)
+                   if f.endswith((".cu", ".cuh", ".h")))
+    want = {"BM": traffic.BM, "BN": traffic.BN, "BK": traffic.BK, "kMinSplitChunk": traffic.MIN_SPLIT_CHUNK,
+            "kMaxSplits": traffic.MAX_SPLITS, "kWgradChunks": traffic.WGRAD_CHUNKS}
+    found = {name: int(m.group(1)) for name in want
+             for m in [re.search(rf"constexpr\s+int(?:64_t)?\s+{name}\s*=\s*(\d+)\s*;", text)] if m}
+    if not found:
+        pytest.skip("none of the grouped LoRA tiling constants is in csrc/cuda any more: re-derive bench/traffic.py")
+    assert found == {k: v for k, v in want.items() if k in found}
