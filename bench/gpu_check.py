@@ -118,9 +118,10 @@ class Context:
     ncu_md: List[str] = dataclasses.field(default_factory=list)
     assume_gpu: bool = False      # tests of the orchestrator: judge the stages alone
 
-    @property
-    def tests_jsonl(self) -> str:
-        return os.path.join(self.work, "tests.jsonl")
+    def tests_jsonl(self, label: str = "") -> str:
+        """Where one pytest process appends its outcomes (one file each: parallel processes
+        appending long tracebacks to one file could interleave them)."""
+        return os.path.join(self.work, "tests-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", label or "run") + ".jsonl")
 
 
 def budget_s() -> int:
@@ -150,7 +151,7 @@ def pytest_cmd(ctx: Context, label: str, files: Sequence[str], k: Optional[str] 
     argv = ["-m", "pytest", "-q", "-rfE", "--tb=long", "-p", "no:cacheprovider", "-p", "gpu_check_pytest", *files]
     if k:
         argv += ["-k", k]
-    env = {"GPU_CHECK_TESTS": ctx.tests_jsonl}
+    env = {"GPU_CHECK_TESTS": ctx.tests_jsonl(label)}
     if threads:
         env["MOLE_EXT_TEST_THREADS"] = str(threads)
     return _py(ctx, *argv, env=env, label=label, tests=True)
@@ -180,7 +181,8 @@ def ncu_cmds(ctx: Context) -> List[Cmd]:
     rep = os.path.join(ctx.work, "ncu_report")
     sections = ["SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats"]
     argv = [tool_path("ncu"), "--profile-from-start", "off", "--target-processes", "all", "--force-overwrite",
-            "--export", rep, "--metrics", "dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum"]
+            "--launch-count", "60", "--export", rep,
+            "--metrics", "dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum"]
     for s in sections:
         argv += ["--section", s]
     return [Cmd(argv + [ctx.python, "bench/gpu_check_kernels.py", "--ncu"], label="ncu profile"),
@@ -595,7 +597,12 @@ def env_main(json_path: str) -> int:
 # ---- the report ------------------------------------------------------------------------------
 
 def read_tests(path: str) -> Tuple[List[dict], List[str]]:
-    """(results, nodeids started but never finished: running when the process died)."""
+    """(results, nodeids started but never finished: running when the process died) of one
+    outcome file, or of every tests-*.jsonl file in a folder (in the order they were written)."""
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "tests-*.jsonl")), key=os.path.getmtime)
+        parts = [read_tests(f) for f in files]
+        return [r for p in parts for r in p[0]], [u for p in parts for u in p[1]]
     results, started = [], {}
     if not os.path.exists(path):
         return results, []
@@ -619,7 +626,7 @@ def _cut(text: str, limit: int) -> str:
 
 
 def write_report(ctx: Context, results: List[StageResult], budget: float, total_s: float, tools: Dict[str, Tuple[bool, str]]) -> int:
-    tests, unfinished = read_tests(ctx.tests_jsonl)
+    tests, unfinished = read_tests(ctx.work)
     fails = [t for t in tests if t["outcome"] in ("failed", "error")]
     counts: Dict[str, int] = {}
     for t in tests:
@@ -719,7 +726,12 @@ def gpu_tool(ctx: Context):
                                     os.path.join(ctx.work, "env.json")], cwd=ROOT, check=False,
                                    stdout=subprocess.DEVNULL)
                     judge_env(StageResult("env", 0), ctx)
-            return (True, "ok") if ctx.device.get("cuda_available") else (False, "torch sees no CUDA device")
+            if ctx.device.get("cuda_available"):
+                return True, "ok"
+            if not ctx.device:
+                env = ctx.results.get("env")
+                return False, f"the env stage reported no device ({env.status if env else 'not run'})"
+            return False, "torch sees no CUDA device"
         return probes(name)
 
     return probes, tools

@@ -97,7 +97,7 @@ def test_runner_reports_each_kind_of_outcome(tmp_path):
         S("tests", 30, "pytest with the plugin",
           lambda c: [C([py, "-m", "pytest", "-q", "--tb=long", "-p", "no:cacheprovider", "-p", "gpu_check_pytest",
                         str(tmp_path / "test_fake.py")],
-                       env={"GPU_CHECK_TESTS": c.tests_jsonl,
+                       env={"GPU_CHECK_TESTS": c.tests_jsonl("fake tests"),
                             "PYTHONPATH": os.path.join(ROOT, "bench") + os.pathsep + os.environ.get("PYTHONPATH", "")},
                        tests=True)]),
         S("too_late", 300, "more than the budget holds", [C([py, "-c", "print('must not run')"])]),
@@ -216,3 +216,27 @@ def test_hardware_selection_finds_the_hardware_only_cases():
     rest = _collect(*files, "-k", f"not ({gc.HW_K})")
     assert len(rest) > 10 * len(hw) > 0 and not set(rest) & set(hw)
     assert "test_forward_matches_cpu_and_reference" in " ".join(rest)
+
+
+def test_real_stage_commands_are_well_formed(tmp_path):
+    """Every command of the real plan names a script of this repository and only flags its
+    argparse defines; the build targets the device's one architecture with every core."""
+    ctx = gc.Context(work=str(tmp_path), out=str(tmp_path / "out"), device={"arch": "9.0a", "cuda_available": True})
+    for stage in gc.plan():
+        cmds = stage.cmds(ctx) if callable(stage.cmds) else stage.cmds
+        assert cmds, stage.name
+        for c in cmds:
+            argv = [a.replace("{work}", ctx.work) for a in c.argv]
+            scripts = [a for a in argv if a.endswith(".py") and not a.startswith(str(tmp_path))]
+            for script in scripts:
+                path = os.path.join(ROOT, script)
+                assert os.path.isfile(path), (stage.name, script)
+                if script.startswith("tests/") or script == "setup.py":
+                    continue
+                src = open(path).read()
+                after = argv[argv.index(script) + 1:]
+                for flag in [a for a in after if a.startswith("--")]:
+                    assert f'"{flag}"' in src, (stage.name, script, flag)
+    build = gc.build_cmds(ctx)[0]
+    assert build.env["TORCH_CUDA_ARCH_LIST"] == "9.0a" and int(build.env["MAX_JOBS"]) == (os.cpu_count() or 16)
+    assert build.env["MOLE_EXT_FORCE_CUDA"] == "1"
