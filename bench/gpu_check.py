@@ -87,6 +87,7 @@ class Stage:
     needs: Tuple[str, ...] = ()   # earlier stages that must have passed, or tools that must work
     parallel: bool = False        # start every command at once (else one after the other)
     collect: Tuple[str, ...] = ()  # files (relative to ROOT) written by the stage, appended to bench.md
+    log_tail: int = 0             # last lines of the stage's log for bench.md (always, or when no file came)
     judge: Optional[Callable[["StageResult", "Context"], None]] = None  # parses output, may fail the stage
 
 
@@ -228,7 +229,7 @@ def plan() -> List[Stage]:
               needs=("gpu", "build", "compute-sanitizer"), judge=judge_memcheck),
         Stage("train_step", 40, "7B training step, MoLE vs LoRA",
               P("bench/train_step.py", "--config", "7b", "--steps", "2", "--warmup", "1", "--no-save"),
-              needs=("gpu", "build")),
+              needs=("gpu", "build"), log_tail=30),
     ]
 
 
@@ -437,10 +438,16 @@ class Runner:
                 stage.judge(res, self.ctx)
             except Exception as exc:  # a parser must not hide the stage's own outcome
                 res.notes.append(f"could not read the stage's output: {exc!r}")
+        got = 0
         for rel in stage.collect:
             path = os.path.join(ROOT, rel)
             if os.path.exists(path) and os.path.getmtime(path) >= time.time() - res.seconds - 1:
                 self.ctx.bench_md.append(f"<!-- {rel}, stage {stage.name} -->\n" + open(path).read())
+                got += 1
+        if (stage.log_tail and not stage.collect) or (stage.collect and not got and res.status != "not run"):
+            tail = open(res.log, errors="replace").read().splitlines()[-(stage.log_tail or 60):]
+            self.ctx.bench_md.append(f"## stage {stage.name} ({res.status}): the last lines of its output\n\n```\n" +
+                                     "\n".join(tail) + "\n```\n")
 
 
 # ---- stage judges ----------------------------------------------------------------------------

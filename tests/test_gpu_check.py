@@ -89,7 +89,9 @@ def test_runner_reports_each_kind_of_outcome(tmp_path):
     os.makedirs(ctx.work)
     S, C = gc.Stage, gc.Cmd
     stages = [
-        S("ok", 20, "passes", [C([py, "-c", "print('hello from ok')"])]),
+        S("ok", 20, "passes", [C([py, "-c", "print('hello from ok')"])], log_tail=5),
+        S("bench_cut", 20, "a benchmark that wrote no table", [C([py, "-c", "print('case 1: 12 us')"])],
+          collect=("bench/results/no-such-table.md",)),
         S("fails", 20, "exits 3", [C([py, "-c", "import sys; print('partial result'); sys.exit(3)"])]),
         S("slow", 5, "outlives its cap", [C([py, "-c", "import time; print('started', flush=True); time.sleep(60)"])]),
         S("no_tool", 20, "needs a tool that cannot run", [C([py, "-c", "print('must not run')"])], needs=("ncu",)),
@@ -135,6 +137,8 @@ def test_runner_reports_each_kind_of_outcome(tmp_path):
     report = json.load(open(os.path.join(ctx.out, "gpu_check.json")))
     assert report["test_counts"] == {"passed": 1, "failed": 2, "skipped": 1}
     assert "hello from ok" in open(os.path.join(ctx.out, "gpu_check.log")).read()
+    bench = open(os.path.join(ctx.out, "bench.md")).read()
+    assert "hello from ok" in bench and "case 1: 12 us" in bench  # a stage's output when it wrote no table
 
 
 def test_a_killed_pytest_names_the_test_it_was_running(tmp_path):
