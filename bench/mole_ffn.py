@@ -272,7 +272,7 @@ def main(argv=None):
             f"{name} {st['median'] * 1e3:.3f} ms" for name, st in q.items()), flush=True)
         for name, stats in q.items():
             rows.append({
-                "bench": "mole_ffn", "provider": name, "N": cfg.n, "d": cfg.d, "m": cfg.m, "r": cfg.r, "K": cfg.k,
+                "bench": "mole_ffn", "mode": "fwd+bwd", "provider": name, "N": cfg.n, "d": cfg.d, "m": cfg.m, "r": cfg.r, "K": cfg.k,
                 "dtype": str(cfg.dtype).replace("torch.", ""), "ms": stats["median"] * 1e3,
                 "p20_ms": stats["p20"] * 1e3, "p80_ms": stats["p80"] * 1e3,
                 "vs_single_lora": stats["median"] / single,
@@ -327,7 +327,7 @@ def main(argv=None):
               f"\n## Traffic model of mole_ext's ops (bench/traffic.py) at the copy bandwidth, {copy_bw / 1e9:.0f} "
               "GB/s; measured: mole_ext minus base\n\n" + harness.markdown_table(model_rows, mcols) +
               "".join(f"\nprovider {n} {m_} failed: {w}\n" for (n, m_), w in skipped.items()))
-        print("wrote", harness.write_results("mole_ffn", env, rows, md))
+        print("wrote", harness.write_results("mole_ffn", env, rows + fwd_rows, md))
     return rows
 
 
