@@ -13,7 +13,7 @@ killed as a group past it); the caps add up to at most the budget (GPU_CHECK_BUD
              the bandwidth of a 1 GiB copy measured now: every bandwidth is judged against a copy
              measured in the same run, never against a datasheet
   build      setup.py build_ext --inplace with every core (MAX_JOBS) for one architecture, the
-             device's (9.0a on H100 / H200; GPU_CHECK_ARCHS overrides)
+             device's (9.0a on H100 / H200; GPU_CHECK_ARCHS overrides), then python -m mole_ext.info
   smoke      bench/gpu_check_kernels.py: every op forward and backward on a few shapes against the
              CPU kernels (seconds; a failure here explains most later ones)
   hw_tests   the tests only a GPU can answer: bit identity of the kernels' paths (vector / element,
@@ -175,7 +175,8 @@ def build_cmds(ctx: Context) -> List[Cmd]:
     archs = os.environ.get("GPU_CHECK_ARCHS") or ctx.device.get("arch") or "9.0a"
     env = {"MOLE_EXT_FORCE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": str(archs),
            "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 16))}
-    return [_py(ctx, "setup.py", "build_ext", "--inplace", env=env, label=f"build for {archs}")]
+    return [_py(ctx, "setup.py", "build_ext", "--inplace", env=env, label=f"build for {archs}"),
+            _py(ctx, "-m", "mole_ext.info", label="what was built (which ops have CUDA kernels)")]
 
 
 def ncu_cmds(ctx: Context) -> List[Cmd]:
