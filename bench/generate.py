@@ -21,7 +21,7 @@ Columns: prefill ms (the prompt, batch x prompt tokens), decode ms per step and 
 (batch / step time), decode tokens/s relative to single_lora. Targets (GPU, stack): MoLE decode
 >= 0.90x single-LoRA tokens/s at batch 1 and >= 0.95x at batch 32.
 
-  python bench/generate.py --threads 1      # CPU: the demo model, about 4 minutes on a loaded 2-core machine
+  python bench/generate.py --threads 1      # CPU: the demo model, ~1.5 CPU-minutes (6 min wall on a loaded machine)
   python bench/generate.py --gpu-check      # the GPU check's stage: the 7B-shaped stack, with graphs
 Rows are appended to bench/results/generate.jsonl; the table goes to bench/results/generate-<cpu|cuda>.md.
 """
