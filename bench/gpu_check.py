@@ -179,12 +179,21 @@ def build_cmds(ctx: Context) -> List[Cmd]:
             _py(ctx, "-m", "mole_ext.info", label="what was built (which ops have CUDA kernels)")]
 
 
+# asked for by name as well as through the sections, so the summary has them whatever a section holds
+NCU_METRICS = ["dram__bytes_read.sum", "dram__bytes_write.sum", "gpu__time_duration.sum",
+               "dram__throughput.avg.pct_of_peak_sustained_elapsed", "launch__registers_per_thread",
+               "sm__warps_active.avg.pct_of_peak_sustained_active", "sm__maximum_warps_per_active_cycle_pct"] + [
+    f"smsp__average_warps_issue_stalled_{r}_per_issue_active.ratio"
+    for r in ("long_scoreboard", "short_scoreboard", "barrier", "mio_throttle", "lg_throttle", "wait",
+              "math_pipe_throttle", "no_instruction", "dispatch_stall", "membar")]
+
+
 def ncu_cmds(ctx: Context) -> List[Cmd]:
     rep = os.path.join(ctx.work, "ncu_report")
     sections = ["SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats"]
     argv = [tool_path("ncu"), "--profile-from-start", "off", "--target-processes", "all", "--force-overwrite",
             "--launch-count", "60", "--export", rep,
-            "--metrics", "dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum"]
+            "--metrics", ",".join(NCU_METRICS)]
     for s in sections:
         argv += ["--section", s]
     return [Cmd(argv + [ctx.python, "bench/gpu_check_kernels.py", "--ncu"], label="ncu profile"),
@@ -478,10 +487,13 @@ def parse_ncu_csv(text: str) -> List[Dict[str, object]]:
     """Rows of `ncu --import R --csv --page raw --print-units base`: a header, a units row, one
     row per profiled kernel. Returns one dict per kernel with the summary's fields."""
     lines = [ln for ln in text.splitlines() if ln.startswith('"')]
-    if len(lines) < 3:
-        return []
     rows = list(csv.reader(io.StringIO("\n".join(lines))))
-    head, body = rows[0], rows[2:]
+    at = next((i for i, r in enumerate(rows) if "Kernel Name" in r), None)
+    if at is None:
+        return []
+    head = rows[at]
+    ident = head.index("ID") if "ID" in head else 0
+    body = [r for r in rows[at + 1:] if len(r) > ident and r[ident].strip()]  # the units row has no ID
 
     def num(row, col):
         try:
@@ -500,7 +512,7 @@ def parse_ncu_csv(text: str) -> List[Dict[str, object]]:
         for col in head:
             m = re.match(r"smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio$", col)
             v = num(row, col) if m else None
-            if m and v is not None and m.group(1) not in ("selected",):
+            if m and v is not None and m.group(1) not in ("selected", "not_selected"):
                 stalls.append((v, m.group(1)))
         stalls.sort(reverse=True)
         out.append({
