@@ -222,17 +222,18 @@ def closef(a, b, what, tol=1e-4) -> bool:
     return good
 
 
-def ncu_workload() -> int:
+def ncu_workload(dev: str = "cuda", n: int = 16384, d_in: int = 4096, d_out: int = 11008, copy_bytes: int = 256 << 20,
+                 ranks=(32, 128)) -> int:
     """The kernels bench/gpu_check.py profiles with ncu (inside cudaProfilerStart / Stop, after a
     warm-up outside): a 256 MiB copy (the bandwidth reference), the grouped LoRA forward and
     backward at the benchmark shape (N = 16384, 4096 -> 11008, K = 4, bf16) for r = 32 and 128,
-    permute / unpermute at N = 16384, d = 4096, and the router."""
-    assert torch.cuda.is_available(), "needs a GPU"
-    dev = "cuda"
+    permute / unpermute at N = 16384, d = 4096, and the router. (Smaller on the CPU: a test.)"""
+    cuda = dev == "cuda"
+    assert not cuda or torch.cuda.is_available(), "needs a GPU"
     torch.manual_seed(0)
-    n, d_in, d_out, k = 16384, 4096, 11008, 4
+    k = 4
     bf = torch.bfloat16
-    src = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    src = torch.empty(copy_bytes, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
     expert = torch.randint(0, k, (n,), device=dev)
     logits = torch.randn(n, k, device=dev)
@@ -242,7 +243,7 @@ def ncu_workload() -> int:
     off = torch.cat([torch.zeros(1, dtype=torch.long, device=dev),
                      torch.bincount(expert, minlength=k).cumsum(0)]).to(torch.int32)
     lora = {r: ((torch.randn(k, r, d_in, device=dev) * d_in ** -0.5).to(bf),
-                (torch.randn(k, d_out, r, device=dev) * r ** -0.5).to(bf)) for r in (32, 128)}
+                (torch.randn(k, d_out, r, device=dev) * r ** -0.5).to(bf)) for r in ranks}
 
     def work():
         dst.copy_(src)
@@ -254,11 +255,13 @@ def ncu_workload() -> int:
         ops.router_top1(logits)
 
     work()  # warm-up: allocations and first launches outside the profiled range
-    torch.cuda.synchronize()
-    torch.cuda.profiler.start()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
     work()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
     print("ncu workload done", flush=True)
     return 0
 

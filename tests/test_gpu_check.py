@@ -244,3 +244,24 @@ def test_real_stage_commands_are_well_formed(tmp_path):
     build = gc.build_cmds(ctx)[0]
     assert build.env["TORCH_CUDA_ARCH_LIST"] == "9.0a" and int(build.env["MAX_JOBS"]) == (os.cpu_count() or 16)
     assert build.env["MOLE_EXT_FORCE_CUDA"] == "1"
+
+
+def test_smoke_and_ncu_workloads_call_the_ops_right():
+    """The GPU-only scripts' op calls, on the CPU kernels at small sizes: a wrong signature or
+    argument order would otherwise surface only in the GPU run."""
+    import torch
+    import gpu_check_kernels as gk
+
+    assert gk.ncu_workload("cpu", n=96, d_in=64, d_out=80, copy_bytes=1024, ranks=(4,)) == 0
+    assert gk.module_matches_cpu("cpu", torch.Generator().manual_seed(0))
+
+
+def test_hardware_checks_call_the_ops_right():
+    """tests/test_gpu_hardware.py's op calls on the CPU kernels (its tests skip here)."""
+    import test_gpu_hardware as hw
+
+    import torch
+
+    for name, run in hw.op_runs("cpu", n=64, d_in=32, d_out=48, r=4, k=3).items():
+        outs = run()
+        assert outs and all(torch.isfinite(t.float()).all() for t in outs), name

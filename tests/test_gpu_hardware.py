@@ -27,10 +27,10 @@ def _same(a, b, what):
         assert torch.equal(u, v), f"{what}: output {i} differs between two runs"
 
 
-def test_every_op_reruns_bit_identically():
+def op_runs(dev: str, n: int = 4096, d_in: int = 1024, d_out: int = 2816, r: int = 64, k: int = 8):
+    """Each op as a callable returning its outputs, at shapes that split reductions on a GPU."""
     torch.manual_seed(0)
-    dev, bf = "cuda", torch.bfloat16
-    n, d_in, d_out, r, k = 4096, 1024, 2816, 64, 8
+    bf = torch.bfloat16
     x = torch.randn(n, d_in, device=dev, dtype=bf)
     gy = torch.randn(n, d_out, device=dev, dtype=bf)
     a = (torch.randn(k, r, d_in, device=dev) * d_in ** -0.5).to(bf)
@@ -48,7 +48,11 @@ def test_every_op_reruns_bit_identically():
         "unpermute": lambda: [ops.unpermute(x, torch.argsort(expert, stable=True))],
         "load_balance_loss": lambda: [ops.load_balance_loss(torch.softmax(logits, -1), expert, None)],
     }
-    for name, run in runs.items():
+    return runs
+
+
+def test_every_op_reruns_bit_identically():
+    for name, run in op_runs("cuda").items():
         first = [t.clone() for t in run()]
         torch.cuda.synchronize()
         _same(first, run(), name)
