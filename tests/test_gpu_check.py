@@ -265,3 +265,16 @@ def test_hardware_checks_call_the_ops_right():
     for name, run in hw.op_runs("cpu", n=64, d_in=32, d_out=48, r=4, k=3).items():
         outs = run()
         assert outs and all(torch.isfinite(t.float()).all() for t in outs), name
+
+
+def test_a_stage_left_out_of_the_selection_counts_as_done(tmp_path):
+    """GPU_CHECK_STAGES="smoke" after a build: smoke runs (the built extension is there); a
+    stage needing an unselected stage other than build runs too."""
+    ctx = gc.Context(work=str(tmp_path), out=str(tmp_path / "out"), assume_gpu=True)
+    py = sys.executable
+    stages = [gc.Stage("smoke", 20, "x", [gc.Cmd([py, "-c", "pass"])], needs=("build",)),
+              gc.Stage("late", 20, "x", [gc.Cmd([py, "-c", "pass"])], needs=("env",))]
+    res = gc.Runner(ctx, 100, lambda n: None, left_out=["build", "env"]).run(stages)
+    built = bool(__import__("glob").glob(os.path.join(ROOT, "python", "mole_ext", "_C*.so")))
+    assert res[0].status == ("passed" if built else "not run")
+    assert res[1].status == "passed"
