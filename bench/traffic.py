@@ -236,6 +236,12 @@ def readme_table() -> str:
     for mode, ops in mole_ffn(16384, 4096, 11008, 32, 4).items():
         s = summary(ops)
         out.append(f"| MoLE FFN {mode}: mole_ext's ops (r = 32) | | {s.fraction:.2f} | | | |")
+    out += ["", "| kernel (N = 16384, 4096 -> 11008, r = 32, K = 4, bf16) | MB | share |", "|---|---|---|"]
+    for mode in ("fwd", "bwd"):
+        t = grouped_lora(Shape(16384, 4096, 11008, 32, 4), mode)
+        for name, b in t.kernels:
+            out.append(f"| {mode}: {name} | {b / 1e6:.1f} | {b / t.implementation:.0%} |")
+        out.append(f"| {mode}: **minimum of the op** | {t.minimum / 1e6:.1f} | {t.fraction:.0%} |")
     return "\n".join(out)
 
 

@@ -110,3 +110,9 @@ def test_model_constants_match_the_kernels():
     if not found:
         pytest.skip("none of the grouped LoRA tiling constants is in csrc/cuda any more: re-derive bench/traffic.py")
     assert found == {k: v for k, v in want.items() if k in found}
+
+
+def test_readme_shows_the_models_current_table():
+    """README's predicted fractions are the model's (regenerate with python bench/traffic.py --readme)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert traffic.readme_table() in open(os.path.join(root, "README.md")).read()
