@@ -651,7 +651,9 @@ def _cut(text: str, limit: int) -> str:
     return text[: limit // 3] + f"\n[... {len(text) - limit} bytes cut ...]\n" + text[-(2 * limit) // 3:]
 
 
-def write_report(ctx: Context, results: List[StageResult], budget: float, total_s: float, tools: Dict[str, Tuple[bool, str]]) -> int:
+def write_report(ctx: Context, results: List[StageResult], budget: float, total_s: float,
+                 tools: Dict[str, Tuple[bool, str]]) -> int:
+    """Writes the output folder (at most MAX_OUT_FILES files); returns the exit code."""
     tests, unfinished = read_tests(ctx.work)
     fails = [t for t in tests if t["outcome"] in ("failed", "error")]
     counts: Dict[str, int] = {}
@@ -663,16 +665,20 @@ def write_report(ctx: Context, results: List[StageResult], budget: float, total_
     if not dev.get("cuda_available") and not ctx.assume_gpu:
         ok = False
     md = ["# mole_ext GPU check", ""]
+    kind = dev.get("kind", "unknown" if dev.get("cuda_available") else "no GPU")
     md.append(f"**{'PASSED' if ok else 'FAILED'}** in {total_s:.0f} s of a {budget:.0f} s budget. Device: "
-              f"{dev.get('name', 'unknown')} (kind **{dev.get('kind', 'no GPU' if not dev.get('cuda_available') else 'unknown')}**, cc {dev.get('cc')}, "
+              f"{dev.get('name', 'unknown')} (kind **{kind}**, cc {dev.get('cc')}, "
               f"{dev.get('sms')} SMs, L2 {dev.get('l2_mib')} MiB), torch {dev.get('torch')} (CUDA {dev.get('cuda')}), "
               f"{dev.get('cores')} cores. Copy bandwidth measured in this run (1 GiB copy_, read + write): "
               f"**{dev.get('copy_GBps', '-')} GB/s**; every fraction below is of a copy measured in the same run.")
-    md += ["", "Tools: " + "; ".join(f"{k}: {'works' if v[0] else 'not usable: ' + v[1]}" for k, v in tools.items()), ""]
+    md += ["", "Tools: " + "; ".join(f"{k}: {'works' if v[0] else 'not usable: ' + v[1]}"
+                                     for k, v in tools.items()), ""]
     md += ["| stage | status | seconds | cap | why / notes |", "|---|---|---|---|---|"]
     for r in results:
-        md.append(f"| {r.name} | {r.status} | {r.seconds:.0f} | {r.cap} | {'; '.join([r.reason] * bool(r.reason) + r.notes)} |")
-    md += ["", f"Tests: {', '.join(f'{v} {k}' for k, v in sorted(counts.items())) or 'none ran'} (every outcome: tests.txt)."]
+        why = "; ".join([r.reason] * bool(r.reason) + r.notes)
+        md.append(f"| {r.name} | {r.status} | {r.seconds:.0f} | {r.cap} | {why} |")
+    tally = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none ran"
+    md += ["", f"Tests: {tally} (every outcome: tests.txt)."]
     if unfinished:
         md.append(f"Running when their process was stopped or died: {', '.join(unfinished[:10])}")
     if fails:

@@ -25,7 +25,6 @@ arithmetic intensity is visible (at r = 128 the tensor cores may bind before DRA
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Dict, List, Tuple
 
 # the kernels' constants (csrc/cuda/grouped_lora.cu)
