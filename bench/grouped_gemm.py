@@ -335,7 +335,7 @@ def main(argv=None):
         for name in wanted:
             try:
                 fwd, bwd = PROVIDERS[name](*tensors, scaling)
-            except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+            except (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError) as exc:
                 skipped.setdefault((name, "fwd+bwd"), str(exc).splitlines()[0][:160])
                 continue
             # forward and backward validated apart: a provider that cannot run one still runs the other
@@ -343,7 +343,7 @@ def main(argv=None):
                 try:
                     fn()
                     fns[(name, mode)] = fn
-                except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+                except (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError) as exc:
                     skipped.setdefault((name, mode), str(exc).splitlines()[0][:160])
         for mode in ("fwd", "bwd"):
             mode_fns = {name: fn for (name, md), fn in fns.items() if md == mode}
