@@ -389,11 +389,11 @@ class Runner:
             res = StageResult(stage.name, stage.cap, log=os.path.join(self.ctx.work, f"{stage.name}.log"))
             self.ctx.results[stage.name] = res
             out.append(res)
+            why = self.missing(stage)  # first: it may wait for a tool's probe
             later = sum(s.cap for s in stages[i + 1:])
             left = self.remaining()
             # a stage may use what earlier stages left unused, never what later ones need
             res.limit = min(left, max(stage.cap, left - later))
-            why = self.missing(stage)
             if why:
                 res.reason = why
             elif res.limit < 0.75 * stage.cap:
