@@ -333,12 +333,20 @@ def mole_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: params[n].detach() for n in sorted(wanted)}
 
 
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as e:  # not a dependency of the light install; transformers brings it
+        raise ImportError("saving and loading a MoLE adapter needs safetensors: pip install safetensors "
+                          "(transformers and the [train] extra include it)") from e
+    return safetensors.torch
+
+
 def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], *,
                     extra: Optional[dict] = None) -> Path:
     """Write ``mole_adapter_config.json`` (format, version, config, the injected module names and
     the tensor signature; ``extra`` is stored under "extra") and ``mole_adapter.safetensors``."""
-    from safetensors.torch import save_file
-
+    save_file = _safetensors().save_file
     from . import __version__
 
     config, mlps, attn, save = _injected(model)
@@ -383,8 +391,7 @@ def from_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, is_
     load its tensors. The same modules as at save time are injected (by name, so a predicate in
     the original config is not needed). ``is_trainable=False`` (default, as in PEFT) freezes the
     adapter too and puts the model in eval mode."""
-    from safetensors.torch import load_file
-
+    load_file = _safetensors().load_file
     config, meta = read_config(directory)
     model = get_mole_model(model, config, _mlps=meta["mole_modules"], _attn=meta["attn_lora_modules"])
     tensors = load_file(str(Path(directory) / WEIGHTS_NAME))
