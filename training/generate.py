@@ -63,7 +63,9 @@ def find_adapter(run) -> Path:
     """The adapter of a train run (RUN/adapter), a demo run (RUN/stage2/adapter), or RUN itself."""
     run = Path(run)
     candidates = [run / "adapter", run / "stage2" / "adapter", run]
-    return next((c for c in candidates if (c / "adapter_config.json").is_file()), run)
+    from .checkpoint import adapter_meta_path
+
+    return next((c for c in candidates if adapter_meta_path(c) is not None), run)
 
 
 @torch.no_grad()

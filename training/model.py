@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .lora import LoRALinear
 
 log = logging.getLogger(__name__)
 
@@ -254,37 +253,41 @@ def _first_layers(state: dict, n: int) -> dict:
     return keep
 
 
+def mole_config(cfg: ModelConfig):
+    """The library's ``MoLEConfig`` for a run's model section: MoLE on ``cfg.mole_layers`` (all
+    when None) of the language model, LoRA on every decoder layer's q/k/v/o when ``attn_lora``."""
+    from mole_ext import MoLEConfig
+
+    return MoLEConfig(
+        num_experts=cfg.num_experts,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        gate_mode=cfg.gate_mode,
+        routing=cfg.routing,
+        target_modules=["mlp"],
+        layers=cfg.mole_layers,
+        attn_lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"] if cfg.attn_lora else None,
+    )
+
+
 def inject_mole(model: nn.Module, cfg: ModelConfig) -> list[str]:
-    """Replace the chosen decoder layers' MLPs by ``MoLEFFN`` and put LoRA on q/k/v/o.
+    """Replace the chosen decoder layers' MLPs by ``MoLEFFN`` and put LoRA on q/k/v/o
+    (``mole_ext.get_mole_model``; ``set_trainable`` then applies the stage's freezing rules).
 
     Returns the module names of the MoLE layers. ``num_experts=1`` gives the plain-LoRA
     LLaVA-1.5 baseline through the same code.
     """
-    from mole_ext import MoLEFFN
+    from mole_ext import get_mole_model
 
-    layers = model.model.language_model.layers
-    chosen = range(len(layers)) if cfg.mole_layers is None else cfg.mole_layers
-    names = []
-    for i in chosen:
-        if not 0 <= i < len(layers):
-            raise ValueError(f"model.mole_layers has {i}, but the language model has {len(layers)} layers")
-        layer = layers[i]
-        layer.mlp = MoLEFFN.from_mlp(
-            layer.mlp,
-            cfg.num_experts,
-            cfg.rank,
-            cfg.alpha,
-            dropout=cfg.dropout,
-            gate_mode=cfg.gate_mode,
-            routing=cfg.routing,
-        )
-        names.append(f"model.language_model.layers.{i}.mlp")
-    if cfg.attn_lora:
-        for layer in layers:
-            attn = layer.self_attn
-            for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                setattr(attn, p, LoRALinear(getattr(attn, p), cfg.rank, cfg.alpha, cfg.dropout))
-    return names
+    n = len(model.model.language_model.layers)
+    for i in cfg.mole_layers or ():
+        if not 0 <= i < n:
+            raise ValueError(f"model.mole_layers has {i}, but the language model has {n} layers")
+    if cfg.mole_layers == [] and not cfg.attn_lora:
+        return []
+    get_mole_model(model, mole_config(cfg))
+    return list(model.mole_modules)
 
 
 def set_trainable(model: nn.Module, stage: int, train_vision: bool) -> None:

@@ -16,6 +16,7 @@ from . import checkpoint as ck
 from .analytics import RoutingStats
 from .config import RunConfig
 from .data import Collator, LlavaData, MixtureSampler, resolve_specs
+from .export import adapter_names, adapter_tensors, export, load_run_model  # noqa: F401  (moved there)
 from .model import Built, build_model, mole_modules, param_groups
 
 log = logging.getLogger(__name__)
@@ -500,32 +501,3 @@ def run_training(cfg: RunConfig, resume: str | bool | None = None, built: Built 
     trainer.accelerator.wait_for_everyone()
     summary["trainer"] = trainer
     return summary
-
-
-def adapter_names(built: Built, cfg: RunConfig) -> list[str]:
-    """What a run adds to the base: every trainable weight, the projector, and a random vision tower."""
-    return [n for n, p in built.model.named_parameters()
-            if p.requires_grad or "multi_modal_projector" in n
-            or (cfg.model.source in ("tiny", "smollm2") and "vision_tower" in n)]
-
-
-def adapter_tensors(built: Built, cfg: RunConfig, full: dict | None = None) -> dict[str, torch.Tensor]:
-    """The adapter's tensors (``adapter_names``). ``full``: unsharded parameters (from
-    ``MoLETrainer.gather_params`` under FSDP), else read from the model."""
-    params = dict(built.model.named_parameters())
-    return {n: full[n] if full is not None else params[n].detach() for n in adapter_names(built, cfg)}
-
-
-def export(built: Built, cfg: RunConfig, out_dir, full: dict | None = None) -> Path:
-    return ck.export_adapter(out_dir, adapter_tensors(built, cfg, full), {"run_config": cfg.to_dict()})
-
-
-def load_run_model(adapter_dir, device: str | None = None) -> tuple[Built, RunConfig]:
-    """A fresh base model with an exported adapter on it (for generation and evaluation), on
-    ``device`` (default: CUDA when available)."""
-    meta, _ = ck.read_adapter(adapter_dir)
-    cfg = RunConfig.from_dict(meta["config"]["run_config"])
-    built = build_model(cfg.model, stage=cfg.train.stage)
-    ck.load_adapter_into(built.model, adapter_dir, strict=True)
-    built.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    return built, cfg

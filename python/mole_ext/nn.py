@@ -25,7 +25,7 @@ class MoLELinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int, bias: bool = False,
                  weight: Optional[nn.Parameter] = None, bias_param: Optional[nn.Parameter] = None,
-                 dtype=None, device=None):
+                 dtype=None, device=None, adapter_dtype=None):
         super().__init__()
         kw = {"dtype": dtype, "device": device}
         self.in_features, self.out_features = in_features, out_features
@@ -39,7 +39,10 @@ class MoLELinear(nn.Module):
         if bias_param is not None:
             bias_param.requires_grad_(False)
         self.bias = bias_param
-        kw = {"dtype": weight.dtype, "device": weight.device}
+        # The LoRA stacks follow the base weight unless adapter_dtype says otherwise (float32
+        # adapters on a bfloat16 base: the ops cast them to the compute dtype, the gradients
+        # come back in float32).
+        kw = {"dtype": adapter_dtype or weight.dtype, "device": weight.device}
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, rank, **kw))
         self.reset_lora_parameters()
@@ -65,7 +68,8 @@ class MoLEFFN(nn.Module):
     ``y = down'(act(gate'(x)) * up'(x))`` with ``P'(z)_t = W_P z_t + g_t * s * B_P[e_t] A_P[e_t] drop(z_t)``,
     ``e_t`` the router's top-1 expert for token t, shared by the three projections, and
     ``s = alpha / rank``. ``gate_mode`` sets g ("prob", "none", "straight_through");
-    ``routing="dense"`` mixes all experts by their probabilities.
+    ``routing="dense"`` mixes all experts by their probabilities. ``adapter_dtype`` (default: the
+    base weights' dtype) is the dtype of the trainable tensors (LoRA stacks, router).
 
     After each forward, ``last_routing.probs`` [N, K] (with grad) and ``last_routing.expert`` [N]
     hold the routing of that call's N = x.numel() / d tokens, for ``load_balance_loss``.
@@ -73,7 +77,8 @@ class MoLEFFN(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, rank: int, alpha: float,
                  dropout: float = 0.0, hidden_act: Union[str, Callable] = "silu", gate_mode: str = "prob",
-                 routing: str = "top1", dtype=None, device=None, *, bias: bool = False, _base=None):
+                 routing: str = "top1", dtype=None, device=None, *, bias: bool = False, adapter_dtype=None,
+                 _base=None):
         super().__init__()
         for name, value, lo in (("hidden_size", hidden_size, 1), ("intermediate_size", intermediate_size, 1),
                                 ("num_experts", num_experts, 1), ("rank", rank, 1)):
@@ -103,12 +108,14 @@ class MoLEFFN(nn.Module):
 
         def make(name, i, o):
             w, b = base.get(name, (None, None))
-            return MoLELinear(i, o, num_experts, rank, bias=bias, weight=w, bias_param=b, **kw)
+            return MoLELinear(i, o, num_experts, rank, bias=bias, weight=w, bias_param=b,
+                              adapter_dtype=adapter_dtype, **kw)
 
         self.gate_proj = make("gate_proj", d, m)
         self.up_proj = make("up_proj", d, m)
         self.down_proj = make("down_proj", m, d)
-        self.router = nn.Linear(d, num_experts, bias=True, **kw)
+        self.router = nn.Linear(d, num_experts, bias=True,
+                                **{**kw, "dtype": adapter_dtype or self.gate_proj.weight.dtype})
         self.last_routing: Optional[Routing] = None
 
     @classmethod
