@@ -516,7 +516,7 @@ def precision(cfg: RunConfig, on_gpu: bool) -> dict:
                          "autocast on the CPU; use train.bf16=true or model.dtype=bfloat16 there")
     tf32 = t.tf32
     if tf32 is None:
-        tf32 = True if (on_gpu and torch.cuda.get_device_capability()[0] >= 8) else None
+        tf32 = True if (on_gpu and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8) else None
     elif tf32 and not on_gpu:
         raise ValueError("train.tf32=true applies to CUDA matmuls (Ampere or newer); this run is on the CPU")
     return {"bf16": bf16, "fp16": fp16, "tf32": tf32}
