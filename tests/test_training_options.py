@@ -295,3 +295,109 @@ def test_plain_template_for_stage_1(tmp_path):
     groups = s["trainer"].optimizer.param_groups
     assert groups and all(g["lr"] == 1e-3 for g in groups)
     assert any(g["name"].startswith("proj") for g in groups)
+
+
+# -- samplers -----------------------------------------------------------------------------------
+def test_epoch_sampler_once_per_epoch_and_modality_length_grouping():
+    from training.data import EpochSampler, MixtureSampler, modality_length_grouped
+
+    s = EpochSampler(23, seed=1)
+    e0 = list(s)
+    assert sorted(e0) == list(range(23))
+    s.set_epoch(1)
+    e1 = list(s)
+    assert sorted(e1) == list(range(23)) and e1 != e0
+    s.set_epoch(0)
+    assert list(s) == e0  # deterministic in (seed, epoch): a resumed run sees the same order
+    has_image = [i % 3 != 0 for i in range(23)]
+    lengths = [(i * 37) % 101 for i in range(23)]
+    g = EpochSampler(23, seed=1, group=(lengths, has_image, 4, 8))
+    order = list(g)
+    assert sorted(order) == list(range(23))
+    batches = [order[i:i + 4] for i in range(0, 20, 4)]
+    full = [b for b in batches if len({has_image[i] for i in b}) == 1]
+    assert len(full) >= 4  # every full batch but the leftovers is one modality
+    for b in full:  # sorted by length inside its megabatch
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+    # the weighted mixture keeps its draw (with replacement) under grouping
+    m = MixtureSampler([list(range(10)), list(range(10, 23))], [1.0, 1.0], 40, seed=2)
+    mg = MixtureSampler([list(range(10)), list(range(10, 23))], [1.0, 1.0], 40, seed=2,
+                        group=(lengths, has_image, 4, 16))
+    assert sorted(list(m)) == sorted(list(mg))
+    gen = torch.Generator().manual_seed(0)
+    assert sorted(modality_length_grouped(list(range(23)), lengths, has_image, 4, 8, gen)) == list(range(23))
+
+
+# -- the Trainer's options ----------------------------------------------------------------------
+def test_epochs_eval_set_best_checkpoint_tracker_and_optimizer_options(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from training.data import make_builtin
+    from training.trainer import run_training
+
+    ev = make_builtin(tmp_path / "evaldata", per_domain=4, seed=1, size=64)["instruct"]
+    evals = json.dumps([{"path": e.path, "domain": e.domain} for e in ev])
+    cfg = tiny_cfg(tmp_path, "train.num_epochs=1", "data.group_by_modality_length=true",
+                   f"data.eval_datasets={evals}", "train.eval_steps=2", "train.save_steps=2",
+                   "train.load_best_at_end=true", "train.report_to=tensorboard", "train.optim=adamw_torch_fused",
+                   "train.router_lr=3e-3", "train.projector_lr=1e-3", "train.lr=2e-2", "train.seed=3",
+                   "train.lr_scheduler_type=linear", "model.dropout=0.0", "train.save_total_limit=1",
+                   "train.collapse_fraction=0.4")
+    s = run_training(cfg)
+    tr = s["trainer"]
+    run = Path(cfg.train.output_dir)
+    # one epoch: each of the 24 records once, batch 4
+    assert s["global_step"] == 6 and type(tr._get_train_sampler()).__name__ == "EpochSampler"
+    # per-domain validation loss every eval_steps, and at the end
+    evs = [r for r in rows(run) if "eval_loss" in r]
+    assert [r["global_step"] for r in evs] == [2, 4, 6, 6]
+    for r in evs:
+        assert {"eval_loss_shapes", "eval_loss_charts", "eval_loss_text", "eval_balance_loss"} <= set(r)
+        assert min(r[f"eval_loss_{d}"] for d in ("shapes", "charts", "text")) <= r["eval_loss"] \
+            <= max(r[f"eval_loss_{d}"] for d in ("shapes", "charts", "text"))
+    assert s["eval"]["eval_loss"] == evs[-1]["eval_loss"]
+    # best checkpoint: the lowest eval_loss among the saved ones is kept past save_total_limit and loaded
+    best = min(evs[:3], key=lambda r: r["eval_loss"])
+    assert s["best"]["step"] == best["global_step"] and (run / s["best"]["checkpoint"]).is_dir()
+    loaded = ck.load_trainable(run / s["best"]["checkpoint"])
+    params = dict(tr.model.named_parameters())
+    assert all(torch.equal(params[k].detach().cpu(), v) for k, v in loaded.items())
+    # optimizer: fused AdamW, router / projector / main learning rates, linear schedule
+    opt = tr.optimizer
+    assert opt.defaults.get("fused") is True
+    lrs = {g["name"].rsplit("_", 1)[0]: g["initial_lr"] for g in opt.param_groups}
+    assert lrs == {"main": 2e-2, "router": 3e-3, "proj": 1e-3}
+    lr_rows = [r["learning_rate"] for r in rows(run) if "learning_rate" in r]
+    assert all(a > b for a, b in zip(lr_rows, lr_rows[1:]))  # linear decay
+    # windowed routing scalars in the tracker and in metrics.jsonl; collapse warnings as they happen
+    tb = [p for p in run.rglob("events.out.tfevents.*")]
+    assert tb
+    acc = EventAccumulator(str(tb[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/routing/dead_experts" in tags and "train/routing/layer0/load_entropy" in tags, tags
+    assert "eval/loss_shapes" in tags
+    train_rows = [r for r in rows(run) if "loss" in r]
+    assert all("routing/layer1/min_share" in r for r in train_rows)
+    if any(r["routing/dead_experts"] for r in train_rows):  # collapse_fraction=0.4 with 3 experts
+        assert tr.collapse_events and s["collapse_events"] == tr.collapse_events
+
+
+def test_option_pass_through_and_errors(tmp_path):
+    from training.trainer import sampling_mode, training_args
+
+    cfg = tiny_cfg(tmp_path, "train.torch_compile=true", "train.lr_scheduler_type=constant_with_warmup")
+    args = training_args(cfg)
+    assert args.torch_compile and args.lr_scheduler_type == "constant_with_warmup"
+    assert args.report_to == [] or args.report_to == "none" or args.report_to == ["none"]
+    for bad, msg in (("train.report_to=mlflow", "train.report_to must be"),
+                     ("train.optim=sgd", "train.optim must be one of"),
+                     ("train.eval_steps=5", "train.eval_steps needs data.eval_datasets"),
+                     ("train.load_best_at_end=true", "train.load_best_at_end needs"),
+                     ("train.num_epochs=0", "train.num_epochs must be positive")):
+        with pytest.raises(ValueError, match=msg):
+            training_args(tiny_cfg(tmp_path, bad))
+    with pytest.raises(ValueError, match="data.sampling must be"):
+        sampling_mode(tiny_cfg(tmp_path, "data.sampling=random"))
+    assert sampling_mode(tiny_cfg(tmp_path, "train.num_epochs=2")) == "once"
+    assert sampling_mode(tiny_cfg(tmp_path)) == "weighted"

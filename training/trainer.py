@@ -548,6 +548,8 @@ def training_args(cfg: RunConfig) -> TrainingArguments:
         raise ValueError(f"train.num_epochs must be positive, got {t.num_epochs}")
     if not epochs and not (isinstance(t.max_steps, int) and t.max_steps > 0):
         raise ValueError(f"train.max_steps must be a positive int (or set train.num_epochs), got {t.max_steps!r}")
+    if t.optim not in OPTIMIZERS:
+        raise ValueError(f"train.optim must be one of {OPTIMIZERS}, got {t.optim!r}")
     kw = {}
     if t.fsdp and t.deepspeed:
         raise ValueError("train.fsdp and train.deepspeed are both set; choose one")
