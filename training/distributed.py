@@ -147,3 +147,26 @@ def save_deepspeed_checkpoint(trainer, final: Path, info: dict) -> None:
 def check_deepspeed_checkpoint(ckpt: Path) -> None:
     if not (ckpt / "info.json").is_file():
         raise ck.CheckpointError(f"{ckpt}: no info.json: not a checkpoint of a train.deepspeed run")
+
+
+class without_zero_init:
+    """Build the model with full tensors under a ZeRO-3 config: transformers would construct it
+    inside ``deepspeed.zero.Init`` (partitioned at birth), which our build code (MoLE injection
+    reusing the MLP weights, loading the SmolLM2 state dict) does not support. DeepSpeed
+    partitions the model when the Trainer initialises the engine instead; every rank holds the
+    full frozen base on the CPU until then."""
+
+    def __enter__(self):
+        from transformers.integrations import deepspeed as hfds
+
+        ref = hfds._hf_deepspeed_config_weak_ref
+        self.obj = ref() if ref is not None else None
+        hfds.unset_hf_deepspeed_config()
+        return self
+
+    def __exit__(self, *exc):
+        from transformers.integrations import deepspeed as hfds
+
+        if self.obj is not None:
+            hfds.set_hf_deepspeed_config(self.obj)
+        return False

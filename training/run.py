@@ -12,6 +12,7 @@ from pathlib import Path
 from . import checkpoint as ck
 from .config import RunConfig
 from .data import Collator, LlavaData, resolve_specs
+from .distributed import without_zero_init
 from .model import Built, build_model, reset_adapters, upcast_trainable
 from .trainer import MoLETrainer, StopAfter, adapter_names, export, sampling_mode, training_args
 
@@ -63,7 +64,8 @@ def run_training(cfg: RunConfig, resume: str | bool | None = None, built: Built 
     args = training_args(cfg)  # validates the options and sets up the distributed state first
     set_seed(t.seed)
     if built is None:
-        built = build_model(cfg.model, stage=t.stage)
+        with without_zero_init():
+            built = build_model(cfg.model, stage=t.stage)
         reset_adapters(built.model, t.seed)  # train.seed also draws the adapter/router init
     if cfg.model.adapter_dtype == "float32":
         cast = upcast_trainable(built.model)
