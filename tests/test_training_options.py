@@ -401,3 +401,31 @@ def test_option_pass_through_and_errors(tmp_path):
         sampling_mode(tiny_cfg(tmp_path, "data.sampling=random"))
     assert sampling_mode(tiny_cfg(tmp_path, "train.num_epochs=2")) == "once"
     assert sampling_mode(tiny_cfg(tmp_path)) == "weighted"
+
+
+def test_up_front_check_runs_once_and_is_reused(tmp_path, monkeypatch):
+    from training.config import DataConfig, DatasetSpec
+    from training.data import LlavaData
+
+    b = build_model(ModelConfig(source="tiny", cache_dir=CACHE), stage=1)
+    p = _bad_data(tmp_path)
+    cfg = DataConfig(on_bad_record="skip")
+    cache = tmp_path / "run" / "data_check.json"
+    first = LlavaData(cfg, b.tokenizer, b.image_processor, b.num_image_tokens, [DatasetSpec(str(p))],
+                      check_cache=cache, progress=False)
+    assert cache.is_file() and first.skipped == 4
+
+    def no_second_check(self, progress):  # what another rank (or a resume) must not do
+        raise AssertionError("the data check ran twice")
+
+    monkeypatch.setattr(LlavaData, "_run_check", no_second_check)
+    again = LlavaData(cfg, b.tokenizer, b.image_processor, b.num_image_tokens, [DatasetSpec(str(p))],
+                      check_cache=cache, progress=False)
+    assert [r.id for r in again.records] == [r.id for r in first.records]
+    assert again.skip_reasons == first.skip_reasons and again.lengths == first.lengths
+    # a changed data file (or setting) invalidates the cached result
+    recs = json.loads(p.read_text())[:7]
+    p.write_text(json.dumps(recs))
+    with pytest.raises(AssertionError, match="ran twice"):
+        LlavaData(cfg, b.tokenizer, b.image_processor, b.num_image_tokens, [DatasetSpec(str(p))],
+                  check_cache=cache, progress=False)
