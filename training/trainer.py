@@ -387,7 +387,14 @@ class MoLETrainer(Trainer):
             check_deepspeed_checkpoint(ckpt)
             saved = self._check_run_config(ckpt)
             self._restore_info(saved)
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            if self.deepspeed is not None:  # an initialised engine: its own partitioned state
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            # no engine yet (a finished run, only exporting): the gathered trainable weights
+            params = dict((model or self.model).named_parameters())
+            with torch.no_grad():
+                for k, v in ck.load_trainable(ckpt).items():
+                    params[k].copy_(v)
+            return
         ck.verify(ckpt, self._sig)
         saved = self._check_run_config(ckpt)
         self._restore_info(saved)
