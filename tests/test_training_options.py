@@ -432,3 +432,12 @@ def test_up_front_check_runs_once_and_is_reused(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="ran twice"):
         LlavaData(cfg, b.tokenizer, b.image_processor, b.num_image_tokens, [DatasetSpec(str(p))],
                   check_cache=cache, progress=False)
+
+
+def test_train_vision_false_freezes_a_random_tower_in_stage_2():
+    default = build_model(ModelConfig(source="tiny", cache_dir=CACHE), stage=2).model
+    frozen = build_model(ModelConfig(source="tiny", cache_dir=CACHE, train_vision=False), stage=2).model
+    assert all(p.requires_grad for p in default.model.vision_tower.parameters())  # a random tower trains
+    assert not any(p.requires_grad for p in frozen.model.vision_tower.parameters())
+    assert all(p.requires_grad for p in frozen.model.multi_modal_projector.parameters())
+    assert any(p.requires_grad for n, p in frozen.named_parameters() if ".router." in n)

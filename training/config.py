@@ -42,7 +42,9 @@ class ModelConfig:
     routing: str = "top1"
     mole_layers: list[int] | None = None  # None = every decoder layer
     attn_lora: bool = True
-    train_vision: bool = False  # vision tower trains (forced on for a random tower in stage 1)
+    # Vision tower trains: None = only a random tower (sources tiny/smollm2); false keeps even a
+    # random (e.g. stage-1 trained) tower frozen; true unfreezes a pretrained one.
+    train_vision: bool | None = None
     dtype: str = "float32"  # weights dtype of the frozen base (float32, bfloat16, float16)
     # Dtype of every trainable parameter (LoRA stacks, routers, attention LoRA, projector, a trained
     # vision tower): "float32" (default: fp32 master weights over a 16-bit base, computed under

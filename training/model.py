@@ -360,7 +360,7 @@ def build_model(cfg: ModelConfig, stage: int = 2) -> Built:
     stage 2 injects them. A random vision tower (sources tiny/smollm2) always trains."""
     model, tok, proc, n_img = build_base(cfg)
     names = inject_mole(model, cfg) if stage == 2 else []
-    train_vision = cfg.train_vision or cfg.source in ("tiny", "smollm2")
+    train_vision = cfg.train_vision if cfg.train_vision is not None else cfg.source in ("tiny", "smollm2")
     set_trainable(model, stage, train_vision)
     return Built(model, tok, proc, n_img, names)
 
