@@ -441,3 +441,38 @@ def test_train_vision_false_freezes_a_random_tower_in_stage_2():
     assert not any(p.requires_grad for p in frozen.model.vision_tower.parameters())
     assert all(p.requires_grad for p in frozen.model.multi_modal_projector.parameters())
     assert any(p.requires_grad for n, p in frozen.named_parameters() if ".router." in n)
+
+
+def test_two_ranks_check_once_and_aggregate_skips(tmp_path):
+    """Two gloo ranks, two DataLoader workers each: the cached up-front check is reused by both
+    ranks, and a record that fails at load (in some rank's worker, in both epochs) is counted
+    once in summary.json."""
+    import os
+    import socket
+    import subprocess
+
+    from training.config import DataConfig, DatasetSpec
+    from training.data import LlavaData
+
+    p = _bad_data(tmp_path)
+    run = tmp_path / "run"
+    b = build_model(ModelConfig(source="tiny", cache_dir=CACHE), stage=2)
+    LlavaData(DataConfig(on_bad_record="skip"), b.tokenizer, b.image_processor, b.num_image_tokens,
+              [DatasetSpec(str(p), "bad")], check_cache=run / "data_check.json", progress=False)
+    (p.parent / "ok3.jpg").write_bytes((p.parent / "ok3.jpg").read_bytes()[:300])  # breaks after the check
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ds = json.dumps([{"path": str(p), "domain": "bad"}])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(port), "-m", "training.train", *TINY, f"data.builtin_dir={tmp_path}/data",
+                        f"train.output_dir={run}", f"data.datasets={ds}", "data.on_bad_record=skip",
+                        "train.num_epochs=2", "train.dataloader_workers=2", "train.per_device_batch_size=2"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "data check: decoding" not in r.stderr and r.stderr.count("data check: reusing") == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["skipped_by_reason"] == {"corrupt_image": 2, "missing_image": 1, "answer_truncated": 1,
+                                            "image_tokens_do_not_fit": 1}
+    assert summary["global_step"] == 4  # 7 records, global batch 4: 2 steps per epoch
