@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import math
 import os
 from collections import Counter
 from pathlib import Path
