@@ -158,8 +158,13 @@ def test_label_masking_vicuna_and_chat(tiny, builtin):
 
 
 def test_truncation(tiny, builtin):
-    ds = _data(tiny, builtin["instruct"], max_length=30)
-    assert len(ds[len(ds) - 1]["input_ids"]) <= 30  # text-only record truncated
+    i = len(_data(tiny, builtin["instruct"])) - 1  # a text-only record
+    ids, labels = _data(tiny, builtin["instruct"]).encode(_data(tiny, builtin["instruct"]).records[i])
+    first = int((labels != IGNORE).nonzero()[0])  # its first answer token
+    kept = _data(tiny, builtin["instruct"], max_length=first + 1)[i]
+    assert len(kept["input_ids"]) == first + 1 and int((kept["labels"] != IGNORE).sum()) == 1
+    with pytest.raises(BadRecord, match=r"text\.json: record text-\d+: .*truncates every answer token away"):
+        _data(tiny, builtin["instruct"], max_length=first)[i]
     with pytest.raises(BadRecord, match="cuts into the 16 image tokens"):
         _data(tiny, builtin["instruct"], max_length=20)[0]
 

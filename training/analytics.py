@@ -55,11 +55,27 @@ class RoutingStats:
                 dist.all_reduce(buf)
                 setattr(self, name, buf)
 
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of the counters (stays on their device: no host sync)."""
+        return self.counts.clone(), self.entropy.clone()
+
+    def since(self, snap: tuple[torch.Tensor, torch.Tensor], all_reduce: bool = False) -> "RoutingStats":
+        """The routing counted after ``snap`` (a window), as a new ``RoutingStats``; with
+        ``all_reduce``, summed over every rank (a collective)."""
+        out = RoutingStats(self.layer_names, self.K, self.domains)
+        c0, e0 = snap
+        out.counts = self.counts - c0.to(self.counts.device)
+        out.entropy = self.entropy - e0.to(self.entropy.device)
+        if all_reduce:
+            out.all_reduce()
+        return out
+
     def summary(self, min_fraction: float = 0.01) -> dict:
         """JSON-ready fractions and entropies; ``warnings`` lists experts under ``min_fraction``
         of a layer's tokens (all domains and kinds together)."""
         self.counts, self.entropy = self.counts.cpu(), self.entropy.cpu()
-        out = {"layers": self.layer_names, "domains": self.domains, "num_experts": self.K, "cells": [], "warnings": []}
+        out = {"layers": self.layer_names, "domains": self.domains, "num_experts": self.K, "cells": [], "warnings": [],
+               "layer_loads": []}
         tot = self.counts.sum(-1)  # [L, D, 2]
         for l in range(len(self.layer_names)):
             for d, dom in enumerate(self.domains):
@@ -78,8 +94,15 @@ class RoutingStats:
             n = float(layer_tot.sum())
             if n == 0:
                 continue
+            fr = [float(layer_tot[k]) / n for k in range(self.K)]
+            out["layer_loads"].append({
+                "layer": l, "tokens": int(n), "fractions": fr,
+                "load_entropy": -sum(f * math.log(f) for f in fr if f > 0),
+                "mean_token_entropy": float(self.entropy[l].sum()) / n,
+                "dead": [k for k in range(self.K) if fr[k] < min_fraction],
+            })
             for k in range(self.K):
-                f = float(layer_tot[k]) / n
+                f = fr[k]
                 if f < min_fraction:
                     msg = f"layer {self.layer_names[l]}: expert {k} received {100 * f:.2f}% of tokens (< {100 * min_fraction:g}%)"
                     out["warnings"].append(msg)

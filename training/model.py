@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -308,6 +309,40 @@ def set_trainable(model: nn.Module, stage: int, train_vision: bool) -> None:
         raise ValueError(f"train.stage must be 1 or 2, got {stage}")
 
 
+def upcast_trainable(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Cast every trainable floating-point parameter (LoRA stacks, routers, attention LoRA,
+    projector, a trained vision tower) to ``dtype`` in place, leaving the frozen base as it is:
+    fp32 master weights over a bf16/fp16 base (PEFT's ``autocast_adapter_dtype``), so that AdamW
+    keeps updates smaller than a 16-bit ulp. The forward runs under autocast in the base's dtype
+    (``mole_ext.functional`` casts the fp32 weights to the compute dtype). Returns the names cast."""
+    cast = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                cast.append(name)
+    return cast
+
+
+def reset_adapters(model: nn.Module, seed: int) -> None:
+    """Re-draw the initialisation of every MoLE router and LoRA stack and of the attention LoRA
+    from ``seed`` (PEFT's init: A Kaiming-uniform, B zero; routers as ``nn.Linear``), so that
+    ``train.seed`` varies the adapter initialisation and not only data order and dropout. The
+    frozen base and the projector are untouched."""
+    from mole_ext import MoLEFFN, MoLELinear
+
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for _, m in sorted(model.named_modules(), key=lambda kv: kv[0]):
+            if isinstance(m, MoLELinear):
+                m.reset_lora_parameters()
+            elif isinstance(m, MoLEFFN):
+                m.router.reset_parameters()
+            elif isinstance(m, LoRALinear):
+                nn.init.kaiming_uniform_(m.lora_A, a=math.sqrt(5))
+                m.lora_B.zero_()
+
+
 def mole_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     from mole_ext import MoLEFFN
 
@@ -328,7 +363,7 @@ def build_model(cfg: ModelConfig, stage: int = 2) -> Built:
     stage 2 injects them. A random vision tower (sources tiny/smollm2) always trains."""
     model, tok, proc, n_img = build_base(cfg)
     names = inject_mole(model, cfg) if stage == 2 else []
-    train_vision = cfg.train_vision or cfg.source in ("tiny", "smollm2")
+    train_vision = cfg.train_vision if cfg.train_vision is not None else cfg.source in ("tiny", "smollm2")
     set_trainable(model, stage, train_vision)
     return Built(model, tok, proc, n_img, names)
 
@@ -337,24 +372,24 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def param_groups(model: nn.Module, lr: float, projector_lr: float, weight_decay: float):
-    """AdamW groups: the projector at its own learning rate, everything else trainable at ``lr``.
-    Biases and router biases are not decayed."""
-    groups = {k: [] for k in ("main_d", "main_nd", "proj_d", "proj_nd")}  # main first: its lr is logged
+def param_groups(model: nn.Module, lr: float, projector_lr: float | None = None, weight_decay: float = 0.0,
+                 router_lr: float | None = None):
+    """AdamW groups: the projector at ``projector_lr`` and the MoLE routers at ``router_lr`` (each
+    ``None`` = ``lr``, as LLaVA's unset ``mm_projector_lr``), everything else trainable at ``lr``.
+    Biases and 1-d parameters are not decayed."""
+    lrs = {"main": lr, "router": lr if router_lr is None else router_lr,
+           "proj": lr if projector_lr is None else projector_lr}
+    groups = {f"{k}_{d}": [] for k in lrs for d in ("d", "nd")}  # main first: its lr is logged
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        kind = "proj" if "multi_modal_projector" in n else "main"
+        kind = "proj" if "multi_modal_projector" in n else "router" if ".router." in n else "main"
         decay = "nd" if (n.endswith("bias") or p.ndim < 2) else "d"
         groups[f"{kind}_{decay}"].append(p)
     out = []
     for key, params in groups.items():
         if params:
-            out.append(
-                {
-                    "params": params,
-                    "lr": projector_lr if key.startswith("proj") else lr,
-                    "weight_decay": weight_decay if key.endswith("_d") else 0.0,
-                }
-            )
+            kind = key.rsplit("_", 1)[0]
+            out.append({"params": params, "lr": lrs[kind], "weight_decay": weight_decay if key.endswith("_d") else 0.0,
+                        "name": key})
     return out

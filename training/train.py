@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     summary = run_training(cfg, resume=args.resume_from or (True if args.resume else None))
     trainer = summary.pop("trainer")
     if trainer.is_world_process_zero():
-        print(f"global_step={summary['global_step']} train_loss={summary['train_loss']:.4f} "
+        loss = summary["train_loss"]
+        print(f"global_step={summary['global_step']} train_loss={'-' if loss is None else f'{loss:.4f}'} "
               f"skipped_records={summary['skipped_records']}")
         print(cfg.train.output_dir)
     return 0

@@ -1,10 +1,15 @@
-"""Training with transformers' ``Trainer``: the MoLE loss, weighted domain mixing, JSONL logs,
-routing analytics and pickle-free atomic checkpoints."""
+"""Training with transformers' ``Trainer``: the MoLE loss, weighted domain mixing or epochs,
+per-domain validation loss, windowed routing metrics for the tracker, mixed precision over fp32
+adapters, and pickle-free atomic checkpoints. The run itself (build, data, train, export) is
+``training.run.run_training``; the balance loss is ``training.balance``, the FSDP/DeepSpeed
+specifics ``training.distributed``."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -14,55 +19,17 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from . import checkpoint as ck
 from .analytics import RoutingStats
+from .balance import balance_loss, balance_losses, world  # noqa: F401  (re-exported)
 from .config import RunConfig
-from .data import Collator, LlavaData, MixtureSampler, resolve_specs
+from .data import SKIP_REASONS, EpochSampler, LlavaData, MixtureSampler
+from .distributed import (fsdp_on_cpu, fsdp_same_collectives, load_fsdp_optimizer, unwrap_opt,
+                          zero3_check)
 from .export import adapter_names, adapter_tensors, export, load_run_model  # noqa: F401  (moved there)
 from .model import Built, build_model, mole_modules, param_groups
 
 log = logging.getLogger(__name__)
 
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def balance_losses(routings: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> torch.Tensor:
-    """The Switch balance loss of each MoLE layer on non-padding tokens, over the *global* batch:
-    ``routings`` holds each layer's ``(probs, expert)``; returns a ``[L]`` tensor.
-
-    One process: the core op ``mole_ext.load_balance_loss`` per layer. Under DDP each rank sees
-    part of the batch; every layer's ``f_k`` (no gradient) and the token count go through *one*
-    all-reduce for all layers, and the local ``P_k`` share is scaled by the world size, so that
-    DDP's gradient averaging and the mean of the logged values both equal the single-process loss
-    on the whole batch. Nothing here waits for the device.
-    """
-    from mole_ext import load_balance_loss
-
-    W = _world()
-    if W == 1:
-        return torch.stack([load_balance_loss(p, e, mask) for p, e in routings])
-    stats, local = [], []
-    for probs, expert in routings:
-        K = probs.shape[-1]
-        m = mask.to(probs.dtype)
-        counts = torch.zeros(K, dtype=probs.dtype, device=probs.device).index_add_(0, expert.long(), m)
-        stats.append(torch.cat([counts, m.sum().view(1)]).detach())
-        local.append((probs * m[:, None]).sum(0))
-    flat = torch.cat(stats)  # layers may differ in K only in principle; keep them flat
-    dist.all_reduce(flat)
-    out, at = [], 0
-    for P_sum, probs in zip(local, (p for p, _ in routings)):
-        K = probs.shape[-1]
-        s = flat[at:at + K + 1]
-        at += K + 1
-        M = s[K].clamp_min(1)
-        out.append(K * (s[:K] / M * (P_sum / M)).sum() * W)
-    return torch.stack(out)
-
-
-def balance_loss(probs: torch.Tensor, expert: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One layer's :func:`balance_losses`."""
-    return balance_losses([(probs, expert)], mask)[0]
+_world = world  # the old private name
 
 
 class MoLETrainer(Trainer):
@@ -79,6 +46,13 @@ class MoLETrainer(Trainer):
         K = self.moles[0].num_experts if self.moles else 1
         self.routing = RoutingStats([n for n, _ in mole_modules(built.model)], K, dataset.domains)
         self._acc = torch.zeros(2)  # lm, balance since the last log (already / grad_accum)
+        self._log_steps = 1  # optimizer steps since the last log (set before each log)
+        self._window = self.routing.snapshot()  # routing counts at the last log: windowed metrics
+        self._snap = self.routing.snapshot()  # at the last routing.jsonl snapshot
+        self._warned: set = set()  # (layer, expert) pairs currently reported as collapsed
+        self.collapse_events: list[dict] = []
+        self.skipped_at_load: dict[int, str] = {}  # dataset index -> reason (this rank's loader)
+        self.best: dict | None = None  # {"eval_loss", "step", "checkpoint"}
         self._sig = ck.signature(self._trainable())
         self.metrics_path = Path(self.args.output_dir) / "metrics.jsonl"
         self._fsdp_ready = False
@@ -87,37 +61,63 @@ class MoLETrainer(Trainer):
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
         if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
-            _fsdp_on_cpu(self)
+            fsdp_on_cpu(self)
+        if self.is_deepspeed_enabled:
+            zero3_check(self)
 
     # -- data --------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset
-        n = self.run_cfg.data.samples_per_epoch or len(ds)
-        return MixtureSampler(ds.by_domain, ds.weights, n, seed=self.run_cfg.train.seed)
+        d, t = self.run_cfg.data, self.run_cfg.train
+        group = None
+        if d.group_by_modality_length:
+            bs = self.args.per_device_train_batch_size
+            mega = bs * self.args.world_size * self.args.gradient_accumulation_steps
+            group = ([ds.length(i) for i in range(len(ds))], [r.image is not None for r in ds.records], bs, mega)
+        if sampling_mode(self.run_cfg) == "once":
+            return EpochSampler(len(ds), seed=t.seed, group=group)
+        n = d.samples_per_epoch or len(ds)
+        return MixtureSampler(ds.by_domain, ds.weights, n, seed=t.seed, group=group)
 
-    # -- optimizer: projector at its own learning rate ----------------------------------------
+    def _get_eval_sampler(self, eval_dataset):
+        return None  # in order; under several ranks accelerate shards the batches
+
+    # -- optimizer: projector and routers at their own learning rates ---------------------------
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             t = self.run_cfg.train
-            self.optimizer = torch.optim.AdamW(
-                param_groups(self.model, t.lr, t.projector_lr, t.weight_decay), betas=(0.9, 0.999), eps=1e-8
-            )
+            groups = param_groups(self.model, t.lr, t.projector_lr, t.weight_decay, router_lr=t.router_lr)
+            if t.optim not in OPTIMIZERS:
+                raise ValueError(f"train.optim must be one of {OPTIMIZERS}, got {t.optim!r}")
+            fused = {"fused": True} if t.optim == "adamw_torch_fused" else {}
+            self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, **fused)
         return self.optimizer
 
     # -- loss ----------------------------------------------------------------------------------
+    def _lm_loss(self, out, labels):
+        """Summed answer-token cross entropy and the number of answer tokens (this rank)."""
+        logits = out.logits[:, :-1].float()
+        target = labels[:, 1:]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                             reduction="none").view(target.shape)
+        return ce, (target != -100)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.is_fsdp_enabled and not self._fsdp_ready:
-            _fsdp_same_collectives(model)
+            fsdp_same_collectives(model)
             self._fsdp_ready = True
         inputs = dict(inputs)
         domain = inputs.pop("domain")
         labels = inputs.pop("labels")
+        skipped = inputs.pop("skipped", None)
+        if skipped is not None and skipped.numel() and model.training:
+            for i, code in skipped.tolist():
+                self.skipped_at_load.setdefault(int(i), SKIP_REASONS[code])
         out = model(**inputs, use_cache=False)
-        logits = out.logits[:, :-1].float()
-        target = labels[:, 1:]
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum")
-        W = _world()
-        n = (target != -100).sum().to(ce.dtype)
+        ce_tok, answer = self._lm_loss(out, labels)
+        ce = ce_tok.sum()
+        W = world()
+        n = answer.sum().to(ce.dtype)
         if W > 1:  # mean over the answer tokens of the global micro-batch (see balance_loss)
             n = n.detach().clone()
             dist.all_reduce(n)
@@ -139,30 +139,113 @@ class MoLETrainer(Trainer):
             if self._acc.device != lm.device:  # kept on the model's device: no host sync per step
                 self._acc = self._acc.to(lm.device)
             self._acc += torch.stack([lm.detach().float(), bal.detach().float()]) / W / ga
+        else:
+            self._eval_parts = (ce_tok.detach(), answer, domain, bal.detach())
         return (loss, out) if return_outputs else loss
 
+    # -- evaluation: answer-token loss per domain ------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """Token-weighted answer loss over the eval set, per domain (``eval_loss_<domain>``) and
+        overall (``eval_loss``), plus the mean balance loss; summed over every rank. Tracks the
+        best ``eval_loss`` for ``train.load_best_at_end``."""
+        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if ds is None:
+            return {}
+        loader = self.get_eval_dataloader(ds)
+        model = self.model_wrapped if self.is_deepspeed_enabled or self.is_fsdp_enabled else self.model
+        was_training = model.training
+        model.eval()
+        D = len(ds.domains)
+        dev = self.args.device
+        sums = torch.zeros(2 * D + 2, dtype=torch.float64, device=dev)  # ce per domain, tokens per domain, bal, batches
+        with torch.no_grad():
+            for batch in loader:
+                batch = self._prepare_inputs(batch)
+                with self.compute_loss_context_manager():
+                    self.compute_loss(model, batch)
+                ce_tok, answer, domain, bal = self._eval_parts
+                row_ce = (ce_tok * answer).sum(1).double()
+                row_n = answer.sum(1).double()
+                sums[:D].index_add_(0, domain, row_ce)
+                sums[D:2 * D].index_add_(0, domain, row_n)
+                sums[2 * D] += bal.double()
+                sums[2 * D + 1] += 1
+        if world() > 1:
+            dist.all_reduce(sums)
+        if was_training:
+            model.train()
+        sums = sums.cpu()
+        ce, n = sums[:D], sums[D:2 * D]
+        metrics = {f"{metric_key_prefix}_loss": float(ce.sum() / n.sum().clamp_min(1))}
+        for d, name in enumerate(ds.domains):
+            if n[d] > 0:
+                metrics[f"{metric_key_prefix}_loss_{name}"] = float(ce[d] / n[d])
+        if self.moles:
+            metrics[f"{metric_key_prefix}_balance_loss"] = float(sums[2 * D] / sums[2 * D + 1].clamp_min(1))
+        key = f"{metric_key_prefix}_loss"
+        if self.best is None or metrics[key] < self.best["eval_loss"]:
+            self.best = {"eval_loss": metrics[key], "step": self.state.global_step, "checkpoint": None}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
     # -- logs ----------------------------------------------------------------------------------
+    def _maybe_log_save_evaluate(self, tr_loss, *args, **kw):
+        # the optimizer steps since the last log, also right after a resume (the Trainer resets
+        # its own counter to the resumed step)
+        self._log_steps = max(1, self.state.global_step - self._globalstep_last_logged)
+        return super()._maybe_log_save_evaluate(tr_loss, *args, **kw)
+
+    def _routing_window(self) -> dict:
+        """Routing since the last logging step, all ranks: per-layer load entropy, smallest expert
+        share and dead experts (< ``train.collapse_fraction``), as tracker scalars; a collapse is
+        logged as a warning when it starts."""
+        win = self.routing.since(self._window, all_reduce=True)
+        self._window = self.routing.snapshot()
+        s = win.summary(min_fraction=self.run_cfg.train.collapse_fraction)
+        out, dead_now = {}, set()
+        for row in s["layer_loads"]:
+            li = row["layer"]
+            out[f"routing/layer{li}/load_entropy"] = round(row["load_entropy"], 5)
+            out[f"routing/layer{li}/min_share"] = round(min(row["fractions"]), 5)
+            out[f"routing/layer{li}/token_entropy"] = round(row["mean_token_entropy"], 5)
+            out[f"routing/layer{li}/dead_experts"] = len(row["dead"])
+            dead_now |= {(li, k) for k in row["dead"]}
+        if s["layer_loads"]:
+            out["routing/dead_experts"] = len(dead_now)
+        for li, k in sorted(dead_now - self._warned):
+            msg = (f"routing collapse at step {self.state.global_step}: layer {self.routing.layer_names[li]} expert {k} "
+                   f"got < {100 * self.run_cfg.train.collapse_fraction:g}% of tokens over the last {self._log_steps} steps")
+            log.warning(msg)
+            self.collapse_events.append({"step": self.state.global_step, "layer": li, "expert": k})
+        self._warned = dead_now
+        return out
+
     def log(self, logs, start_time=None):
         if "loss" in logs:
             acc = self._acc.clone()
-            if _world() > 1:
+            if world() > 1:
                 dist.all_reduce(acc)
             acc = acc.cpu()
-            steps = max(1, self.state.global_step - getattr(self, "_last_logged_step", 0))
+            steps = self._log_steps
             logs["lm_loss"] = round(float(acc[0]) / steps, 6)
             if self.moles:
                 logs["balance_loss"] = round(float(acc[1]) / steps, 6)
+                logs.update(self._routing_window())
             self._acc.zero_()
-            self._last_logged_step = self.state.global_step
         super().log(logs, start_time)
         if self.is_world_process_zero():
             row = {"stage": self.run_cfg.train.stage, "global_step": self.state.global_step, **logs}
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            every = self.run_cfg.train.routing_log_steps
-            if self.moles and every and "loss" in logs and self.state.global_step % every == 0:
-                # cumulative since the start of the run, this process's tokens only
-                snap = {"global_step": self.state.global_step, **self.routing.summary()}
+        every = self.run_cfg.train.routing_log_steps
+        if self.moles and every and "loss" in logs and self.state.global_step % every == 0:
+            # the routing of the last `every` steps (all ranks), not diluted by earlier steps
+            win = self.routing.since(self._snap, all_reduce=True)
+            self._snap = self.routing.snapshot()
+            if self.is_world_process_zero():
+                snap = {"global_step": self.state.global_step, "window_steps": every,
+                        **win.summary(self.run_cfg.train.collapse_fraction)}
                 with open(Path(self.args.output_dir) / "routing.jsonl", "a") as f:
                     f.write(json.dumps(snap) + "\n")
 
@@ -172,16 +255,24 @@ class MoLETrainer(Trainer):
 
     def gather_params(self, names) -> dict[str, torch.Tensor]:
         """The named parameters as full CPU tensors. Under FSDP each is all-gathered from its shards
-        (a collective: every rank must call this, and every rank gets the tensors); only the named
-        ones are gathered, never the frozen base."""
+        and under DeepSpeed ZeRO-3 gathered from its partitions (collectives: every rank must call
+        this, and every rank gets the tensors); only the named ones are gathered, never the
+        frozen base."""
         from torch.distributed.tensor import DTensor
 
         names = set(names)
+        params = [(n, p) for n, p in self.model.named_parameters() if n in names]
         out = {}
-        for n, p in self.model.named_parameters():
-            if n in names:
-                t = p.detach()
-                out[n] = (t.full_tensor() if isinstance(t, DTensor) else t).cpu()
+        if self.is_deepspeed_enabled and any(hasattr(p, "ds_id") for _, p in params):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+                for n, p in params:
+                    out[n] = p.detach().clone().cpu()
+            return out
+        for n, p in params:
+            t = p.detach()
+            out[n] = (t.full_tensor() if isinstance(t, DTensor) else t).cpu()
         return out
 
     def _optimizer_state(self) -> dict:
@@ -192,7 +283,7 @@ class MoLETrainer(Trainer):
             return self.optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        sd = get_optimizer_state_dict(self.model, _unwrap_opt(self.optimizer),
+        sd = get_optimizer_state_dict(self.model, unwrap_opt(self.optimizer),
                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.is_world_process_zero():
             return {}
@@ -204,10 +295,17 @@ class MoLETrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         from transformers.trainer_callback import ExportableState
 
+        final = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        zero = (torch.zeros_like(self.routing.counts), torch.zeros_like(self.routing.entropy))
+        self._routing_total = self.routing.since(zero, all_reduce=True)  # all ranks: a collective
+        if self.is_deepspeed_enabled:  # DeepSpeed's own format (ZeRO partitions), see training/README.md
+            from .distributed import save_deepspeed_checkpoint
+
+            save_deepspeed_checkpoint(self, final, self._run_info())
+            return
         trainable = self.gather_params(self._sig)
         opt_sd = self._optimizer_state()
 
-        final = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         tmp = final.with_name(final.name + ".tmp")
         if self.is_world_process_zero():
             ck.begin(final)
@@ -217,40 +315,59 @@ class MoLETrainer(Trainer):
         if self.is_world_process_zero():
             for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
                 self.state.stateful_callbacks[cb.__class__.__name__] = cb.state()
-            ck.write_main(
-                tmp,
-                trainable,
-                opt_sd,
-                self.lr_scheduler.state_dict(),
-                {"run_config": self.run_cfg.to_dict(), "world_size": self.args.world_size},
-            )
+            if self.best is not None and self.best["step"] == self.state.global_step:
+                self.best["checkpoint"] = final.name
+            sched = self.lr_scheduler.state_dict()
+            scaler = getattr(self.accelerator, "scaler", None)
+            info = self._run_info()
+            if scaler is not None:  # fp16 loss scaling: the scale and its growth tracker
+                info["grad_scaler"] = {k: (float(v) if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()}
+            ck.write_main(tmp, trainable, opt_sd, sched, info)
             self.state.save_to_json(str(tmp / "trainer_state.json"))
             ck.finish(tmp, final, self._sig)
             self._rotate()
         self.accelerator.wait_for_everyone()
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Only the trainable weights (gathered in full under ZeRO-3 / FSDP), never the frozen base:
+        ``trainable.safetensors`` (used by transformers' DeepSpeed checkpoint path)."""
+        out = Path(output_dir or self.args.output_dir)
+        trainable = self.gather_params(self._sig)
+        if self.is_world_process_zero():
+            out.mkdir(parents=True, exist_ok=True)
+            ck._save_tensors(out / "trainable.safetensors", trainable)
+
+    def _run_info(self) -> dict:
+        return {"run_config": self.run_cfg.to_dict(), "world_size": self.args.world_size, "best": self.best,
+                "skipped_at_load": {str(k): v for k, v in sorted(self.skipped_at_load.items())},
+                "collapse_events": self.collapse_events,
+                "routing": {"counts": self._routing_total.counts.cpu().tolist(),
+                            "entropy": self._routing_total.entropy.cpu().tolist()}}
+
     def _rotate(self):
-        """Keep the newest ``save_total_limit`` finished checkpoints."""
+        """Keep the newest ``save_total_limit`` finished checkpoints (and the best one)."""
         import shutil
 
         limit = self.args.save_total_limit
         if not limit:
             return
         ckpts = [p for p in Path(self.args.output_dir).glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()]
+        keep_best = self.best["checkpoint"] if self.best else None
         for p in sorted(ckpts, key=lambda p: int(p.name.split("-", 1)[1]))[:-limit]:
-            shutil.rmtree(p)
+            if p.name != keep_best:
+                shutil.rmtree(p)
 
-    def _check_run_config(self, ckpt: Path) -> None:
+    def _check_run_config(self, ckpt: Path) -> dict:
         """Refuse a checkpoint whose run changed what the weights mean or what data come next:
-        any model setting but local paths, the data mixture, the seed and the batch geometry."""
-        import json as _json
-
-        saved = _json.loads((ckpt / "info.json").read_text())
+        any model setting but local paths, the data mixture, the seed and the batch geometry.
+        Returns the checkpoint's info."""
+        saved = json.loads((ckpt / "info.json").read_text())
         old, new = saved["run_config"], self.run_cfg.to_dict()
         paths = {"llava_path", "vision_path", "lm_path", "cache_dir"}
-        diffs = [f"model.{k}" for k in new["model"] if k not in paths and old["model"].get(k) != new["model"][k]]
-        data_keys = ("datasets", "builtin", "builtin_per_domain", "template", "max_length", "samples_per_epoch")
-        diffs += [f"data.{k}" for k in data_keys if old["data"].get(k) != new["data"][k]]
+        diffs = [f"model.{k}" for k in new["model"] if k not in paths and old["model"].get(k, new["model"][k]) != new["model"][k]]
+        data_keys = ("datasets", "builtin", "builtin_per_domain", "template", "max_length", "samples_per_epoch",
+                     "sampling", "group_by_modality_length")
+        diffs += [f"data.{k}" for k in data_keys if old["data"].get(k, new["data"][k]) != new["data"][k]]
         diffs += [f"train.{k}" for k in ("stage", "seed", "per_device_batch_size", "grad_accum")
                   if old["train"].get(k) != new["train"][k]]
         if saved.get("world_size") != self.args.world_size:
@@ -260,11 +377,28 @@ class MoLETrainer(Trainer):
                 f"{ckpt} was written by a run with different settings: {', '.join(diffs)}; "
                 "resume with the same configuration (or start a new run with train.init_adapter)"
             )
+        return saved
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        ck.verify(Path(resume_from_checkpoint), self._sig)
-        self._check_run_config(Path(resume_from_checkpoint))
-        tensors = ck.load_trainable(Path(resume_from_checkpoint))
+        ckpt = Path(resume_from_checkpoint)
+        if self.is_deepspeed_enabled:
+            from .distributed import check_deepspeed_checkpoint
+
+            check_deepspeed_checkpoint(ckpt)
+            saved = self._check_run_config(ckpt)
+            self._restore_info(saved)
+            if self.deepspeed is not None:  # an initialised engine: its own partitioned state
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            # no engine yet (a finished run, only exporting): the gathered trainable weights
+            params = dict((model or self.model).named_parameters())
+            with torch.no_grad():
+                for k, v in ck.load_trainable(ckpt).items():
+                    params[k].copy_(v)
+            return
+        ck.verify(ckpt, self._sig)
+        saved = self._check_run_config(ckpt)
+        self._restore_info(saved)
+        tensors = ck.load_trainable(ckpt)
         model = model or self.model
         if self.is_fsdp_enabled:  # every rank holds the full tensors and keeps its own shards
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -276,102 +410,60 @@ class MoLETrainer(Trainer):
             for k, v in tensors.items():
                 params[k].copy_(v)
 
+    def _restore_info(self, saved: dict) -> None:
+        self.best = saved.get("best")
+        self.skipped_at_load = {int(k): v for k, v in saved.get("skipped_at_load", {}).items()}
+        self.collapse_events = list(saved.get("collapse_events", []))
+        r = saved.get("routing")
+        if r is not None and self.is_world_process_zero():  # the global counts so far, once (rank 0)
+            dev = self.routing.counts.device
+            self.routing.counts = torch.tensor(r["counts"], dtype=torch.float64, device=dev).view_as(self.routing.counts)
+            self.routing.entropy = torch.tensor(r["entropy"], dtype=torch.float64, device=dev).view_as(self.routing.entropy)
+        self._window = self.routing.snapshot()
+        self._snap = self.routing.snapshot()
+
     def _load_optimizer_and_scheduler(self, checkpoint):
         if checkpoint is None:
             return
+        if self.is_deepspeed_enabled:
+            return super()._load_optimizer_and_scheduler(checkpoint)
         opt = ck.load_optimizer(Path(checkpoint))
         sched = ck.load_scheduler(Path(checkpoint))
         if opt is None or sched is None:
             raise ck.CheckpointError(f"{checkpoint}: no optimizer/scheduler state; cannot resume")
         if self.is_fsdp_enabled:
-            _load_fsdp_optimizer(self.model, _unwrap_opt(self.optimizer), opt)
+            load_fsdp_optimizer(self.model, unwrap_opt(self.optimizer), opt)
         else:
             self.optimizer.load_state_dict(opt)
         self.lr_scheduler.load_state_dict(sched)
+
+    def _load_scaler(self, checkpoint):
+        scaler = getattr(self.accelerator, "scaler", None)
+        if checkpoint is None or scaler is None:
+            return
+        st = json.loads((Path(checkpoint) / "info.json").read_text()).get("grad_scaler")
+        if st is None:
+            log.warning("%s has no grad-scaler state; fp16 loss scaling restarts from its initial scale", checkpoint)
+            return
+        scaler.load_state_dict(st)
 
     def _load_rng_state(self, checkpoint):
         if checkpoint is not None and not ck.load_rng(Path(checkpoint), self.args.process_index):
             log.warning("%s has no RNG state for process %d; dropout will differ from the original run",
                         checkpoint, self.args.process_index)
 
-
-def _fsdp_on_cpu(trainer: Trainer) -> None:
-    """Turn accelerate's FSDP2 path on for a CPU (gloo) run.
-
-    accelerate 1.15 enables FSDP only for accelerator devices: ``AcceleratorState`` sets
-    ``DistributedType.FSDP`` inside its MULTI_GPU/NPU/XPU/... branch, and a CPU run is MULTI_CPU,
-    so ``fsdp`` in ``TrainingArguments`` would silently give DDP. ``fully_shard`` itself supports a
-    CPU device mesh over gloo (torch/distributed/fsdp/_fully_shard/_fsdp_init.py), so we set the
-    state that accelerate sets on GPUs; from here on the Trainer and accelerate take exactly the
-    FSDP2 code path of a GPU run (prepare, clipping, state dicts).
-    """
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    st = trainer.accelerator.state
-    if st.distributed_type != DistributedType.MULTI_CPU:
-        raise ValueError(f"train.fsdp needs torchrun with 2 or more processes (accelerate: {st.distributed_type})")
-    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
-    if st.mixed_precision != "no":
-        plugin.set_mixed_precision(st.mixed_precision)
-    st.fsdp_plugin = plugin
-    st.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    trainer.is_fsdp_enabled = True
+    def skip_counts(self) -> dict[str, int]:
+        """Records that failed at load on any rank (a collective under several ranks), by reason."""
+        items = dict(self.skipped_at_load)
+        if world() > 1:
+            parts = [None] * world()
+            dist.all_gather_object(parts, items)
+            for p in parts:
+                items.update(p)
+        return dict(Counter(items.values()))
 
 
-def _fsdp_same_collectives(model) -> None:
-    """Make every rank issue the same FSDP2 collectives in the same order whatever its micro-batch.
-
-    A text-only micro-batch differs from one with an image in two ways that FSDP2 would turn into
-    mismatched collectives (seen as a gloo size mismatch, or a hang on NCCL):
-    - the vision tower and projector get no gradient. They live in the root unit, so every rank
-      all-gathers them, but the root's reduce-scatter must also hold the same tensors on every
-      rank: ``set_reduce_scatter_unused_params`` makes FSDP2 send zeros for a trainable parameter
-      without a gradient. (Each expert stack is one parameter, so an expert that got no tokens
-      already has a zero gradient slice, not a missing gradient.)
-    - the input of the first decoder layer does not require grad (the embeddings are frozen and
-      no projector output is merged in). FSDP2 runs a unit's post-backward reduce-scatter from
-      autograd when its input requires grad and at the very end otherwise, so that rank would
-      reduce-scatter the first layer after the root while the others do it before (and in stage
-      1, with nothing trainable in the language model, it would skip the layers' backward
-      all-gathers). The language model's ``inputs_embeds`` are therefore made to require grad.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    if isinstance(model, FSDPModule):
-        model.set_reduce_scatter_unused_params(True)
-
-    def require_grad(module, args, kwargs):
-        x = kwargs.get("inputs_embeds")
-        if x is not None and torch.is_grad_enabled() and not x.requires_grad:
-            kwargs["inputs_embeds"] = x.detach().requires_grad_()
-            return args, kwargs
-        return None
-
-    model.model.language_model.register_forward_pre_hook(require_grad, with_kwargs=True)
-
-
-def _unwrap_opt(opt):
-    while hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer):
-        opt = opt.optimizer  # accelerate's AcceleratedOptimizer
-    return opt
-
-
-def _load_fsdp_optimizer(model, optimizer, sd: dict) -> None:
-    """Load a single-process-layout optimizer state (full tensors) into an FSDP optimizer: ids are
-    mapped to parameter names in ``param_groups`` order, and each rank keeps its shards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    names = {id(p): n for n, p in model.named_parameters()}
-    fqns = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    n_saved = sum(len(g["params"]) for g in sd["param_groups"])
-    if n_saved != len(fqns):
-        raise ck.CheckpointError(f"optimizer state has {n_saved} parameters, this optimizer {len(fqns)}")
-    groups = [{**g, "params": [fqns[i] for i in g["params"]]} for g in sd["param_groups"]]
-    state = {fqns[int(i)]: st for i, st in sd["state"].items()}
-    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
-                             options=StateDictOptions(full_state_dict=True))
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 
 
 class StopAfter(TrainerCallback):
@@ -387,6 +479,15 @@ class StopAfter(TrainerCallback):
         return control
 
 
+def sampling_mode(cfg: RunConfig) -> str:
+    s = cfg.data.sampling
+    if s is None:
+        return "once" if cfg.train.num_epochs else "weighted"
+    if s not in ("weighted", "once"):
+        raise ValueError(f"data.sampling must be 'weighted', 'once' or null, got {s!r}")
+    return s
+
+
 def _checkpointing_args(on: bool) -> dict:
     """Activation checkpointing for ``TrainingArguments``: ``activation_checkpointing`` in the
     transformers we pin, ``gradient_checkpointing`` in releases before the rename (the GPU image
@@ -395,14 +496,70 @@ def _checkpointing_args(on: bool) -> dict:
     return {f"{name}_checkpointing": on, f"{name}_checkpointing_kwargs": {"use_reentrant": False} if on else None}
 
 
+def precision(cfg: RunConfig, on_gpu: bool) -> dict:
+    """``bf16`` / ``fp16`` / ``tf32`` for ``TrainingArguments`` from the base dtype and the train
+    options. A 16-bit base with fp32 adapters computes under autocast in the base's dtype: bf16
+    by default over a bfloat16 base (and on GPUs), fp16 with loss scaling over a float16 base."""
+    t, m = cfg.train, cfg.model
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
+    if m.adapter_dtype not in ("float32", "base"):
+        raise ValueError(f"model.adapter_dtype must be 'float32' or 'base', got {m.adapter_dtype!r}")
+    if t.fp16 and t.bf16:
+        raise ValueError("train.fp16 and train.bf16 are both true; choose one autocast dtype")
+    if t.fp16:
+        bf16, fp16 = False, True
+    elif m.dtype == "float16":
+        bf16 = bool(t.bf16)
+        fp16 = not bf16
+    else:
+        bf16 = t.bf16 if t.bf16 is not None else (on_gpu or m.dtype == "bfloat16")
+        fp16 = False
+    if m.dtype != "float32" and m.adapter_dtype == "float32" and not (bf16 or fp16):
+        raise ValueError(f"model.dtype={m.dtype} with float32 adapters (model.adapter_dtype) computes under "
+                         "autocast: set train.bf16=true (or train.fp16=true), or model.adapter_dtype=base")
+    if fp16 and not on_gpu:
+        raise ValueError("train.fp16 (fp16 autocast with loss scaling) needs a CUDA GPU: accelerate runs no fp16 "
+                         "autocast on the CPU; use train.bf16=true or model.dtype=bfloat16 there")
+    tf32 = t.tf32
+    if tf32 is None:
+        tf32 = True if (on_gpu and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8) else None
+    elif tf32 and not on_gpu:
+        raise ValueError("train.tf32=true applies to CUDA matmuls (Ampere or newer); this run is on the CPU")
+    return {"bf16": bf16, "fp16": fp16, "tf32": tf32}
+
+
+def report_to(value) -> list[str] | str:
+    """``train.report_to`` as TrainingArguments wants it; the trackers stay optional packages."""
+    if value == "auto":
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else "none"
+    names = [value] if isinstance(value, str) else list(value)
+    if names in (["none"], []):
+        return "none"
+    for n in names:
+        if n not in ("tensorboard", "wandb"):
+            raise ValueError(f"train.report_to must be 'auto', 'none', 'tensorboard', 'wandb' or a list of those, got {value!r}")
+        if importlib.util.find_spec(n) is None:
+            raise ValueError(f"train.report_to={n} needs the {n} package (pip install {n}); it is optional and not installed")
+    return names
+
+
 def training_args(cfg: RunConfig) -> TrainingArguments:
     t = cfg.train
     if t.device not in ("auto", "cpu"):
         raise ValueError(f"train.device must be 'auto' or 'cpu', got {t.device!r}")
     on_gpu = torch.cuda.is_available() and t.device == "auto"
-    bf16 = on_gpu if t.bf16 is None else t.bf16
-    save_steps = t.save_steps or t.max_steps
+    prec = precision(cfg, on_gpu)
+    epochs = t.num_epochs is not None
+    if epochs and not t.num_epochs > 0:
+        raise ValueError(f"train.num_epochs must be positive, got {t.num_epochs}")
+    if not epochs and not (isinstance(t.max_steps, int) and t.max_steps > 0):
+        raise ValueError(f"train.max_steps must be a positive int (or set train.num_epochs), got {t.max_steps!r}")
+    if t.optim not in OPTIMIZERS:
+        raise ValueError(f"train.optim must be one of {OPTIMIZERS}, got {t.optim!r}")
     kw = {}
+    if t.fsdp and t.deepspeed:
+        raise ValueError("train.fsdp and train.deepspeed are both set; choose one")
     if t.fsdp:  # FSDP2; on CPU too (gloo), see MoLETrainer.create_accelerator_and_postprocess
         if t.fsdp not in ("full_shard", "shard_grad_op"):
             raise ValueError(f"train.fsdp must be '', 'full_shard' or 'shard_grad_op', got {t.fsdp!r}")
@@ -418,27 +575,49 @@ def training_args(cfg: RunConfig) -> TrainingArguments:
             # micro-batch skip those all-gathers while the others run them (a hang).
             "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
         }
+    if t.deepspeed:
+        from .distributed import deepspeed_config
+
+        kw["deepspeed"] = deepspeed_config(t.deepspeed, prec)
+    has_eval = bool(cfg.data.eval_datasets)
+    if t.eval_steps and not has_eval:
+        raise ValueError("train.eval_steps needs data.eval_datasets (a validation set)")
+    if t.load_best_at_end:
+        if not (has_eval and t.eval_steps):
+            raise ValueError("train.load_best_at_end needs data.eval_datasets and train.eval_steps")
+        if not t.save_steps or t.save_steps % t.eval_steps:
+            raise ValueError(f"train.load_best_at_end needs train.save_steps to be a multiple of train.eval_steps "
+                             f"({t.eval_steps}), got {t.save_steps}")
+    if epochs:
+        length = {"max_steps": -1, "num_train_epochs": t.num_epochs, "warmup_steps": t.warmup_ratio,
+                  "save_strategy": "steps" if t.save_steps else "epoch", "save_steps": t.save_steps or 500}
+    else:
+        length = {"max_steps": t.max_steps, "warmup_steps": int(round(t.warmup_ratio * t.max_steps)),
+                  "save_strategy": "steps", "save_steps": t.save_steps or t.max_steps}
+    workers = t.dataloader_workers if t.dataloader_workers is not None else (4 if on_gpu else 0)
     return TrainingArguments(
         output_dir=t.output_dir,
-        max_steps=t.max_steps,
+        **length,
         per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr,
         weight_decay=t.weight_decay,
-        lr_scheduler_type="cosine",
-        warmup_steps=int(round(t.warmup_ratio * t.max_steps)),
+        lr_scheduler_type=t.lr_scheduler_type,
         max_grad_norm=t.max_grad_norm,
-        bf16=bf16,
+        **prec,
         logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=save_steps,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps or None,
         save_total_limit=t.save_total_limit,  # applied by MoLETrainer._rotate
         seed=t.seed,
         data_seed=t.seed,
         **_checkpointing_args(t.gradient_checkpointing),
         remove_unused_columns=False,
-        dataloader_num_workers=t.dataloader_workers,
-        report_to=["tensorboard"] if _has_tensorboard() else [],
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=workers > 0,
+        report_to=report_to(t.report_to),
+        torch_compile=t.torch_compile,
         ddp_backend="gloo" if (not on_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1) else None,
         ddp_find_unused_parameters=True,  # a rank whose micro-batch is text-only leaves the vision side unused
         disable_tqdm=False,
@@ -447,57 +626,9 @@ def training_args(cfg: RunConfig) -> TrainingArguments:
     )
 
 
-def _has_tensorboard() -> bool:
-    import importlib.util
+def __getattr__(name):
+    if name == "run_training":  # lives in training.run (which imports this module)
+        from .run import run_training
 
-    return importlib.util.find_spec("tensorboard") is not None
-
-
-def run_training(cfg: RunConfig, resume: str | bool | None = None, built: Built | None = None) -> dict:
-    """Build (or take) the model and data, train, save the last checkpoint, export the adapter and
-    write routing analytics. Returns a summary dict."""
-    from transformers import set_seed
-
-    t = cfg.train
-    out = Path(t.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    set_seed(t.seed)
-    if built is None:
-        built = build_model(cfg.model, stage=t.stage)
-    if t.init_adapter:
-        loaded = ck.load_adapter_into(built.model, t.init_adapter, strict=False)
-        log.info("loaded %d tensors from %s", len(loaded), t.init_adapter)
-    specs = resolve_specs(cfg.data, seed=t.seed, image_size=built.model.config.vision_config.image_size)
-    data = LlavaData(cfg.data, built.tokenizer, built.image_processor, built.num_image_tokens, specs)
-    if torch.distributed.is_available() and int(os.environ.get("RANK", "0")) == 0:
-        cfg.save(out / "config.json")
-    callbacks = [StopAfter(t.stop_after_steps)] if t.stop_after_steps else []
-    trainer = MoLETrainer(
-        model=built.model,
-        args=training_args(cfg),
-        train_dataset=data,
-        data_collator=Collator(built.tokenizer.pad_token_id),
-        run_cfg=cfg,
-        built=built,
-        dataset=data,
-        callbacks=callbacks,
-    )
-    if resume is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume = get_last_checkpoint(str(out))
-        if resume is None:
-            raise ck.CheckpointError(f"--resume: no checkpoint-N directory in {out}")
-    result = trainer.train(resume_from_checkpoint=resume or None)
-    trainer.routing.all_reduce()
-    full = trainer.gather_params(adapter_names(built, cfg))  # a collective under FSDP
-    summary = {"global_step": trainer.state.global_step, "train_loss": result.training_loss,
-               "skipped_records": data.skipped, "domains": data.domains}
-    if trainer.is_world_process_zero():
-        if trainer.moles:
-            summary["routing"] = trainer.routing.write(out, "routing")
-        export(built, cfg, out / "adapter", full)
-        (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "routing"}, indent=1))
-    trainer.accelerator.wait_for_everyone()
-    summary["trainer"] = trainer
-    return summary
+        return run_training
+    raise AttributeError(name)

@@ -141,6 +141,11 @@ class MoLEFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [..., hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
+        if self.router.weight.numel() == 0 or self.gate_proj.lora_A.numel() == 0:
+            # DeepSpeed ZeRO-3 leaves partitioned parameters empty until a hook gathers them; this
+            # forward reads its submodules' parameters directly, so no submodule hook runs.
+            raise RuntimeError("MoLEFFN: its parameters are partitioned (empty), e.g. by DeepSpeed ZeRO-3; make "
+                               "MoLEFFN a ZeRO-3 leaf module: deepspeed.utils.set_z3_leaf_modules(model, [MoLEFFN])")
         y, routing = functional.mole_ffn(
             x, self.router.weight, self.router.bias, self.gate_proj.projection(), self.up_proj.projection(),
             self.down_proj.projection(), self.scaling, self.act_fn, self.gate_mode, self.routing,

@@ -8,11 +8,13 @@
   ``build_datasets(out, seed=..., per_domain=..., conflict=...)``.
 """
 from .conflict import SHARED_COUNT_TEMPLATES, conflicted_templates
-from .loader import (IGNORE, VICUNA_SYSTEM, BadRecord, Collator, LlavaData, MixtureSampler, Record,
-                     expand2square, make_builtin, parse_records, resolve_specs)
+from .loader import (IGNORE, SKIP_REASONS, TEMPLATES, VICUNA_SYSTEM, BadRecord, Collator, EpochSampler,
+                     LlavaData, MixtureSampler, Record, expand2square, make_builtin, modality_length_grouped,
+                     parse_records, resolve_max_length, resolve_specs)
 
-__all__ = ["IGNORE", "VICUNA_SYSTEM", "BadRecord", "Collator", "LlavaData", "MixtureSampler", "Record",
-           "expand2square", "make_builtin", "parse_records", "resolve_specs",
+__all__ = ["IGNORE", "SKIP_REASONS", "TEMPLATES", "VICUNA_SYSTEM", "BadRecord", "Collator", "EpochSampler",
+           "LlavaData", "MixtureSampler", "Record", "expand2square", "make_builtin", "modality_length_grouped",
+           "parse_records", "resolve_max_length", "resolve_specs",
            "build_datasets", "DOMAINS", "SHARED_COUNT_TEMPLATES", "conflicted_templates"]
 
 

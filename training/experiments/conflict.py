@@ -79,15 +79,9 @@ class ConflictConfig:
 
     @classmethod
     def load(cls, path: str | None, overrides: list[str] = ()) -> "ConflictConfig":
-        d = json.loads(Path(path).read_text()) if path else {}
-        for ov in overrides:
-            if "=" not in ov:
-                raise ValueError(f"override {ov!r} must look like key=value, e.g. steps=20")
-            k, raw = ov.split("=", 1)
-            try:
-                d[k] = json.loads(raw)
-            except json.JSONDecodeError:
-                d[k] = raw
+        from training.config import apply_overrides
+
+        d = apply_overrides(json.loads(Path(path).read_text()) if path else {}, overrides, example="steps=20")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
