@@ -169,7 +169,12 @@ setup(
             "pillow>=10,<14",
             "easy-vqa>=1.0,<2",
             "scikit-image>=0.24,<0.27",
+            "tqdm>=4.60,<5",
         ],
+        # Optional back ends of the training package, each behind its own switch
+        # (train.deepspeed=FILE, train.report_to=tensorboard).
+        "deepspeed": ["deepspeed>=0.16,<1"],
+        "tensorboard": ["tensorboard>=2.15,<3"],
     },
     zip_safe=False,
 )

@@ -48,7 +48,7 @@ def test_light_install_requires_only_torch_and_numpy(dist):
 
 
 def test_train_extra_is_ranged_and_holds_the_ci_pins(dist):
-    extra = [Requirement(r) for r in dist.extras_require["train"]]
+    extra = [Requirement(r) for reqs in dist.extras_require.values() for r in reqs]
     pins = _pins(ROOT / "requirements.txt")
     for r in extra:
         assert r.specifier, f"{r.name}: the [train] extra must give a version range"
@@ -86,11 +86,13 @@ def _third_party_imports(folder: Path) -> set[str]:
 
 
 def test_every_training_import_is_declared(dist):
-    """Each third-party module that training/ imports belongs to a distribution in the [train]
-    extra, install_requires, or the data-only --no-deps requirements; imports under
+    """Each third-party module that training/ imports belongs to a distribution in an extra
+    ([train], [deepspeed], [tensorboard]), install_requires, or the data-only --no-deps
+    requirements; imports under
     ``try/except ImportError`` are optional and not counted. A new dependency of training/ goes
     into setup.py's extra (a range) and requirements.txt (the pin)."""
-    declared = {canonicalize_name(Requirement(r).name) for r in dist.extras_require["train"] + dist.install_requires}
+    declared = {canonicalize_name(Requirement(r).name)
+                for r in [*dist.install_requires, *(r for reqs in dist.extras_require.values() for r in reqs)]}
     declared |= set(_pins(ROOT / "requirements-nodeps.txt"))
     owners = md.packages_distributions()
     missing = {}
