@@ -269,6 +269,7 @@ def mole_config(cfg: ModelConfig):
         target_modules=["mlp"],
         layers=cfg.mole_layers,
         attn_lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"] if cfg.attn_lora else None,
+        adapter_dtype=None if cfg.adapter_dtype == "base" else cfg.adapter_dtype,
     )
 
 
@@ -329,7 +330,7 @@ def reset_adapters(model: nn.Module, seed: int) -> None:
     from ``seed`` (PEFT's init: A Kaiming-uniform, B zero; routers as ``nn.Linear``), so that
     ``train.seed`` varies the adapter initialisation and not only data order and dropout. The
     frozen base and the projector are untouched."""
-    from mole_ext import MoLEFFN, MoLELinear
+    from mole_ext import LoRALinear, MoLEFFN, MoLELinear
 
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
