@@ -80,6 +80,7 @@ def test_demo_end_to_end_on_the_tiny_model(tmp_path, capsys):
                  "--test-per-domain", "2", "--cache-dir", str(CACHE)]) == 0
     text = capsys.readouterr().out
     assert "best fixed answer" in text and "untrained" in text
+    assert "beats the best constant answer on:" in text
     assert "before/after" in text and "pictures:" in text and str(out / "loss_curve.png") in text
     for dom in ("shapes", "charts", "text"):
         assert f"  {dom}" in text

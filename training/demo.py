@@ -7,7 +7,12 @@ colours and kinds, bar counts, small sums), answers a fresh test set with the tr
 domain, the exact match of the best constant answer, of the untrained and of the trained model,
 and a few answers side by side. The run directory holds config, metrics, the adapter of each
 stage, the answers (``answers.jsonl``, LLaVA's format), and loss-curve and routing-heatmap PNGs.
-About 4 minutes on an idle 2-core CPU; the same command runs on a GPU.
+With the defaults (16 + 40 steps) the text domain ends far above its best constant answer (0.56
+against 0.12 in one run) and the image domains near theirs (shapes 0.31 against 0.25, charts 0.44
+against 0.44): 56 steps teach the answer format and the sums, not yet a random vision tower. Time:
+56 steps at about 2.5 s each on 2 idle cores plus evaluation, an estimate of 4-5 minutes; measured
+56 minutes (22 CPU minutes) on a 2-core machine shared with five other jobs. The same command runs
+on a GPU.
 """
 from __future__ import annotations
 
@@ -118,6 +123,11 @@ def main(argv=None) -> int:
 
     print(f"[demo] exact match on {args.test_per_domain} fresh questions per domain:")
     print(_table(table))
+    above = [f"{d} (+{v['trained'] - v['best_fixed_score']:.2f})" for d, v in scores.items()
+             if v["trained"] > v["best_fixed_score"]]
+    rest = [d for d, v in scores.items() if v["trained"] <= v["best_fixed_score"]]
+    print(f"[demo] the trained model beats the best constant answer on: {', '.join(above) or 'no domain'}"
+          + (f"; not on: {', '.join(rest)}" if rest else ""))
     print("[demo] before/after (the same questions; untrained -> trained, truth):")
     first = {}
     for p_before, p_after in zip(before["predictions"], after["predictions"]):
