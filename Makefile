@@ -28,6 +28,11 @@ $(DEPS): requirements.txt requirements-nodeps.txt
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(QUIET)
 	$(PY) -m pip install -q -r requirements.txt $(QUIET)
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt $(QUIET)
+	@# the web demo's browser test drives Debian's chromium (Playwright's own download is not used)
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { echo "installing chromium (apt) for the web demo's browser test"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+	    || echo "warning: could not install chromium; tests/test_serve.py's browser test needs it (apt-get install chromium)"; }
 	@# easy-vqa's wheel also drops a stray top-level test/ package into site-packages
 	rm -rf "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/test"
 	touch $@

@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 peft = pytest.importorskip("peft")
 
 import mole_ext  # noqa: E402
-from test_training import CACHE, _data, tiny_cfg  # noqa: E402
+from test_training import _data, tiny_cfg  # noqa: E402
 from training import checkpoint as ck  # noqa: E402
 from training.data import Collator, make_builtin  # noqa: E402
 from training.export import export_run, load_run_model, main  # noqa: E402

@@ -25,7 +25,7 @@ from .data import SKIP_REASONS, EpochSampler, LlavaData, MixtureSampler
 from .distributed import (fsdp_on_cpu, fsdp_same_collectives, load_fsdp_optimizer, unwrap_opt,
                           zero3_check)
 from .export import adapter_names, adapter_tensors, export, load_run_model  # noqa: F401  (moved there)
-from .model import Built, build_model, mole_modules, param_groups
+from .model import Built, mole_modules, param_groups
 
 log = logging.getLogger(__name__)
 

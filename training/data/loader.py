@@ -1,14 +1,13 @@
 """LLaVA-JSON data: several domains with sampling weights, pad-to-square images, Vicuna-v1, plain
 or chat template prompts, answer-only labels, truncation, bad records skipped and counted by
-reason (or raised), per-epoch samplers with LLaVA's modality/length grouping, and a small
-generated data set for offline runs."""
+reason (or raised), and per-epoch samplers with LLaVA's modality/length grouping (the demo's
+generated data set: ``demo_data``)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
 import os
-import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..config import DataConfig, DatasetSpec
+from .demo_data import make_builtin
 
 log = logging.getLogger(__name__)
 
@@ -505,98 +505,6 @@ class EpochSampler(_GroupedMixin, Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         yield from self._maybe_group(torch.randperm(self.n, generator=g).tolist(), g)
-
-
-# -- the built-in data set ----------------------------------------------------------------------
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
-SHAPES = ["circle", "square", "triangle"]
-
-
-def _draw_shape(draw, shape, color, box):
-    x0, y0, x1, y1 = box
-    if shape == "circle":
-        draw.ellipse(box, fill=color)
-    elif shape == "square":
-        draw.rectangle(box, fill=color)
-    else:
-        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=color)
-
-
-def make_builtin(out_dir: str | os.PathLike, per_domain: int = 48, seed: int = 0, size: int = 64) -> dict[str, list[DatasetSpec]]:
-    """Generate the small offline data set (PIL drawings) once; returns the dataset specs:
-    ``caption`` (stage 1: one file of captions of every domain's images) and ``instruct``
-    (stage 2: three domains, ``shapes``, ``charts`` and ``text`` (text-only arithmetic))."""
-    from PIL import Image, ImageDraw
-
-    out = Path(out_dir) / f"v1-n{per_domain}-s{seed}-px{size}"
-    files = {"shapes": out / "shapes.json", "charts": out / "charts.json", "text": out / "text.json", "caption": out / "caption.json"}
-    if not all(f.is_file() for f in files.values()):
-        rng = random.Random(seed)
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        (tmp / "images").mkdir(parents=True, exist_ok=True)
-        shapes, charts, text, caption = [], [], [], []
-        for i in range(per_domain):
-            # shapes: one coloured shape, questions about shape, colour and position
-            shape, cname = rng.choice(SHAPES), rng.choice(list(COLORS))
-            w, h = rng.choice([(size, size), (size, size * 3 // 4), (size * 3 // 4, size)])
-            img = Image.new("RGB", (w, h), (255, 255, 255))
-            s = rng.randint(size // 4, size // 2)
-            x, y = rng.randint(0, w - s), rng.randint(0, h - s)
-            _draw_shape(ImageDraw.Draw(img), shape, COLORS[cname], (x, y, x + s, y + s))
-            name = f"images/shape_{i:04d}.png"
-            img.save(tmp / name)
-            side = "left" if x + s / 2 < w / 2 else "right"
-            q, a = rng.choice(
-                [
-                    ("What shape is shown?", f"A {shape}."),
-                    ("What colour is the shape?", f"It is {cname}."),
-                    ("Is the shape on the left or the right?", f"On the {side}."),
-                ]
-            )
-            shapes.append({"id": f"shapes-{i}", "image": name, "conversations": [
-                {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
-            caption.append({"id": f"cap-shape-{i}", "image": name, "conversations": [
-                {"from": "human", "value": "<image>\nDescribe the image briefly."},
-                {"from": "gpt", "value": f"A {cname} {shape} on the {side} of a white background."}]})
-            # charts: a bar chart of 3-5 bars
-            n = rng.randint(3, 5)
-            vals = [rng.randint(1, 9) for _ in range(n)]
-            img = Image.new("RGB", (size, size), (245, 245, 245))
-            d = ImageDraw.Draw(img)
-            bw = size // (n + 1)
-            for k, v in enumerate(vals):
-                x0 = 4 + k * (bw + 2)
-                d.rectangle((x0, size - 4 - v * (size - 8) // 10, x0 + bw - 1, size - 4), fill=(60, 90, 200))
-            name = f"images/chart_{i:04d}.png"
-            img.save(tmp / name)
-            big = max(range(n), key=lambda k: vals[k]) + 1
-            q, a = rng.choice(
-                [("How many bars are there?", f"{n}"), ("Which bar is the tallest, counting from the left?", f"Bar {big}.")]
-            )
-            charts.append({"id": f"charts-{i}", "image": name, "conversations": [
-                {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
-            caption.append({"id": f"cap-chart-{i}", "image": name, "conversations": [
-                {"from": "human", "value": "<image>\nDescribe the image briefly."},
-                {"from": "gpt", "value": f"A bar chart with {n} bars."}]})
-            # text: no image, short arithmetic
-            p, r = rng.randint(1, 20), rng.randint(1, 20)
-            text.append({"id": f"text-{i}", "conversations": [
-                {"from": "human", "value": f"What is {p} plus {r}?"}, {"from": "gpt", "value": f"{p + r}"}]})
-        for key, recs in (("shapes", shapes), ("charts", charts), ("text", text), ("caption", caption)):
-            (tmp / f"{key}.json").write_text(json.dumps(recs, indent=1))
-        try:
-            tmp.rename(out)
-        except OSError:  # another process made it first
-            if not out.is_dir():
-                raise
-    return {
-        "caption": [DatasetSpec(str(files["caption"]), "caption", 1.0)],
-        "instruct": [
-            DatasetSpec(str(files["shapes"]), "shapes", 1.0),
-            DatasetSpec(str(files["charts"]), "charts", 1.0),
-            DatasetSpec(str(files["text"]), "text", 0.5),
-        ],
-    }
 
 
 def resolve_specs(cfg: DataConfig, seed: int = 0, image_size: int = 64) -> list[DatasetSpec]:

@@ -1,0 +1,96 @@
+"""The demo's generated data (training.data.demo_data) and `python -m training.demo` end to end on
+the tiny random model (the SmolLM2 demo itself is `make demo`, timed in its docstring)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from training.data.demo_data import BAR_COUNTS, COLORS, SHAPES, best_fixed_answer, make_builtin  # noqa: E402
+
+CACHE = ROOT / ".cache" / "mole_ext"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_builtin(tmp_path_factory.mktemp("demo_data"), per_domain=12, seed=3, size=64)
+
+
+def _records(spec):
+    return json.loads(Path(spec.path).read_text())
+
+
+def test_answers_match_the_pictures(data):
+    from PIL import Image
+
+    shapes, charts, text = (_records(s) for s in data["instruct"])
+    root = Path(data["instruct"][0].path).parent
+    for r in shapes:
+        img = np.asarray(Image.open(root / r["image"]).convert("RGB")).reshape(-1, 3)
+        q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        if "colour" in q:
+            ink = img[(img != 255).any(1)]
+            assert ink.shape[0] > 0.15 * img.shape[0]  # a large shape: colour is easy to see
+            colours, counts = np.unique(ink, axis=0, return_counts=True)
+            assert tuple(colours[counts.argmax()]) == COLORS[a.rstrip(".").lower()]
+        else:
+            assert q == "<image>\nWhat shape is it?" and a.split()[1].rstrip(".") in SHAPES
+    for r in charts:
+        img = np.asarray(Image.open(root / r["image"]).convert("RGB"))
+        row = (img[-6] != 245).any(-1).astype(int)  # just above the baseline: every bar crosses it
+        bars = int((np.diff(np.concatenate([[0], row])) == 1).sum())
+        assert r["conversations"][1]["value"] == str(bars) and bars in BAR_COUNTS
+    for r in text:
+        p, q = map(int, r["conversations"][0]["value"][len("What is "):-1].split(" plus "))
+        assert r["conversations"][1]["value"] == str(p + q) and "image" not in r
+    caps = _records(data["caption"][0])
+    assert len(caps) == 2 * len(shapes) and all(c["image"] for c in caps)
+
+
+def test_generation_is_cached_and_seeded(data, tmp_path):
+    again = make_builtin(Path(data["instruct"][0].path).parents[1], per_domain=12, seed=3, size=64)
+    assert [s.path for s in again["instruct"]] == [s.path for s in data["instruct"]]
+    other = make_builtin(tmp_path, per_domain=12, seed=4, size=64)
+    assert _records(other["instruct"][2]) != _records(data["instruct"][2])
+    with pytest.raises(ValueError, match="per_domain"):
+        make_builtin(tmp_path, per_domain=0)
+
+
+def test_best_fixed_answer():
+    recs = [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": a}]}
+            for a in ["Red.", "red", "Blue.", "A circle."]]
+    best, score = best_fixed_answer(recs)
+    assert best.lower().startswith("red") and score == 0.5  # answers are normalised like the metric
+    with pytest.raises(ValueError):
+        best_fixed_answer([])
+
+
+def test_demo_end_to_end_on_the_tiny_model(tmp_path, capsys):
+    from training.demo import main
+
+    out = tmp_path / "run"
+    assert main(["--model", "tiny", "--out", str(out), "--steps1", "1", "--steps2", "2", "--batch", "2",
+                 "--test-per-domain", "2", "--cache-dir", str(CACHE)]) == 0
+    text = capsys.readouterr().out
+    assert "best fixed answer" in text and "untrained" in text
+    assert "beats the best constant answer on:" in text
+    assert "before/after" in text and "pictures:" in text and str(out / "loss_curve.png") in text
+    for dom in ("shapes", "charts", "text"):
+        assert f"  {dom}" in text
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["eval_exact_match"]) == {"shapes", "charts", "text"}
+    for v in m["eval_exact_match"].values():
+        assert 0 <= v["untrained"] <= 1 and 0 <= v["trained"] <= 1 and 0 < v["best_fixed_score"] <= 1
+    for f in ("answers.jsonl", "answers_untrained.jsonl", "loss_curve.png", "routing_heatmap.png",
+              "routing_eval_heatmap.png", "stage2/adapter/adapter_config.json"):
+        assert (out / f).is_file(), f
+    rows = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all("score" in r for r in rows)
+    assert text.strip().splitlines()[-1] == str(out.resolve())
