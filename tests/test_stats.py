@@ -136,3 +136,26 @@ def test_errors_name_the_argument():
         stats.t_interval([1.0, 2.0], conf=95)
     with pytest.raises(ValueError, match="x must be finite"):
         stats.t_interval([1.0, float("nan")])
+
+
+def test_preregistered_verdict():
+    """A clear conflict that MoLE recovers; a null result reported as 'no effect larger than X'."""
+    rng = np.random.default_rng(5)
+    n, seeds = 200, 3
+    single = [(rng.random(n) < 0.8).astype(float) for _ in range(seeds)]
+    mix = [s * (rng.random(n) < 0.6) for s in single]  # loses ~40 % of single's right answers
+    mole = [np.maximum(m, s * (rng.random(n) < 0.9)) for s, m in zip(single, mix)]  # wins most back
+    v = stats.preregistered_verdict(single, mix, mole, n_boot=500)
+    assert v["conflict"] and v["recovers"] and v["text"].startswith("Conflict:")
+    assert v["single_minus_mix"]["mean"] == pytest.approx(np.mean([(s - m).mean() for s, m in zip(single, mix)]))
+    v = stats.preregistered_verdict(single, mix, [m.copy() for m in mix], n_boot=500)
+    assert v["conflict"] and not v["recovers"]
+    same = [s.copy() for s in single]
+    v = stats.preregistered_verdict(single, same, same, n_boot=500)
+    assert not v["conflict"] and not v["recovers"]
+    assert v["mde"] == 0.0 and "no effect larger than 0.000" in v["text"]
+    noisy = [(rng.random(n) < 0.8).astype(float) for _ in range(seeds)]  # same rate, independent draws
+    v = stats.preregistered_verdict(single, noisy, noisy, n_boot=500)
+    assert not v["conflict"] and 0.05 < v["mde"] < 0.2 and f"{v['mde']:.3f}" in v["text"]
+    with pytest.raises(ValueError, match="same \\(>= 1\\) seeds"):
+        stats.preregistered_verdict(single, mix[:2], mole)

@@ -656,9 +656,12 @@ def tables(summary: dict) -> str:
     lines = ([f"Frozen base model, accuracy on the records where every domain wants f (the pretraining "
               f"check): {_acc_cell(base)}", ""] if base else []) + ["### Accuracy (mean over domains, all test records; mean [95% t interval] over seeds)", "",
              "| cell | seeds | " + " | ".join(ARMS) + " |", "|---|---|" + "---|" * len(ARMS)]
+    # "(main cell)": the cell's knob does not touch that arm; its contrasts use the main cell's runs
     for name, c in summary["cells"].items():
-        n = max((e["seeds"] for a, e in c["arms"].items() if a in ARMS), default=0)
-        lines.append(f"| {name} | {n} | " + " | ".join(_acc_cell(c["arms"].get(a)) for a in ARMS) + " |")
+        n = max((e["seeds"] for a, e in c["arms"].items() if a in c["ran"]), default=0)
+        row = [_acc_cell(c["arms"].get(a)) if a in c["ran"] else "(main cell)" if a in c["arms"] else "-"
+               for a in ARMS]
+        lines.append(f"| {name} | {n} | " + " | ".join(row) + " |")
     keys = [f"{a}-{b}" for a, b in CONTRASTS]
     lines += ["", "### Paired differences over seeds (mean [95% t interval]; * = Holm-adjusted p < 0.05 "
               "over all contrasts of the study)", "",
@@ -696,25 +699,32 @@ def figures(summary: dict, out: Path, ref_cell: str, cfg: MechConfig) -> list[st
         pts.sort(key=lambda t: t[0])
         if len(pts) < 2:
             return
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for i, arm in enumerate(ARMS):
-            xs, ys, lo, hi = [], [], [], []
-            for x, c in pts:
-                e = c["arms"].get(arm)
-                if e and "acc" in e:
-                    xs.append(x)
-                    ys.append(e["acc"]["mean"])
-                    lo.append(e["acc"]["mean"] - e["acc"]["lo"])
-                    hi.append(e["acc"]["hi"] - e["acc"]["mean"])
-            if xs:
-                off = (i - len(ARMS) / 2) * 0.004 * (max(p[0] for p in pts) - min(p[0] for p in pts) or 1)
-                ax.errorbar([x + off for x in xs], ys, yerr=[lo, hi], marker="o", capsize=3, label=arm)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (mean over domains)")
-        if key == "rank":
-            ax.set_xscale("log", base=2)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        span = (max(p[0] for p in pts) - min(p[0] for p in pts)) or 1
+        for ax, field_, title in ((axes[0], "per_seed", "all test records"),
+                                  (axes[1], "conflict_per_seed", "conflict records")):
+            for i, arm in enumerate(ARMS):
+                xs, ys, lo, hi = [], [], [], []
+                for x, c in pts:
+                    e = c["arms"].get(arm)
+                    vals = [v for v in (e or {}).get(field_, {}).values() if v == v]  # drop nan (no records)
+                    if len(vals) >= 2:
+                        iv = stats.t_interval(vals)
+                        xs.append(x)
+                        ys.append(iv.mean)
+                        lo.append(iv.mean - iv.lo)
+                        hi.append(iv.hi - iv.mean)
+                if xs:
+                    off = (i - len(ARMS) / 2) * (0.01 if key == "rank" else 0.006 * span)
+                    xo = [x * (1 + off) if key == "rank" else x + off for x in xs]
+                    ax.errorbar(xo, ys, yerr=[lo, hi], marker="o", capsize=3, label=arm)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("test accuracy, mean over domains")
+            ax.set_title(f"{title} (95% t intervals over seeds)", fontsize=10)
+            if key == "rank":
+                ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(figdir / fname, dpi=120)
         plt.close(fig)
@@ -780,11 +790,18 @@ def collect(cfg: MechConfig, cells: list[Cell], seeds: list[int], out: Path) -> 
     return found
 
 
-def work(cfg: MechConfig, cells: list[Cell], seeds: list[int], out: Path, log=print):
-    """Runs every (cell, arm, seed) not cached yet: phase by phase, seeds outer
-    within a phase, so a partial study has whole phases with as many seeds as possible."""
-    for phase in sorted({c.phase for c in cells}):
-        for s in seeds:
+FIRST_PASS_SEEDS = 5  # phases >= 2 (secondary sweeps) run this many seeds before any runs all of them
+
+
+def work(cfg: MechConfig, cells: list[Cell], seeds: list[int], out: Path, log=print, first_pass=FIRST_PASS_SEEDS):
+    """Runs every (cell, arm, seed) not cached yet: phase by phase, seeds outer within a phase, so a
+    partial study has whole phases with as many seeds as possible. Phases 0 and 1 (the rho sweep)
+    run every seed; later phases first run the first ``first_pass`` seeds each, then the rest."""
+    phases = sorted({c.phase for c in cells})
+    passes = [(ph, [s for s in seeds if ph < 2 or s < first_pass]) for ph in phases]
+    passes += [(ph, [s for s in seeds if s >= first_pass]) for ph in phases if ph >= 2]
+    for phase, pass_seeds in passes:
+        for s in pass_seeds:
             for cell in (c for c in cells if c.phase == phase):
                 c = cell_config(cfg, cell)
                 for arm in cell.arms:
@@ -792,7 +809,7 @@ def work(cfg: MechConfig, cells: list[Cell], seeds: list[int], out: Path, log=pr
                     r = run_arm(c, arm, s, out)
                     if time.time() - t0 > 0.5:
                         log(f"[{time.strftime('%H:%M:%S')}] {cell.name} {arm} seed {s}: acc {accuracy(r):.3f} "
-                            f"(conflict {accuracy(r, 'conflict'):.3f}) in {r['seconds']:.0f} s")
+                            f"(conflict {accuracy(r, 'conflict'):.3f}) in {r['seconds']:.0f} s", flush=True)
 
 
 def report(cfg: MechConfig, cells: list[Cell], seeds: list[int], out: Path, quick: bool, argv: list[str],

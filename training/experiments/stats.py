@@ -16,7 +16,7 @@ from scipy import stats as _st
 
 __all__ = ["Interval", "t_interval", "paired_difference", "holm", "bootstrap_seeds_records",
            "minimum_detectable_effect", "learnability_gate", "mutual_information",
-           "mutual_information_labels", "spearman"]
+           "mutual_information_labels", "spearman", "preregistered_verdict"]
 
 
 @dataclass
@@ -225,3 +225,52 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
         raise ValueError(f"spearman needs two equal-length lists of >= 3 values, got {x.size} and {y.size}")
     r = _st.spearmanr(x, y)
     return float(r.statistic), float(r.pvalue)
+
+
+def preregistered_verdict(single: Sequence[Sequence[float]], mix: Sequence[Sequence[float]],
+                          mole: Sequence[Sequence[float]], conf: float = 0.95, n_boot: int = 2000, seed: int = 0,
+                          clusters: Optional[Sequence[Sequence[int]]] = None, alpha: float = 0.05,
+                          power: float = 0.8) -> dict:
+    """The criteria of issue 15 for one domain, fixed before running. Arguments are per-seed lists
+    of per-record scores of the single-domain run, the mixture LoRA and MoLE on the same records.
+
+    - conflict: mixture below single-domain with the records-bootstrap interval of single - mix
+      excluding 0 in *every* seed;
+    - MoLE recovers: MoLE above the mixture (seeds x records interval of mole - mix above 0) and
+      non-inferior to single-domain within half the conflict (interval of mole - single above
+      -conflict / 2);
+    - the smallest detectable effect: ``minimum_detectable_effect`` of the pooled single - mix
+      estimate, so "nothing significant" reads "no effect larger than X".
+    """
+    if not (len(single) == len(mix) == len(mole)) or not single:
+        raise ValueError(f"single, mix and mole need the same (>= 1) seeds, got {len(single)}, {len(mix)}, {len(mole)}")
+    arrs = {}
+    for name, arm in (("single", single), ("mix", mix), ("mole", mole)):
+        arrs[name] = [_as_1d(v, f"{name}[{i}]") for i, v in enumerate(arm)]
+    for i in range(len(single)):
+        if not (arrs["single"][i].shape == arrs["mix"][i].shape == arrs["mole"][i].shape):
+            raise ValueError(f"seed {i}: single, mix and mole must score the same records")
+
+    def boot(diffs, cl=None):
+        return bootstrap_seeds_records(diffs, n_boot=n_boot, conf=conf, seed=seed, clusters=cl)
+
+    d_sm = [s - m for s, m in zip(arrs["single"], arrs["mix"])]
+    per_seed = [boot([d], None if clusters is None else [clusters[i]]) for i, d in enumerate(d_sm)]
+    conflict = boot(d_sm, clusters)
+    gain = boot([o - m for o, m in zip(arrs["mole"], arrs["mix"])], clusters)
+    vs_single = boot([o - s for o, s in zip(arrs["mole"], arrs["single"])], clusters)
+    mde = minimum_detectable_effect(conflict.se, alpha=alpha, power=power)
+    conflict_found = all(iv.lo > 0 for iv in per_seed)
+    recovers = conflict_found and gain.lo > 0 and vs_single.lo > -conflict.mean / 2
+    if conflict_found:
+        text = (f"Conflict: the mixture is below single-domain by {conflict.fmt()} (every seed's interval "
+                f"excludes 0). " + ("MoLE recovers it: " if recovers else "MoLE does not recover it: ") +
+                f"MoLE - mixture {gain.fmt()}, MoLE - single {vs_single.fmt()} (non-inferiority margin "
+                f"{-conflict.mean / 2:+.3f}).")
+    else:
+        text = (f"No conflict established (single - mixture {conflict.fmt()}; the criterion needs every "
+                f"seed's interval above 0): no effect larger than {mde:.3f} (the smallest effect detectable "
+                f"at {power:.0%} power).")
+    return {"conflict": conflict_found, "recovers": recovers, "mde": mde, "text": text,
+            "single_minus_mix": conflict.as_dict(), "per_seed_single_minus_mix": [iv.as_dict() for iv in per_seed],
+            "mole_minus_mix": gain.as_dict(), "mole_minus_single": vs_single.as_dict()}
