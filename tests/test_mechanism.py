@@ -159,3 +159,31 @@ def test_tiny_end_to_end_and_reuse(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in sorted((out / "runs").glob("*.json"))} == stamp
     with pytest.raises(ValueError, match="unknown MechConfig field 'nope'"):
         mech.main(["--quick", "--out", str(out), "--set", "nope=1"])
+
+
+def test_work_order_main_cell_first_then_each_sweep_on_five_seeds(monkeypatch):
+    calls = []
+    monkeypatch.setattr(mech, "run_arm", lambda c, arm, s, out: calls.append((c, arm, s)) or {})
+    cfg = mech.MechConfig()
+    cells = mech.plan(cfg)
+    mech.work(cfg, cells, list(range(10)), None, log=lambda *a, **k: None)
+    planned = sum(len(c.arms) for c in cells) * 10
+    assert len(calls) == planned and len({(dataclasses.astuple(c), a, s) for c, a, s in calls}) == planned
+    first_main = [(c.rho, s) for c, a, s in calls[: 10 * len(mech.ARMS)]]
+    assert set(first_main) == {(0.25, s) for s in range(10)}  # the main cell, every seed, first
+    late = [i for i, (c, a, s) in enumerate(calls) if s >= mech.FIRST_PASS_SEEDS and c.rho != 0.25 and c.rho != 0.5]
+    early = [i for i, (c, a, s) in enumerate(calls) if c.rho == 0.125 and s < mech.FIRST_PASS_SEEDS]
+    assert max(early) < min(late)  # every sweep reaches 5 seeds before any sweep gets more
+
+
+def test_p5_fails_when_gain_does_not_follow_routing():
+    cells = [mech.Cell("rho", "rho=0.25", mech.ARMS, {"rho": 0.25})]
+    results = {"rho=0.25": {}}
+    for s in range(6):
+        acc = {"single": 0.9, "mix": 0.6, "mix_Kr": 0.6, "mole": 0.8 if s % 2 else 0.6, "oracle": 0.9, "hash": 0.6}
+        routes = {"mole": [0, 0, 1] if s % 2 == 0 else [0, 0, 0], "oracle": [0, 1, 2], "hash": [1, 1, 1]}
+        for arm in mech.ARMS:
+            results["rho=0.25"].setdefault(arm, {})[s] = _fake([acc[arm]] * 3, routes.get(arm))
+    summary = mech.analyse(mech.MechConfig(), cells, results, "rho=0.25")
+    preds = {p["id"]: p for p in mech.check_predictions(summary, "rho=0.25")}
+    assert preds["P5"]["status"] == "did not hold" and "Spearman(MI, mole-mix) = -1.00" in preds["P5"]["evidence"]

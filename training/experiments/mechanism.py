@@ -367,12 +367,13 @@ _PLAIN = ("single", "mix", "mix_Kr")
 
 
 def plan(cfg: MechConfig, quick: bool = False) -> list[Cell]:
-    """The study's cells. Phases order the work by priority: the main rho cells first, so a
-    partial study has whole phases with as many seeds as possible."""
+    """The study's cells. Phases order the work by priority (the main cell, then rho = 0.5, then
+    rho = 0 and the router knobs, rank, cue, rho = 0.125), so a partial study has whole phases
+    with as many seeds as possible."""
     if quick:
         return [Cell("rho", f"rho={r}", ARMS, {"rho": r}) for r in (0.0, 0.25)]
-    cells = [Cell("rho", f"rho={r}", ARMS, {"rho": r}, 0) for r in (0.0, 0.25)]
-    cells += [Cell("rho", "rho=0.5", ARMS, {"rho": 0.5}, 1)]
+    cells = [Cell("rho", "rho=0.0", ARMS, {"rho": 0.0}, 2)]  # the base already answers every record
+    cells += [Cell("rho", "rho=0.25", ARMS, {"rho": 0.25}, 0), Cell("rho", "rho=0.5", ARMS, {"rho": 0.5}, 1)]
     cells += [Cell("gate", f"gate={m}", ("mole",), {"gate_mode": m}, 2, _PLAIN) for m in ("none", "straight_through")]
     cells += [Cell("balance", f"balance={w}", ("mole",), {"balance": w}, 2, _PLAIN) for w in (0.0, 0.1)]
     cells += [Cell("router_lr", f"router_lr_mult={m}", ("mole",), {"router_lr_mult": m}, 2, _PLAIN)
@@ -795,8 +796,8 @@ FIRST_PASS_SEEDS = 5  # phases >= 2 (secondary sweeps) run this many seeds befor
 
 def work(cfg: MechConfig, cells: list[Cell], seeds: list[int], out: Path, log=print, first_pass=FIRST_PASS_SEEDS):
     """Runs every (cell, arm, seed) not cached yet: phase by phase, seeds outer within a phase, so a
-    partial study has whole phases with as many seeds as possible. Phases 0 and 1 (the rho sweep)
-    run every seed; later phases first run the first ``first_pass`` seeds each, then the rest."""
+    partial study has whole phases with as many seeds as possible. Phases 0 and 1 (rho = 0.25 and
+    0.5) run every seed; later phases first run the first ``first_pass`` seeds each, then the rest."""
     phases = sorted({c.phase for c in cells})
     passes = [(ph, [s for s in seeds if ph < 2 or s < first_pass]) for ph in phases]
     passes += [(ph, [s for s in seeds if s >= first_pass]) for ph in phases if ph >= 2]
