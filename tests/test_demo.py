@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from training import checkpoint as ck  # noqa: E402
 from training.data.demo_data import BAR_COUNTS, COLORS, SHAPES, best_fixed_answer, make_builtin  # noqa: E402
 
 CACHE = ROOT / ".cache" / "mole_ext"
@@ -88,9 +89,13 @@ def test_demo_end_to_end_on_the_tiny_model(tmp_path, capsys):
     assert set(m["eval_exact_match"]) == {"shapes", "charts", "text"}
     for v in m["eval_exact_match"].values():
         assert 0 <= v["untrained"] <= 1 and 0 <= v["trained"] <= 1 and 0 < v["best_fixed_score"] <= 1
-    for f in ("answers.jsonl", "answers_untrained.jsonl", "loss_curve.png", "routing_heatmap.png",
-              "routing_eval_heatmap.png", "stage2/adapter/adapter_config.json"):
+    assert set(m["answer_loss"]) >= {"shapes", "charts", "text"}
+    for f in ("config.json", "answers.jsonl", "answers_untrained.jsonl", "loss_curve.png", "routing_heatmap.png",
+              "routing_eval_heatmap.png", "stage1/adapter/adapter.safetensors", "stage2/checkpoint-2/manifest.json",
+              f"stage2/adapter/{ck.ADAPTER_META}"):
         assert (out / f).is_file(), f
+    stages = {json.loads(x).get("stage") for x in (out / "metrics.jsonl").read_text().splitlines()}
+    assert stages == {1, 2}
     rows = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all("score" in r for r in rows)
     assert text.strip().splitlines()[-1] == str(out.resolve())
