@@ -159,7 +159,8 @@ def _short(mangled: str) -> str:
         name = subprocess.run(["c++filt", mangled], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return mangled
-    name = name.replace("mole_ext::cuda::(anonymous namespace)::", "").replace("mole_ext::", "")
+    for ns in ("mole_ext::cuda::(anonymous namespace)::", "mole_ext::cuda::glora::", "mole_ext::"):
+        name = name.replace(ns, "")
     if name.endswith(")"):  # drop the parameter list: the parenthesis that closes at the end
         depth = 0
         for i in range(len(name) - 1, -1, -1):
