@@ -29,6 +29,7 @@ struct RowGemmArgs {
   int64_t b_seg, b_sk, b_sn;
   const int64_t* offsets;  // [K+1] device
   int64_t k_seg, n, ncols, klen, kchunk;
+  int64_t n_tiles;     // column tiles, ceil(ncols / BN): blockIdx.x = row tile * n_tiles + column tile
   void* out;           // kPartial: Acc [splits, N, ncols]; else S [N, ldo]
   int64_t ldo;
   bool a_vec, b_vec, out_vec;  // 16-byte accesses to a, b, out (every row 16-byte aligned)
@@ -48,10 +49,17 @@ constexpr size_t row_gemm_smem() {
 template <typename S, typename Acc, bool TC, Epi EPI, int PIPE = kPipeNone>
 __global__ void __launch_bounds__(kThreads) row_gemm_kernel(const RowGemmArgs<S> p) {
   __shared__ __align__(128) unsigned char smem[row_gemm_smem<S, Acc, PIPE>()];
-  const lt::SegTile st = lt::seg_tile(p.offsets, p.k_seg, p.n, BM, static_cast<int64_t>(blockIdx.x));
+  // The column tiles of a row tile are consecutive blocks, so they run side by side and its rows of
+  // the left operand (x, dY, Hs or dH) come from DRAM once, the other column tiles hitting L2
+  // (with r > 64 the shrink and G have two or more column tiles over the same rows).
+  // (32-bit division: grid_dim bounds blockIdx.x by 2^31 - 1; a 64-bit one is a called
+  // subroutine whose stack frame bench/sass_check.py finds as local memory.)
+  const unsigned col_tiles = static_cast<unsigned>(p.n_tiles);
+  const unsigned row_tile = blockIdx.x / col_tiles;
+  const lt::SegTile st = lt::seg_tile(p.offsets, p.k_seg, p.n, BM, static_cast<int64_t>(row_tile));
   if (st.row_begin >= st.row_end) return;  // idle tile: the whole block leaves before any barrier
   const int mv = static_cast<int>(st.row_end - st.row_begin);
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x % col_tiles) * BN;
   const int nv = static_cast<int>(p.ncols - n0 < BN ? p.ncols - n0 : BN);
   const int64_t kbeg = static_cast<int64_t>(blockIdx.z) * p.kchunk;
   const int64_t kend = kbeg + p.kchunk < p.klen ? kbeg + p.kchunk : p.klen;
@@ -96,7 +104,7 @@ __global__ void __launch_bounds__(kThreads) row_gemm_kernel(const RowGemmArgs<S>
         }
       }
       if (valid == V) {
-        *reinterpret_cast<uint4*>(o) = *reinterpret_cast<const uint4*>(buf);
+        store16_global(o, *reinterpret_cast<const uint4*>(buf));
       } else {
         for (int i = 0; i < valid; ++i) o[i] = buf[i];
       }
@@ -128,9 +136,11 @@ struct WgradArgs {
   const S* b;       // [N, ldb]: element (row, c) at row * ldb + c   (c < ncols)
   int64_t ldb;
   const int64_t* offsets;
-  int64_t k_seg, n, chunk_rows, m_rows, ncols, n_tiles;
+  int64_t k_seg, n, chunk_rows, m_rows, ncols, m_tiles, n_tiles;
+  bool m_fast;      // blockIdx.x = (chunk, tiles): the m tile varies fastest, else the n tile
   bool a_vec;       // 16-byte loads of a, along m (every row 16-byte aligned)
   bool b_vec;       // 16-byte loads of b (every row 16-byte aligned)
+  bool out_vec;     // 16-byte stores of the partials (every row 16-byte aligned)
   float* out_f;     // partials [chunks, M, ncols] in Acc (out_f or out_d)
   double* out_d;
 };
@@ -138,10 +148,18 @@ struct WgradArgs {
 template <typename S, typename Acc, bool TC>
 __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradArgs<S> p) {
   __shared__ __align__(128) unsigned char smem[TileSmem<S, Acc>::kBytes];
-  const int64_t chunk = blockIdx.x;
+  // blockIdx.x = chunk * (m_tiles * n_tiles) + tile, the tiles of a chunk consecutive and within
+  // them the narrower side fastest (m_fast; in real shapes the rank side: m for dA = dH^T X, n for
+  // dB = dY^T Hs): the blocks that read the same rows of the wide operand (X for dA, dY for dB)
+  // run side by side, so with r > 64 that operand still comes from DRAM once.
+  // (32-bit divisions, as row_gemm_kernel: the grid is below 2^31 blocks)
+  const unsigned m_tiles = static_cast<unsigned>(p.m_tiles), n_tiles = static_cast<unsigned>(p.n_tiles);
+  const unsigned tiles = m_tiles * n_tiles;
+  const int64_t chunk = blockIdx.x / tiles;
+  const unsigned tile = blockIdx.x % tiles;
   const lt::SegTile st = lt::seg_tile(p.offsets, p.k_seg, p.n, p.chunk_rows, chunk);
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y / p.n_tiles) * BM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y % p.n_tiles) * BN;
+  const int64_t m0 = static_cast<int64_t>(p.m_fast ? tile % m_tiles : tile / n_tiles) * BM;
+  const int64_t n0 = static_cast<int64_t>(p.m_fast ? tile / m_tiles : tile % n_tiles) * BN;
   const int mv = static_cast<int>(p.m_rows - m0 < BM ? p.m_rows - m0 : BM);
   const int nv = static_cast<int>(p.ncols - n0 < BN ? p.ncols - n0 : BN);
   const int64_t rows = st.row_end - st.row_begin;  // 0 for an idle chunk: its partial is zeros
@@ -154,6 +172,23 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradArgs<S> p) {
     out = p.out_d;
   } else {
     out = p.out_f;
+  }
+  if (p.out_vec) {  // 16-byte chunks of a row (as row_gemm's epilogue): the same values, fewer stores
+    constexpr int V = 16 / static_cast<int>(sizeof(Acc));
+    static_assert(BN % V == 0 && (TileSmem<S, Acc>::LDC * sizeof(Acc)) % 16 == 0, "whole, aligned vectors");
+    for (int idx = threadIdx.x; idx < BM * (BN / V); idx += kThreads) {
+      const int m = idx / (BN / V), c0 = (idx % (BN / V)) * V;
+      const int valid = m < mv ? lt::vec_chunk_valid(c0, V, nv) : 0;
+      if (valid == 0) continue;
+      Acc* o = out + (chunk * p.m_rows + m0 + m) * p.ncols + n0 + c0;
+      const Acc* c = sC + m * TileSmem<S, Acc>::LDC + c0;
+      if (valid == V) {
+        store16_global(o, *reinterpret_cast<const uint4*>(c));
+      } else {
+        for (int i = 0; i < valid; ++i) o[i] = c[i];
+      }
+    }
+    return;
   }
   for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
     const int m = idx / BN, c = idx % BN;

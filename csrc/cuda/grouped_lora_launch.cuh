@@ -103,6 +103,7 @@ RowGemmArgs<S> row_args(const lt::RowGemmShape& sh, const at::Tensor& left, cons
   a.k_seg = k_seg;
   a.n = n;
   a.ncols = sh.ncols;
+  a.n_tiles = index_math::ceil_div(sh.ncols, static_cast<int64_t>(BN));
   a.klen = sh.klen;
   a.kchunk = sh.klen;
   a.a_vec = vec_rows<S>(a.a, a.lda);
@@ -122,8 +123,9 @@ RowGemmArgs<S> row_args(const lt::RowGemmShape& sh, const at::Tensor& left, cons
 template <typename S, typename Acc, Epi EPI>
 void launch_row_gemm(const RowGemmArgs<S>& args, int64_t splits, bool tc, cudaStream_t stream) {
   if (args.ncols == 0) return;
-  const dim3 grid(grid_dim(lt::seg_tile_grid(args.n, args.k_seg, BM), "x"),
-                  grid_dim(index_math::ceil_div(args.ncols, BN), "y"), grid_dim(splits, "z"));
+  // blockIdx.x = row tile * column tiles + column tile (the kernel's comment says why)
+  const dim3 grid(grid_dim(lt::seg_tile_grid(args.n, args.k_seg, BM) * args.n_tiles, "x"), 1,
+                  grid_dim(splits, "z"));
   // The tensor-core variant exists for 16-bit types only (fp32 / fp64 would compile the SIMT
   // loop twice).
   if constexpr (kIs16Bit<S>) {
@@ -215,7 +217,9 @@ void weight_grad(const Prepared& p, const lt::WgradShape& sh, const at::Tensor& 
   a.chunk_rows = chunk_rows;
   a.m_rows = m_rows;
   a.ncols = ncols;
+  a.m_tiles = index_math::ceil_div(m_rows, BM);
   a.n_tiles = index_math::ceil_div(ncols, BN);
+  a.m_fast = m_rows <= ncols;  // the narrower side fastest (wgrad_kernel says why)
   a.a_vec = vec_rows<S>(a.a, a.lda);
   a.b_vec = vec_rows<S>(a.b, a.ldb);
   if constexpr (std::is_same_v<Acc, double>) {
@@ -223,7 +227,8 @@ void weight_grad(const Prepared& p, const lt::WgradShape& sh, const at::Tensor& 
   } else {
     a.out_f = part.mutable_data_ptr<float>();
   }
-  const dim3 grid(grid_dim(chunks, "x"), grid_dim(index_math::ceil_div(m_rows, BM) * a.n_tiles, "y"));
+  a.out_vec = vec_rows<Acc>(part.const_data_ptr(), ncols);
+  const dim3 grid(grid_dim(chunks * a.m_tiles * a.n_tiles, "x"));
   if constexpr (kIs16Bit<S>) {
     if (tc) {
       wgrad_kernel<S, Acc, true><<<grid, kThreads, 0, p.stream>>>(a);

@@ -25,6 +25,14 @@ namespace glora {
 namespace lt = lora_tiles;
 
 constexpr int kThreads = 256;
+// The intended occupancy of the tensor-core GEMM kernels (row_gemm, wgrad with TC): at least this
+// many resident blocks of kThreads per SM, i.e. at most 65536 / (2 * 256) = 128 registers and
+// 2 blocks' shared memory per SM. bench/sass_check.py reads this number and fails the build's
+// machine code beyond it. It is checked, not imposed: as __launch_bounds__(kThreads, 3) ptxas
+// capped the registers at 80 and the pipelined kernel with k-major B (kPipeBRow) spilled 16
+// bytes; as __launch_bounds__(kThreads, 2) it spent up to 120 registers where it now chooses
+// 48-88 (more resident warps). Which is faster is for a GPU to measure.
+constexpr int kGemmMinBlocksPerSm = 2;
 constexpr int BM = 64;  // output tile rows
 constexpr int BN = 64;  // output tile columns
 constexpr int BK = 32;  // reduction step
@@ -75,6 +83,67 @@ __device__ __forceinline__ S from_acc(Acc v) {
 template <typename S>
 __device__ __forceinline__ S zero_of() {
   return from_acc<S, float>(0.0f);
+}
+
+// ---- tensor-core operand loads from shared memory, 16-byte global stores ----
+//
+// wmma::load_matrix_sync of a __half fragment compiles to `wmma.load.*.shared.f16`, which ptxas
+// turns into LDSM (ldmatrix); of a __nv_bfloat16 fragment it compiles to the generic-address form
+// `wmma.load.*.bf16` (no .shared), which ptxas turns into generic 32-bit loads (4 LD.E per
+// fragment, 24 per k-step: bench/sass_check.py). load_frag_shared issues the same PTX instruction
+// for bf16 with the shared state space spelled out: the same fragment (the PTX layout of
+// wmma.load does not depend on the state space), loaded by LDSM. `p` must point into shared memory.
+// Without __CUDA_ARCH__ (the CPU emulator of these sources) it is wmma::load_matrix_sync.
+template <typename Frag>
+__device__ __forceinline__ uint32_t* frag_regs(Frag& f) {
+  return reinterpret_cast<uint32_t*>(&f.x[0]);
+}
+
+#define MOLE_EXT_WMMA_LD_BF16(AB, LAYOUT)                                                            \
+  asm volatile("wmma.load." AB ".sync.aligned." LAYOUT ".m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n" \
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                                     \
+               : "r"(addr), "r"(ldm))
+
+template <typename Use, typename S, typename Layout>
+__device__ __forceinline__ void load_frag_shared(nvcuda::wmma::fragment<Use, 16, 16, 16, S, Layout>& f,
+                                                 const S* p, unsigned ldm) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<S, __nv_bfloat16>) {
+    static_assert(sizeof(f.x) == 4 * sizeof(uint32_t), "a bf16 m16n16k16 operand fragment is 4 registers");
+    uint32_t* r = frag_regs(f);
+    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    constexpr bool kA = std::is_same_v<Use, nvcuda::wmma::matrix_a>;
+    constexpr bool kRow = std::is_same_v<Layout, nvcuda::wmma::row_major>;
+    if constexpr (kA && kRow) {
+      MOLE_EXT_WMMA_LD_BF16("a", "row");
+    } else if constexpr (kA) {
+      MOLE_EXT_WMMA_LD_BF16("a", "col");
+    } else if constexpr (kRow) {
+      MOLE_EXT_WMMA_LD_BF16("b", "row");
+    } else {
+      MOLE_EXT_WMMA_LD_BF16("b", "col");
+    }
+  } else {
+    nvcuda::wmma::load_matrix_sync(f, p, ldm);
+  }
+#else
+  nvcuda::wmma::load_matrix_sync(f, p, ldm);
+#endif
+}
+
+#undef MOLE_EXT_WMMA_LD_BF16
+
+// 16 bytes to global memory as ONE 128-bit store (STG.E.128). nvcc splits a plain
+// `*reinterpret_cast<uint4*>(o) = v` of a vector assembled from a local array into four 32-bit
+// stores (STG.E, seen in the SASS of the plain-store epilogues); st.global.v4 keeps it whole. `p`
+// global, 16-byte aligned. Without __CUDA_ARCH__ (the CPU emulator) a plain uint4 store.
+__device__ __forceinline__ void store16_global(void* p, const uint4& v) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+#else
+  *reinterpret_cast<uint4*>(p) = v;
+#endif
 }
 
 // ---- the block tile: shared memory layout and the main loop ----
@@ -195,14 +264,14 @@ __device__ __forceinline__ void block_mma(unsigned char* smem, const Operand<S>&
       for (int kk = 0; kk < BK; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, S, ALayout> fa;
         if constexpr (AT) {
-          wmma::load_matrix_sync(fa, sA + kk * L::LDAT + fm * 16, L::LDAT);
+          load_frag_shared(fa, sA + kk * L::LDAT + fm * 16, L::LDAT);
         } else {
-          wmma::load_matrix_sync(fa, sA + fm * 16 * L::LDA + kk, L::LDA);
+          load_frag_shared(fa, sA + fm * 16 * L::LDA + kk, L::LDA);
         }
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, S, wmma::row_major> fb;
-          wmma::load_matrix_sync(fb, sB + kk * L::LDB + (fn0 + q) * 16, L::LDB);
+          load_frag_shared(fb, sB + kk * L::LDB + (fn0 + q) * 16, L::LDB);
           wmma::mma_sync(c[q], fa, fb, c[q]);
         }
       }
@@ -379,14 +448,14 @@ __device__ __forceinline__ void block_mma_pipelined(unsigned char* smem, const O
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, S, wmma::row_major> fa;
-      wmma::load_matrix_sync(fa, sa + fm * 16 * P::LDA + kk, P::LDA);
+      load_frag_shared(fa, sa + fm * 16 * P::LDA + kk, P::LDA);
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, S, BLayout> fb;
         if constexpr (kBCol) {
-          wmma::load_matrix_sync(fb, sb + (fn0 + q) * 16 * P::LDB_COL + kk, P::LDB_COL);
+          load_frag_shared(fb, sb + (fn0 + q) * 16 * P::LDB_COL + kk, P::LDB_COL);
         } else {
-          wmma::load_matrix_sync(fb, sb + kk * P::LDB_ROW + (fn0 + q) * 16, P::LDB_ROW);
+          load_frag_shared(fb, sb + kk * P::LDB_ROW + (fn0 + q) * 16, P::LDB_ROW);
         }
         wmma::mma_sync(c[q], fa, fb, c[q]);
       }
