@@ -42,8 +42,24 @@ inline bool force_simt() {
   return on;
 }
 
-inline int64_t target_blocks() {
-  return 2 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+// Resident blocks per SM of `Kernel` at kThreads threads (its static shared memory included), from
+// the occupancy API, asked once per kernel; kGemmMinBlocksPerSm if the API fails.
+template <auto Kernel>
+int resident_blocks() {
+  static const int n = [] {
+    int b = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, Kernel, kThreads, 0) != cudaSuccess) {
+      (void)cudaGetLastError();  // leave no error behind for the next launch check
+      b = 0;
+    }
+    return b > 0 ? b : kGemmMinBlocksPerSm;
+  }();
+  return n;
+}
+
+// Blocks in one full wave of `resident` blocks per SM: the target a split reduction fills.
+inline int64_t wave_blocks(int resident) {
+  return static_cast<int64_t>(resident) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
 // Grid dimension `what` ("x": up to 2^31 - 1 blocks, "y" / "z": up to 65535).
@@ -144,14 +160,27 @@ void launch_row_gemm(const RowGemmArgs<S>& args, int64_t splits, bool tc, cudaSt
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Hp [splits, N, r] (Acc) = X A_k^T over pieces of `in`.
+// Resident blocks per SM of the row_gemm variant launch_row_gemm picks for `args` (same choice).
+template <typename S, typename Acc, Epi EPI>
+int row_gemm_resident_blocks(const RowGemmArgs<S>& args, bool tc) {
+  if constexpr (kIs16Bit<S>) {
+    if (tc && args.pipe == kPipeBRow) return resident_blocks<&row_gemm_kernel<S, Acc, true, EPI, kPipeBRow>>();
+    if (tc && args.pipe == kPipeBCol) return resident_blocks<&row_gemm_kernel<S, Acc, true, EPI, kPipeBCol>>();
+    if (tc) return resident_blocks<&row_gemm_kernel<S, Acc, true, EPI>>();
+  }
+  return resident_blocks<&row_gemm_kernel<S, Acc, false, EPI>>();
+}
+
+// Hp [splits, N, r] (Acc) = X A_k^T over pieces of `in`. The split count fills one wave of the
+// kernel's occupancy (the occupancy API), so the grid ends in whole waves where it can.
 template <typename S, typename Acc>
 at::Tensor shrink_partials(const Prepared& p, bool tc, int64_t* splits_out) {
-  const int64_t blocks = lt::seg_tile_grid(p.n, p.k, BM) * index_math::ceil_div(p.r, BN);
-  const lt::SplitPlan plan =
-      lt::split_plan(p.in, lt::want_splits(blocks, target_blocks(), p.in, kMinSplitChunk, kMaxSplits), BK);
-  at::Tensor hp = at::empty({plan.splits, p.n, p.r}, p.x.options().dtype(c10::CppTypeToScalarType<Acc>::value));
   RowGemmArgs<S> a = row_args<S>(lt::shrink_shape(p.in, p.r), p.x, p.lora_a, p.offsets, p.k, p.n);
+  const int64_t blocks = lt::seg_tile_grid(p.n, p.k, BM) * index_math::ceil_div(p.r, BN);
+  const int64_t target = wave_blocks(row_gemm_resident_blocks<S, Acc, Epi::kPartial>(a, tc));
+  const lt::SplitPlan plan =
+      lt::split_plan(p.in, lt::want_splits(blocks, target, p.in, kMinSplitChunk, kMaxSplits), BK);
+  at::Tensor hp = at::empty({plan.splits, p.n, p.r}, p.x.options().dtype(c10::CppTypeToScalarType<Acc>::value));
   a.kchunk = plan.chunk;
   a.out = hp.mutable_data_ptr();
   a.out_vec = vec_rows<Acc>(a.out, a.ncols);
@@ -252,13 +281,15 @@ void backward_typed(const Prepared& p, const at::Tensor& gy, double scaling, at:
   const bool tc = kIs16Bit<S> && !force_simt();
   int64_t h_splits = 1;
   const at::Tensor hp = shrink_partials<S, Acc>(p, tc, &h_splits);
-  // G = dY B_k, split over `out`
+  // G = dY B_k, split over `out` (as the shrink: one wave of the kernel's occupancy)
+  RowGemmArgs<S> ga = row_args<S>(lt::dy_b_shape(p.out, p.r), gy, p.lora_b, p.offsets, p.k, p.n);
   const int64_t blocks = lt::seg_tile_grid(p.n, p.k, BM) * index_math::ceil_div(p.r, BN);
+  const int64_t target = wave_blocks(row_gemm_resident_blocks<S, Acc, Epi::kPartial>(ga, tc));
   const lt::SplitPlan plan =
-      lt::split_plan(p.out, lt::want_splits(blocks, target_blocks(), p.out, kMinSplitChunk, kMaxSplits), BK);
+      lt::split_plan(p.out, lt::want_splits(blocks, target, p.out, kMinSplitChunk, kMaxSplits), BK);
   at::Tensor gp = at::empty({plan.splits, p.n, p.r}, hp.options());
   {
-    RowGemmArgs<S> a = row_args<S>(lt::dy_b_shape(p.out, p.r), gy, p.lora_b, p.offsets, p.k, p.n);
+    RowGemmArgs<S>& a = ga;
     a.kchunk = plan.chunk;
     a.out = gp.mutable_data_ptr();
     a.out_vec = vec_rows<Acc>(a.out, a.ncols);
