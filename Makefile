@@ -19,7 +19,7 @@ DEPS := $(VENV)/.deps-stamp
 BUILT := $(VENV)/.build-stamp
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: install demo toy test host-test pytest torch-compat bench gpu-check info clean
+.PHONY: install demo toy test host-test sass-check pytest torch-compat bench gpu-check info clean
 
 install: $(BUILT)
 
@@ -47,7 +47,13 @@ demo: $(BUILT)
 toy: $(BUILT)
 	$(PY) examples/toy_multidomain.py
 
-test: host-test pytest torch-compat
+test: host-test sass-check pytest torch-compat
+
+# Machine code of the built library, no GPU needed (bench/sass_check.py): the grouped LoRA's
+# tensor-core kernels store 16-byte vectors, load operands with LDSM, use no local memory and fit
+# their intended occupancy. Fails if the library has no CUDA code (skips only for MOLE_EXT_SKIP_CUDA).
+sass-check: $(BUILT)
+	$(PY) bench/sass_check.py
 
 # Every C++/CUDA source also compiles against the PyTorch of the GPU machine (headers only, see
 # tests/compile_other_torch.py); about 4 minutes on 2 cores plus a one-time 0.5 GB download.

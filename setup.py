@@ -26,6 +26,8 @@ DEFAULT_ARCHS = "8.0;9.0a"
 
 
 def _truthy(name):
+    # 1, true, yes, on in any letter case: the rule of CMakeLists.txt's mole_env_flag and of the
+    # runtime switches (csrc/cuda/tuning.h flag_value); tests/test_build.py checks all three agree.
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 

@@ -1,6 +1,7 @@
 """The CUDA kernels of csrc/cuda/grouped_lora.cu, EXECUTED on the CPU by an emulator (tests/cuda_emu/).
 
-No GPU is needed: at test time the real, current csrc/cuda/grouped_lora.cu is read and a mechanical
+No GPU is needed: at test time the real, current csrc/cuda/grouped_lora.cu (and the csrc/cuda headers
+with its kernels and launches: grouped_lora_kernels.cuh, grouped_lora_launch.cuh) is read and a mechanical
 source transform (transform_source) rewrites each kernel launch
 ``kernel<<<grid, block, smem, stream>>>(args);`` into ``::emu::launch(site, grid, block, smem, stream,
 &kernel, args);``, each ``__shared__ T name[n];`` into a reference to the emulated block's shared
@@ -220,7 +221,7 @@ def rewrite_shared(display_name: str, text: str) -> str:
     return "".join(pieces)
 
 
-def transform_source(text: str, display_name: str) -> tuple[str, list[Launch]]:
+def transform_source(text: str, display_name: str, require_launch: bool = True) -> tuple[str, list[Launch]]:
     """The mechanical rewrite of a .cu file for the emulator:
       * every launch ``KERNEL<<<grid, block[, smem[, stream]]>>>(args);`` becomes
         ``::emu::launch(::emu::LaunchSite{"KERNEL", file, line, &::emu::kernel_name<&KERNEL>}, ::dim3(grid),
@@ -231,10 +232,11 @@ def transform_source(text: str, display_name: str) -> tuple[str, list[Launch]]:
         ``auto& name = ::emu::dynamic_shared<T[], A>(__FILE__, __LINE__);``
       * ``#include "emu_prelude.h"`` on top, then ``#line 1`` so diagnostics and __LINE__ name the real
         file and line (line breaks are kept, so every line keeps its number).
+    A header (require_launch=False) may have no launch.
     Raises TransformError when the source does not have that shape."""
     code = code_only(text)
     starts = [m.start() for m in re.finditer(r"<<<", code)]
-    if not starts:
+    if not starts and require_launch:
         raise TransformError(f"{display_name}: no kernel launch (<<<...>>>) found")
     pieces, launches, pos = [], [], 0
     for s in starts:
@@ -340,12 +342,14 @@ class Emulated:
         return self.sources[0].path
 
     @property
-    def launches(self) -> list[Launch]:
-        return self.sources[0].launches
+    def launches(self) -> list[tuple[str, Launch]]:
+        """(display name, launch) of every launch in every transformed file (the .cu files and the
+        csrc/cuda headers they include)."""
+        return [(src.display, launch) for src in self.sources for launch in src.launches]
 
     @property
     def kernels(self) -> set[str]:
-        return self.sources[0].kernels
+        return set().union(*(src.kernels for src in self.sources))
 
     def stats(self) -> dict:
         """Counters since the last reset_stats(): launches per kernel name and per launch site
@@ -394,6 +398,31 @@ def _headers(root: Path) -> list[Path]:
     return found + sorted(f for f in EMU.rglob("*") if f.is_file() and f.suffix == ".h")
 
 
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
+
+
+def local_headers(src: Path, root: Path) -> list[Path]:
+    """The headers of the csrc/cuda tree (root / "cuda") that `src` includes, directly or through
+    one another, with `#include "..."`, in first-seen order. These are transformed like the .cu
+    files (a kernel's __shared__ declarations and the launches may live in them)."""
+    cuda_dir = (root / "cuda").resolve()
+    seen: list[Path] = []
+    todo = [src]
+    while todo:
+        cur = todo.pop(0)
+        for name in _INCLUDE.findall(cur.read_text()):
+            for base in (cur.parent, cuda_dir):
+                cand = (base / name).resolve()
+                if cand.is_file():
+                    break
+            else:
+                continue
+            if cand.parent == cuda_dir and cand.suffix in (".cuh", ".h") and cand not in seen:
+                seen.append(cand)
+                todo.append(cand)
+    return seen
+
+
 def _prune(cache: Path, name: str, keep: Path, newest: int = 3) -> None:
     """Removes old builds of library `name` (content-keyed, so every edit makes a new one): all but
     the `newest` most recently used, and only those unused for an hour."""
@@ -418,13 +447,29 @@ def build_library(name: str, cu_sources: list[Path], cpp_sources: list[Path],
     root = csrc_root()
     cflags = CFLAGS + [f"-DMOLE_EMU_LIBRARY={name}", *extra_cflags]
     emitted, sources = [], []
+    headers: list[Path] = []
     for src in cu_sources:
         src = Path(src).resolve()
         text = src.read_text()
         display = display_name(src)
-        generated, launches = transform_source(text, display)
+        generated, launches = transform_source(text, display, require_launch=False)
         emitted.append((src.stem + "_emulated.cpp", generated))
         sources.append(EmuSource(src, display, launches, defined_kernels(text)))
+        headers += [h for h in local_headers(src, root) if h not in headers]
+    # csrc/cuda headers with kernels or launches are transformed too and written next to the
+    # generated .cpp files under their own names: `#include "x.cuh"` searches the including
+    # file's directory first, so the transformed copy is the one compiled.
+    for hdr in headers:
+        text = hdr.read_text()
+        code = code_only(text)
+        if not re.search(r"\b__shared__\b|<<<|__global__", code):
+            continue
+        display = display_name(hdr)
+        generated, launches = transform_source(text, display, require_launch=False)
+        emitted.append((hdr.name, generated))
+        sources.append(EmuSource(hdr, display, launches, defined_kernels(text)))
+    if not any(src.launches for src in sources):
+        raise TransformError(f"{', '.join(src.display for src in sources)}: no kernel launch (<<<...>>>) found")
     support = [EMU / "emu_support.cpp", *[Path(c).resolve() for c in cpp_sources]]
     h = hashlib.sha1(f"{name}|{torch.__version__}|{sys.version}|{cflags}|{root}".encode())
     for fname, generated in emitted:
@@ -449,7 +494,7 @@ def build_library(name: str, cu_sources: list[Path], cpp_sources: list[Path],
         gens.append(gen)
     cpp_extension.load(
         name=name,
-        sources=[str(g) for g in gens],
+        sources=[str(g) for g in gens if g.suffix == ".cpp"],
         extra_include_paths=[str(EMU / "include"), str(root / "cuda"), str(root)],
         extra_cflags=cflags,
         build_directory=str(build_dir),
@@ -589,10 +634,13 @@ SHAPES = [
 # ---- the emulator itself ------------------------------------------------------------------------
 
 def test_transform_matches_the_current_source(emu):
-    """Every launch of the source was rewritten, and the kernels launched are the ones defined."""
-    text = emu.source.read_text()
-    assert len(emu.launches) == len(re.findall(r"<<<", code_only(text)))
-    assert {launch.name for launch in emu.launches} == emu.kernels, "a __global__ kernel is never launched"
+    """Every launch of the source and of the csrc/cuda headers it includes was rewritten, and the kernels
+    launched are the ones defined: grouped_lora.cu's kernels and launches live in its headers."""
+    names = {src.path.name for src in emu.sources}
+    assert {"grouped_lora_kernels.cuh", "grouped_lora_launch.cuh"} <= names, names
+    for src in emu.sources:
+        assert len(src.launches) == len(re.findall(r"<<<", code_only(src.path.read_text()))), src.display
+    assert {launch.name for _, launch in emu.launches} == emu.kernels, "a __global__ kernel is never launched"
 
 
 def test_transform_rejects_what_it_cannot_parse():
@@ -806,10 +854,10 @@ def test_lora_linear(emu, dtype):
         close(emu.ops.lora_linear(*args), ops_cpu.lora_linear(*args), dtype, "lora_linear")
 
 
-def simt_subprocess(emu) -> set[int]:
+def simt_subprocess(emu) -> set[tuple[str, int]]:
     """MOLE_EXT_GROUPED_LORA_SIMT=1 (read once per process) sends bf16 / fp16 through the SIMT variant
     of the 16-bit kernels: a fresh process loads this session's emulated library, compares both dtypes
-    with the CPU kernel and returns the launch sites (source lines) it ran. Cached per session."""
+    with the CPU kernel and returns the launch sites (file, line) it ran. Cached per session."""
     if emu.library not in _SIMT_SITES:
         import subprocess
 
@@ -823,12 +871,12 @@ def simt_subprocess(emu) -> set[int]:
             "        want = t.reference(x, a, b, off, rs, gy)\n"
             "        t.compare(t.run_all(ops, x, a, b, off, rs, gy), want, dt, f'SIMT {dt} {counts}')\n"
             "        assert '\\nmma\\t0\\n' in ops.stats(), 'tensor cores used despite MOLE_EXT_GROUPED_LORA_SIMT=1'\n"
-            "print('SITES', sorted({int(l.split(chr(9))[1].rsplit(':', 1)[1]) for l in ops.stats().splitlines()\n"
-            "                       if l.startswith('ever')}))\n" % (str(ROOT / "tests"), str(emu.library)))
+            "print('SITES', sorted({tuple(l.split(chr(9))[1].rsplit(' @ ', 1)[1].rsplit(':', 1))\n"
+            "                       for l in ops.stats().splitlines() if l.startswith('ever')}))\n" % (str(ROOT / "tests"), str(emu.library)))
         env = dict(os.environ, MOLE_EXT_GROUPED_LORA_SIMT="1")
         p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        _SIMT_SITES[emu.library] = set(eval(p.stdout.split("SITES", 1)[1].strip()))
+        _SIMT_SITES[emu.library] = {(f, int(line)) for f, line in eval(p.stdout.split("SITES", 1)[1].strip())}
     return _SIMT_SITES[emu.library]
 
 
@@ -849,6 +897,7 @@ def test_every_launch_site_ran(emu):
             ops.set_vectorized(vec)
             run_all(ops, x, a, b, off, rs, gy, misalign=misalign)
     ops.set_vectorized(True)
-    ran = set(emu.stats()["ever"]) | simt_subprocess(emu)
-    missing = [f"{launch.kernel} (line {launch.line})" for launch in emu.launches if launch.line not in ran]
+    ran = set(emu.stats()["ever_at"]) | simt_subprocess(emu)
+    missing = [f"{launch.kernel} ({file}:{launch.line})" for file, launch in emu.launches
+               if (file, launch.line) not in ran]
     assert not missing, f"launches never executed (add a case that reaches them): {missing}"

@@ -34,7 +34,6 @@ import re
 import pytest
 import torch
 
-from mole_ext import _C
 from helpers import load_balance_inputs as lb_inputs
 from test_cuda_emulated import EMU, PAD, SANITIZE_ALIGNMENT, Emulated, build_library, code_only, csrc_root
 
@@ -295,8 +294,8 @@ PERMUTE_CASES = [
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
 @pytest.mark.parametrize("n,k,kind,path", PERMUTE_CASES, ids=[f"N{c[0]}-K{c[1]}-{c[2]}" for c in PERMUTE_CASES])
 def test_permute_bit_identical_to_cpu(remu, n, k, kind, path, index_dtype):
-    tile_tokens, num_tiles = _C.index_math.permute_tiling(n, k)
-    assert _C.index_math.permute_uses_tiles(n, k) == (path != "sort")
+    tile_tokens, num_tiles, uses_tiles = remu.ops.permute_plan(n, k)
+    assert uses_tiles == (path != "sort")
     if path == "big_tiles":
         assert tile_tokens > 64 and num_tiles * (k + 1) <= 1 << 16
     gen = torch.Generator().manual_seed(n + k)

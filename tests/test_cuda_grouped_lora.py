@@ -96,9 +96,8 @@ def test_forward_skewed_routing(device, kind, dtype, row_scale):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_forward_long_reduction_is_split(device, dtype):
-    # few rows, a long `in`: the shrink splits its reduction into fp32 partials
-    chunk, splits = _C.index_math.split_plan(4096, 16, 32)
-    assert splits > 1
+    # few rows, a long `in`: the shrink splits its reduction into fp32 partials (that it does is
+    # checked on the CPU: the emulated kernels count split launches, tests/test_cuda_emulated.py)
     for n in (1, 33):
         x, a, b, off, rs = make(n, 3, 64, 4096, 300, dtype)
         y = ops.grouped_lora(*cuda_args(x, a, b, off), 0.5, rs.cuda())

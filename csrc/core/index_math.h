@@ -1,7 +1,7 @@
 // Index arithmetic shared by the CPU and CUDA kernels: histogram -> offsets (exclusive scan),
 // offsets validation, ceil_div. (The segment tile map of the grouped kernels, which needs no host
 // sync, is core/lora_tiles.h; the routing kernels' arithmetic is core/routing_math.h.) Plain C++ with __host__ __device__ so the same functions run in
-// kernels and are unit-tested on the CPU (csrc/tests/test_index_math.cpp, tests/test_index_math.py).
+// kernels and are unit-tested on the CPU (csrc/tests/test_index_math.cpp, run by ctest).
 #pragma once
 
 #include <cstdint>

@@ -1,6 +1,6 @@
-// Tile arithmetic of the CUDA grouped LoRA kernels (csrc/cuda/grouped_lora.cu), in plain C++
-// with __host__ __device__ so the kernels and the CPU tests (csrc/tests/test_lora_tiles.cpp,
-// tests/test_index_math.py through mole_ext._C.index_math) run the same functions.
+// Tile arithmetic of the CUDA grouped LoRA kernels (csrc/cuda/grouped_lora*.cuh), in plain C++
+// with __host__ __device__ so the kernels and the CPU tests (csrc/tests/test_lora_tiles.cpp, run
+// by ctest: `make host-test`) run the same functions.
 //
 // Segment tiles without a host sync
 // ---------------------------------------------------------------------------------------------

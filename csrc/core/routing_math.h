@@ -2,7 +2,7 @@
 // bins, the warp-tile layout of the permute counting sort, the (bin, tile) histogram slots, the
 // work split of the single-block scan, the row-copy geometry and the load-balance block layout.
 // Everything is __host__ __device__ (MOLE_HD) so the kernels and the CPU unit tests
-// (tests/test_index_math.py through mole_ext._C.index_math) run the same code.
+// (csrc/tests/test_routing_math.cpp, run by ctest: `make host-test`) run the same code.
 #pragma once
 
 #include <cstdint>

@@ -35,8 +35,9 @@ namespace cuda {
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// `name`: a string (literal or const char*) naming the argument in the error.
 #define MOLE_CHECK_CUDA_TENSOR(t, name) \
-  TORCH_CHECK((t).is_cuda(), name " must be a CUDA tensor, got one on ", (t).device())
+  TORCH_CHECK((t).is_cuda(), name, " must be a CUDA tensor, got one on ", (t).device())
 
 // ---- error slots: written by kernels, read by the host ----
 

@@ -17,6 +17,7 @@
 
 #include "../ops.h"
 #include "common.cuh"
+#include "op_scope.cuh"
 
 namespace mole_ext {
 namespace cuda {
@@ -245,12 +246,7 @@ int64_t launch_partials(const at::Tensor& probs, const at::Tensor& expert, const
 // for float64 probs)
 at::Tensor load_balance_loss_cuda(const at::Tensor& probs_in, const at::Tensor& expert_in,
                                   const std::optional<at::Tensor>& mask_in) {
-  const BelowAutograd below_autograd;  // ATen calls inside record no autograd history
-  check_load_balance(probs_in, expert_in, mask_in);
-  MOLE_CHECK_CUDA_TENSOR(probs_in, "probs");
-  const c10::cuda::OptionalCUDAGuard guard(probs_in.device());
-  const int device = probs_in.get_device();
-  begin_op(device);
+  const CudaOpScope scope(probs_in, "probs", [&] { check_load_balance(probs_in, expert_in, mask_in); });
   const int64_t n = probs_in.size(0), k = probs_in.size(1);
   const auto acc = acc_type_for(probs_in.scalar_type());
   if (n == 0) return at::zeros({}, probs_in.options().dtype(acc));
@@ -263,7 +259,7 @@ at::Tensor load_balance_loss_cuda(const at::Tensor& probs_in, const at::Tensor& 
   at::Tensor psum = at::empty({blocks, k}, probs.options().dtype(at::kDouble));
   at::Tensor cnt = at::empty({blocks, k}, probs.options().dtype(at::kLong));
   at::Tensor loss = at::empty({}, probs.options().dtype(acc));
-  ErrorSlots* slots = error_slots(device);
+  ErrorSlots* slots = scope.slots();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, probs.scalar_type(), "load_balance_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -273,7 +269,6 @@ at::Tensor load_balance_loss_cuda(const at::Tensor& probs_in, const at::Tensor& 
                                                         blocks, k, loss.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  end_op(device, stream);
   return loss;
 }
 
@@ -281,13 +276,10 @@ at::Tensor load_balance_loss_cuda(const at::Tensor& probs_in, const at::Tensor& 
 // in probs' dtype
 at::Tensor load_balance_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& probs_in,
                                            const at::Tensor& expert_in, const std::optional<at::Tensor>& mask_in) {
-  const BelowAutograd below_autograd;  // ATen calls inside record no autograd history
-  check_load_balance(probs_in, expert_in, mask_in);
-  TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must be a scalar, got shape ", grad_loss.sizes());
-  MOLE_CHECK_CUDA_TENSOR(probs_in, "probs");
-  const c10::cuda::OptionalCUDAGuard guard(probs_in.device());
-  const int device = probs_in.get_device();
-  begin_op(device);
+  const CudaOpScope scope(probs_in, "probs", [&] {
+    check_load_balance(probs_in, expert_in, mask_in);
+    TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must be a scalar, got shape ", grad_loss.sizes());
+  });
   const int64_t n = probs_in.size(0), k = probs_in.size(1);
   at::Tensor grad = at::empty({n, k}, probs_in.options());
   if (n == 0) return grad;
@@ -300,7 +292,7 @@ at::Tensor load_balance_loss_backward_cuda(const at::Tensor& grad_loss, const at
   const int64_t blocks = index_math::ceil_div(n, rm::lb_rows_per_block(n, k));
   at::Tensor cnt = at::empty({blocks, k}, probs_in.options().dtype(at::kLong));
   at::Tensor col = at::empty({k}, probs_in.options().dtype(at::kDouble));
-  ErrorSlots* slots = error_slots(device);
+  ErrorSlots* slots = scope.slots();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // probs' values do not enter the gradient: the partial pass reads expert and mask only.
   launch_partials<float, false>(probs_in, expert, mp, n, k, nullptr, cnt.mutable_data_ptr<int64_t>(), slots, stream);
@@ -317,7 +309,6 @@ at::Tensor load_balance_loss_backward_cuda(const at::Tensor& grad_loss, const at
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  end_op(device, stream);
   return grad;
 }
 

@@ -34,6 +34,7 @@
 
 #include "../ops.h"
 #include "common.cuh"
+#include "op_scope.cuh"
 
 namespace mole_ext {
 namespace cuda {
@@ -314,12 +315,7 @@ void sort_by_device_sort(const at::Tensor& expert, int64_t n, int64_t k, at::Ten
 // offsets [K+1] int32
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& x_in, const at::Tensor& expert_in,
                                                             int64_t num_experts) {
-  const BelowAutograd below_autograd;  // ATen calls inside record no autograd history
-  check_permute(x_in, expert_in, num_experts);
-  MOLE_CHECK_CUDA_TENSOR(x_in, "x");
-  const c10::cuda::OptionalCUDAGuard guard(x_in.device());
-  const int device = x_in.get_device();
-  begin_op(device);
+  const CudaOpScope scope(x_in, "x", [&] { check_permute(x_in, expert_in, num_experts); });
   const at::Tensor x = x_in.contiguous();
   const at::Tensor expert = expert_in.contiguous();
   const int64_t n = x.size(0);
@@ -327,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& x_
   at::Tensor x_sorted = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (n == 0) return {x_sorted, sorted_token, at::zeros({num_experts + 1}, x.options().dtype(at::kInt))};
   at::Tensor offsets = at::empty({num_experts + 1}, x.options().dtype(at::kInt));
-  ErrorSlots* slots = error_slots(device);
+  ErrorSlots* slots = scope.slots();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(expert.scalar_type(), "permute_cuda", [&] {
     if (rm::permute_uses_tiles(n, num_experts)) {
@@ -337,47 +333,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& x_
     }
   });
   move_rows</*SCATTER=*/false>(x, x_sorted, sorted_token, slots, cuda_errors::kPermuteRowsIndex, stream);
-  end_op(device, stream);
   return {x_sorted, sorted_token, offsets};
 }
 
 // x [N, d] any dtype, sorted_token [N] int32/int64 -> out [N, d], out[i] = x[sorted_token[i]]
 at::Tensor permute_rows_cuda(const at::Tensor& x_in, const at::Tensor& sorted_token_in) {
-  const BelowAutograd below_autograd;  // ATen calls inside record no autograd history
-  check_permute_rows(x_in, sorted_token_in, "x");
-  MOLE_CHECK_CUDA_TENSOR(x_in, "x");
-  const c10::cuda::OptionalCUDAGuard guard(x_in.device());
-  const int device = x_in.get_device();
-  begin_op(device);
+  const CudaOpScope scope(x_in, "x", [&] { check_permute_rows(x_in, sorted_token_in, "x"); });
   const at::Tensor x = x_in.contiguous();
   const at::Tensor idx = sorted_token_in.contiguous();
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.size(0) == 0) return out;
-  ErrorSlots* slots = error_slots(device);
+  ErrorSlots* slots = scope.slots();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (cuda_errors::validate()) check_permutation(idx, slots, cuda_errors::kPermuteRowsDuplicate, stream);
   move_rows</*SCATTER=*/false>(x, out, idx, slots, cuda_errors::kPermuteRowsIndex, stream);
-  end_op(device, stream);
   return out;
 }
 
 // y_sorted [N, d] any dtype, sorted_token [N] int32/int64 -> y [N, d], y[sorted_token[i]] = y_sorted[i]
 at::Tensor unpermute_cuda(const at::Tensor& y_in, const at::Tensor& sorted_token_in) {
-  const BelowAutograd below_autograd;  // ATen calls inside record no autograd history
-  check_permute_rows(y_in, sorted_token_in, "y_sorted");
-  MOLE_CHECK_CUDA_TENSOR(y_in, "y_sorted");
-  const c10::cuda::OptionalCUDAGuard guard(y_in.device());
-  const int device = y_in.get_device();
-  begin_op(device);
+  const CudaOpScope scope(y_in, "y_sorted", [&] { check_permute_rows(y_in, sorted_token_in, "y_sorted"); });
   const at::Tensor y = y_in.contiguous();
   const at::Tensor idx = sorted_token_in.contiguous();
   at::Tensor out = at::empty_like(y, at::MemoryFormat::Contiguous);
   if (y.size(0) == 0) return out;
-  ErrorSlots* slots = error_slots(device);
+  ErrorSlots* slots = scope.slots();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (cuda_errors::validate()) check_permutation(idx, slots, cuda_errors::kUnpermuteDuplicate, stream);
   move_rows</*SCATTER=*/true>(y, out, idx, slots, cuda_errors::kUnpermuteIndex, stream);
-  end_op(device, stream);
   return out;
 }
 

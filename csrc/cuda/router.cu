@@ -22,6 +22,7 @@
 
 #include "../ops.h"
 #include "common.cuh"
+#include "op_scope.cuh"
 
 namespace mole_ext {
 namespace cuda {
@@ -183,12 +184,7 @@ void dispatch_small_k(int64_t k, int64_t limit, F&& f) {
 // logits [N, K] float32/bf16/fp16/fp64 -> probs [N, K] float32 (float64 for float64),
 // expert [N] int32
 std::tuple<at::Tensor, at::Tensor> router_top1_cuda(const at::Tensor& logits_in) {
-  const BelowAutograd below_autograd;  // ATen calls inside record no autograd history
-  check_router_top1(logits_in);
-  MOLE_CHECK_CUDA_TENSOR(logits_in, "logits");
-  const c10::cuda::OptionalCUDAGuard guard(logits_in.device());
-  const int device = logits_in.get_device();
-  begin_op(device);
+  const CudaOpScope scope(logits_in, "logits", [&] { check_router_top1(logits_in); });
   const at::Tensor logits = logits_in.contiguous();
   const int64_t n = logits.size(0), k = logits.size(1);
   at::Tensor probs = at::empty({n, k}, logits.options().dtype(acc_type_for(logits.scalar_type())));
@@ -213,18 +209,12 @@ std::tuple<at::Tensor, at::Tensor> router_top1_cuda(const at::Tensor& logits_in)
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  end_op(device, stream);
   return {probs, expert};
 }
 
 // grad_probs [N, K] float, probs [N, K] float -> grad_logits [N, K] in probs' dtype
 at::Tensor router_top1_backward_cuda(const at::Tensor& grad_in, const at::Tensor& probs_in) {
-  const BelowAutograd below_autograd;  // ATen calls inside record no autograd history
-  check_router_top1_backward(grad_in, probs_in);
-  MOLE_CHECK_CUDA_TENSOR(probs_in, "probs");
-  const c10::cuda::OptionalCUDAGuard guard(probs_in.device());
-  const int device = probs_in.get_device();
-  begin_op(device);
+  const CudaOpScope scope(probs_in, "probs", [&] { check_router_top1_backward(grad_in, probs_in); });
   const at::Tensor probs = probs_in.contiguous();
   const at::Tensor grad = grad_in.to(probs.scalar_type()).contiguous();
   const int64_t n = probs.size(0), k = probs.size(1);
@@ -248,7 +238,6 @@ at::Tensor router_top1_backward_cuda(const at::Tensor& grad_in, const at::Tensor
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  end_op(device, stream);
   return out;
 }
 

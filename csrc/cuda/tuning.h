@@ -2,17 +2,32 @@
 // compiler) can expose them.
 #pragma once
 
+#include <cctype>
 #include <cstdlib>
-#include <cstring>
 
 namespace mole_ext {
 namespace tuning {
 
-// Whether the environment variable `name` is "1" or "true": the start-up value of a switch.
-inline bool env_flag(const char* name) {
-  const char* e = std::getenv(name);
-  return e != nullptr && (std::strcmp(e, "1") == 0 || std::strcmp(e, "true") == 0);
+// Whether the text of a switch means "on": 1, true, yes or on, in any letter case (nothing else;
+// an unset variable is off). setup.py's _truthy and CMakeLists.txt's mole_env_flag read the build
+// switches by the same rule; csrc/tests/test_env_flag.cpp and tests/test_build.py check all three.
+inline bool flag_value(const char* text) {
+  if (text == nullptr) return false;
+  static const char* const kOn[] = {"1", "true", "yes", "on"};
+  for (const char* word : kOn) {
+    const char* t = text;
+    const char* w = word;
+    while (*t != '\0' && *w != '\0' && std::tolower(static_cast<unsigned char>(*t)) == *w) {
+      ++t;
+      ++w;
+    }
+    if (*t == '\0' && *w == '\0') return true;
+  }
+  return false;
 }
+
+// The start-up value of a switch: the environment variable `name` by flag_value's rule.
+inline bool env_flag(const char* name) { return flag_value(std::getenv(name)); }
 
 // grouped_lora*: 16-byte global loads / stores where rows are 16-byte aligned (on by default;
 // MOLE_EXT_GROUPED_LORA_SCALAR=1 turns it off at start-up). Results are identical either way;

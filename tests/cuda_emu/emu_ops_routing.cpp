@@ -7,6 +7,7 @@
 #include <optional>
 #include <tuple>
 
+#include "core/routing_math.h"
 #include "emu_ops.h"
 
 namespace mole_ext {
@@ -61,9 +62,18 @@ at::Tensor load_balance_loss_backward(const at::Tensor& g, const at::Tensor& pro
   return scoped("load_balance_loss_backward", [&] { return mc::load_balance_loss_backward_cuda(g, probs, expert, mask); });
 }
 
+// The permute's plan for n tokens and k experts (csrc/core/routing_math.h, as permute.cu calls
+// it): (tokens per tile, tiles, whether the tile histogram is used rather than the sort), so tests
+// can require the path each case is meant to reach.
+std::tuple<int64_t, int64_t, bool> permute_plan(int64_t n, int64_t k) {
+  const auto t = mole_ext::routing_math::permute_tiling(n, k);
+  return {t.tile_tokens, t.num_tiles, mole_ext::routing_math::permute_uses_tiles(n, k)};
+}
+
 }  // namespace
 
 MOLE_EMU_LIBRARY_FRAGMENT(m) {
+  m.def("permute_plan(int n, int k) -> (int, int, bool)", &permute_plan);
   m.def("router_top1(Tensor logits) -> (Tensor, Tensor)", &router_top1);
   m.def("router_top1_backward(Tensor grad_probs, Tensor probs) -> Tensor", &router_top1_backward);
   m.def("permute(Tensor x, Tensor expert, int num_experts) -> (Tensor, Tensor, Tensor)", &permute);

@@ -137,6 +137,14 @@ enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9, cudaError
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline cudaError_t cudaPeekAtLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "emulated CUDA error"; }
+// The occupancy API: occupancy is not emulated; every kernel reports 2 resident blocks per SM
+// (the grouped LoRA's intended floor, kGemmMinBlocksPerSm), so its split planning targets
+// 2 x multiProcessorCount blocks here.
+template <typename Kernel>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel, int, size_t) {
+  *blocks = 2;
+  return cudaSuccess;
+}
 struct cudaDeviceProp {
   int multiProcessorCount;
   int warpSize;

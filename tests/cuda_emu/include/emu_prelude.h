@@ -11,4 +11,4 @@
 
 #undef MOLE_CHECK_CUDA_TENSOR
 #define MOLE_CHECK_CUDA_TENSOR(t, name) \
-  TORCH_CHECK((t).is_cpu(), name " must be a tensor of the emulated CUDA device (a CPU tensor), got one on ", (t).device())
+  TORCH_CHECK((t).is_cpu(), name, " must be a tensor of the emulated CUDA device (a CPU tensor), got one on ", (t).device())

@@ -15,6 +15,8 @@ struct OptionalCUDAGuard {
   explicit OptionalCUDAGuard(std::optional<c10::Device>) {}
   explicit OptionalCUDAGuard(c10::Device) {}
   explicit OptionalCUDAGuard(std::optional<c10::DeviceIndex>) {}
+  void set_device(c10::Device) {}
+  void set_index(c10::DeviceIndex) {}
 };
 }  // namespace cuda
 }  // namespace c10

@@ -1,0 +1,276 @@
+// grouped_lora's kernels, built from the tile primitives of grouped_lora_tile.cuh: the two block-
+// tiled GEMMs (row_gemm: output rows are segment rows; wgrad: the reduction runs over a chunk of a
+// segment's rows), the deterministic per-segment reduction of the weight-gradient partials, the
+// elementwise finishing steps, and the offsets check. Launched by grouped_lora_launch.cuh.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../core/index_math.h"
+#include "../core/lora_tiles.h"
+#include "common.cuh"
+#include "error_flags.h"
+#include "grouped_lora_tile.cuh"
+
+namespace mole_ext {
+namespace cuda {
+namespace glora {
+
+// ---- row_gemm: output rows are segment rows ----
+
+enum class Epi { kPartial, kStore, kAdd };
+
+template <typename S>
+struct RowGemmArgs {
+  const S* a;          // [N, lda] left operand, row i = segment row i, reduction contiguous
+  int64_t lda;
+  const S* b;          // right operand of segment s at b + s * b_seg: element (k, n) at k * b_sk + n * b_sn
+  int64_t b_seg, b_sk, b_sn;
+  const int64_t* offsets;  // [K+1] device
+  int64_t k_seg, n, ncols, klen, kchunk;
+  int64_t n_tiles;     // column tiles, ceil(ncols / BN): blockIdx.x = row tile * n_tiles + column tile
+  void* out;           // kPartial: Acc [splits, N, ncols]; else S [N, ldo]
+  int64_t ldo;
+  bool a_vec, b_vec, out_vec;  // 16-byte accesses to a, b, out (every row 16-byte aligned)
+  int pipe;                    // Pipe: the cp.async main loop and b's layout for it, or kPipeNone
+};
+
+// Shared memory of a row_gemm block (PipeSmem is instantiated for the pipelined 16-bit kernels only).
+template <typename S, typename Acc, int PIPE>
+constexpr size_t row_gemm_smem() {
+  if constexpr (PIPE == kPipeNone) {
+    return TileSmem<S, Acc>::kBytes;
+  } else {
+    return PipeSmem<S>::kBytes;
+  }
+}
+
+template <typename S, typename Acc, bool TC, Epi EPI, int PIPE = kPipeNone>
+__global__ void __launch_bounds__(kThreads) row_gemm_kernel(const RowGemmArgs<S> p) {
+  __shared__ __align__(128) unsigned char smem[row_gemm_smem<S, Acc, PIPE>()];
+  // The column tiles of a row tile are consecutive blocks, so they run side by side and its rows of
+  // the left operand (x, dY, Hs or dH) come from DRAM once, the other column tiles hitting L2
+  // (with r > 64 the shrink and G have two or more column tiles over the same rows).
+  // (32-bit division: grid_dim bounds blockIdx.x by 2^31 - 1; a 64-bit one is a called
+  // subroutine whose stack frame bench/sass_check.py finds as local memory.)
+  const unsigned col_tiles = static_cast<unsigned>(p.n_tiles);
+  const unsigned row_tile = blockIdx.x / col_tiles;
+  const lt::SegTile st = lt::seg_tile(p.offsets, p.k_seg, p.n, BM, static_cast<int64_t>(row_tile));
+  if (st.row_begin >= st.row_end) return;  // idle tile: the whole block leaves before any barrier
+  const int mv = static_cast<int>(st.row_end - st.row_begin);
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x % col_tiles) * BN;
+  const int nv = static_cast<int>(p.ncols - n0 < BN ? p.ncols - n0 : BN);
+  const int64_t kbeg = static_cast<int64_t>(blockIdx.z) * p.kchunk;
+  const int64_t kend = kbeg + p.kchunk < p.klen ? kbeg + p.kchunk : p.klen;
+  const Operand<S> A{p.a + st.row_begin * p.lda + kbeg, p.lda, 1, /*j_fast=*/true, p.a_vec};
+  const Operand<S> B{p.b + st.segment * p.b_seg + kbeg * p.b_sk + n0 * p.b_sn, p.b_sk, p.b_sn,
+                     /*j_fast=*/p.b_sn == 1, p.b_vec && p.b_sn == 1};
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  constexpr bool kPipelined = PIPE != kPipeNone && TC && kIs16Bit<S> && std::is_same_v<Acc, float>;
+#else
+  constexpr bool kPipelined = false;  // no cp.async before sm_80 (the host never asks for it there)
+#endif
+  if constexpr (kPipelined) {
+    block_mma_pipelined<S, PIPE>(smem, A, B, mv, nv, kend > kbeg ? kend - kbeg : 0);
+  } else {
+    block_mma<S, Acc, TC>(smem, A, B, mv, nv, kend > kbeg ? kend - kbeg : 0);
+  }
+  const Acc* sC = reinterpret_cast<const Acc*>(smem);
+  using OutT = std::conditional_t<EPI == Epi::kPartial, Acc, S>;
+  if (p.out_vec) {  // 16-byte chunks of a row: the same values as the loop below, fewer accesses
+    constexpr int V = 16 / static_cast<int>(sizeof(OutT));
+    static_assert(BN % V == 0, "an output tile row holds whole vectors");
+    for (int idx = threadIdx.x; idx < BM * (BN / V); idx += kThreads) {
+      const int m = idx / (BN / V), c0 = (idx % (BN / V)) * V;
+      const int valid = m < mv ? lt::vec_chunk_valid(c0, V, nv) : 0;
+      if (valid == 0) continue;
+      const int64_t row = st.row_begin + m;
+      OutT* o = EPI == Epi::kPartial
+                    ? static_cast<OutT*>(p.out) + (static_cast<int64_t>(blockIdx.z) * p.n + row) * p.ncols + n0 + c0
+                    : static_cast<OutT*>(p.out) + row * p.ldo + n0 + c0;
+      const Acc* c = sC + m * TileSmem<S, Acc>::LDC + c0;
+      alignas(16) OutT buf[V];
+      if (EPI == Epi::kAdd && valid == V) *reinterpret_cast<uint4*>(buf) = *reinterpret_cast<const uint4*>(o);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        if (i >= valid) break;
+        if constexpr (EPI == Epi::kPartial) {
+          buf[i] = c[i];
+        } else if constexpr (EPI == Epi::kStore) {
+          buf[i] = from_acc<S, Acc>(c[i]);
+        } else {
+          buf[i] = from_acc<S, Acc>(to_acc<Acc>(valid == V ? buf[i] : o[i]) + c[i]);
+        }
+      }
+      if (valid == V) {
+        store16_global(o, *reinterpret_cast<const uint4*>(buf));
+      } else {
+        for (int i = 0; i < valid; ++i) o[i] = buf[i];
+      }
+    }
+    return;
+  }
+  for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
+    const int m = idx / BN, c = idx % BN;
+    if (m >= mv || c >= nv) continue;
+    const Acc v = sC[m * TileSmem<S, Acc>::LDC + c];
+    const int64_t row = st.row_begin + m, col = n0 + c;
+    if constexpr (EPI == Epi::kPartial) {
+      static_cast<Acc*>(p.out)[(static_cast<int64_t>(blockIdx.z) * p.n + row) * p.ncols + col] = v;
+    } else if constexpr (EPI == Epi::kStore) {
+      static_cast<S*>(p.out)[row * p.ldo + col] = from_acc<S, Acc>(v);
+    } else {
+      S* o = static_cast<S*>(p.out) + row * p.ldo + col;
+      *o = from_acc<S, Acc>(to_acc<Acc>(*o) + v);
+    }
+  }
+}
+
+// ---- wgrad: the reduction runs over a chunk of a segment's rows ----
+
+template <typename S>
+struct WgradArgs {
+  const S* a;       // [N, lda]: element (m, row) at row * lda + m   (m < M)
+  int64_t lda;
+  const S* b;       // [N, ldb]: element (row, c) at row * ldb + c   (c < ncols)
+  int64_t ldb;
+  const int64_t* offsets;
+  int64_t k_seg, n, chunk_rows, m_rows, ncols, m_tiles, n_tiles;
+  bool m_fast;      // blockIdx.x = (chunk, tiles): the m tile varies fastest, else the n tile
+  bool a_vec;       // 16-byte loads of a, along m (every row 16-byte aligned)
+  bool b_vec;       // 16-byte loads of b (every row 16-byte aligned)
+  bool out_vec;     // 16-byte stores of the partials (every row 16-byte aligned)
+  float* out_f;     // partials [chunks, M, ncols] in Acc (out_f or out_d)
+  double* out_d;
+};
+
+template <typename S, typename Acc, bool TC>
+__global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradArgs<S> p) {
+  __shared__ __align__(128) unsigned char smem[TileSmem<S, Acc>::kBytes];
+  // blockIdx.x = chunk * (m_tiles * n_tiles) + tile, the tiles of a chunk consecutive and within
+  // them the narrower side fastest (m_fast; in real shapes the rank side: m for dA = dH^T X, n for
+  // dB = dY^T Hs): the blocks that read the same rows of the wide operand (X for dA, dY for dB)
+  // run side by side, so with r > 64 that operand still comes from DRAM once.
+  // (32-bit divisions, as row_gemm_kernel: the grid is below 2^31 blocks)
+  const unsigned m_tiles = static_cast<unsigned>(p.m_tiles), n_tiles = static_cast<unsigned>(p.n_tiles);
+  const unsigned tiles = m_tiles * n_tiles;
+  const int64_t chunk = blockIdx.x / tiles;
+  const unsigned tile = blockIdx.x % tiles;
+  const lt::SegTile st = lt::seg_tile(p.offsets, p.k_seg, p.n, p.chunk_rows, chunk);
+  const int64_t m0 = static_cast<int64_t>(p.m_fast ? tile % m_tiles : tile / n_tiles) * BM;
+  const int64_t n0 = static_cast<int64_t>(p.m_fast ? tile / m_tiles : tile % n_tiles) * BN;
+  const int mv = static_cast<int>(p.m_rows - m0 < BM ? p.m_rows - m0 : BM);
+  const int nv = static_cast<int>(p.ncols - n0 < BN ? p.ncols - n0 : BN);
+  const int64_t rows = st.row_end - st.row_begin;  // 0 for an idle chunk: its partial is zeros
+  const Operand<S> A{p.a + st.row_begin * p.lda + m0, 1, p.lda, /*j_fast=*/false, p.a_vec};
+  const Operand<S> B{p.b + st.row_begin * p.ldb + n0, p.ldb, 1, /*j_fast=*/true, p.b_vec};
+  block_mma<S, Acc, TC, /*AT=*/true>(smem, A, B, mv, nv, rows > 0 ? rows : 0);
+  const Acc* sC = reinterpret_cast<const Acc*>(smem);
+  Acc* out = nullptr;
+  if constexpr (std::is_same_v<Acc, double>) {
+    out = p.out_d;
+  } else {
+    out = p.out_f;
+  }
+  if (p.out_vec) {  // 16-byte chunks of a row (as row_gemm's epilogue): the same values, fewer stores
+    constexpr int V = 16 / static_cast<int>(sizeof(Acc));
+    static_assert(BN % V == 0 && (TileSmem<S, Acc>::LDC * sizeof(Acc)) % 16 == 0, "whole, aligned vectors");
+    for (int idx = threadIdx.x; idx < BM * (BN / V); idx += kThreads) {
+      const int m = idx / (BN / V), c0 = (idx % (BN / V)) * V;
+      const int valid = m < mv ? lt::vec_chunk_valid(c0, V, nv) : 0;
+      if (valid == 0) continue;
+      Acc* o = out + (chunk * p.m_rows + m0 + m) * p.ncols + n0 + c0;
+      const Acc* c = sC + m * TileSmem<S, Acc>::LDC + c0;
+      if (valid == V) {
+        store16_global(o, *reinterpret_cast<const uint4*>(c));
+      } else {
+        for (int i = 0; i < valid; ++i) o[i] = c[i];
+      }
+    }
+    return;
+  }
+  for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
+    const int m = idx / BN, c = idx % BN;
+    if (m >= mv || c >= nv) continue;
+    out[(chunk * p.m_rows + m0 + m) * p.ncols + n0 + c] = sC[m * TileSmem<S, Acc>::LDC + c];
+  }
+}
+
+// grad[s, e] = sum of the partials of segment s's chunks, in chunk order (deterministic); an
+// empty segment owns one idle chunk of zeros, so its gradient is exactly zero.
+template <typename S, typename Acc>
+__global__ void __launch_bounds__(kEltThreads) wgrad_reduce_kernel(const Acc* __restrict__ partial,
+                                                                   const int64_t* __restrict__ offsets, int64_t k_seg,
+                                                                   int64_t n, int64_t chunk_rows, int64_t elems,
+                                                                   S* __restrict__ grad) {
+  const int64_t blocks_per_seg = index_math::ceil_div(elems, kEltThreads);
+  const int64_t s = blockIdx.x / blocks_per_seg;
+  const int64_t e = (blockIdx.x % blocks_per_seg) * kEltThreads + threadIdx.x;
+  if (e >= elems) return;
+  const int64_t t0 = lt::seg_tile_base(offsets, s, n, chunk_rows);
+  const int64_t t1 = lt::seg_tile_base(offsets, s + 1, n, chunk_rows);
+  Acc sum = Acc(0);
+  for (int64_t t = t0; t < t1; ++t) sum += partial[t * elems + e];
+  grad[s * elems + e] = from_acc<S, Acc>(sum);
+}
+
+// ---- elementwise steps ----
+
+// Hs[i, j] = dtype(m_i * sum_split Hp[split, i, j]), m_i = scaling * row_scale[i].
+template <typename S, typename Acc>
+__global__ void __launch_bounds__(kEltThreads) finish_h_kernel(const Acc* __restrict__ hp, int64_t splits, int64_t n,
+                                                               int64_t r, const Acc* __restrict__ row_scale,
+                                                               Acc scaling, S* __restrict__ hs) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kEltThreads + threadIdx.x;
+  if (idx >= n * r) return;
+  Acc h = Acc(0);
+  for (int64_t sp = 0; sp < splits; ++sp) h += hp[sp * n * r + idx];
+  const Acc m = row_scale ? scaling * row_scale[idx / r] : scaling;
+  hs[idx] = from_acc<S, Acc>(m * h);
+}
+
+// One warp per row: h = sum Hp, g = sum Gp; dH = m g, Hs = m h (in the input dtype) and
+// d row_scale[i] = scaling * <g, h> (fixed lane order, then warp_sum: deterministic).
+template <typename S, typename Acc>
+__global__ void __launch_bounds__(kEltThreads) finish_bwd_kernel(const Acc* __restrict__ hp, int64_t h_splits,
+                                                                 const Acc* __restrict__ gp, int64_t g_splits,
+                                                                 int64_t n, int64_t r,
+                                                                 const Acc* __restrict__ row_scale, Acc scaling,
+                                                                 S* __restrict__ dh, S* __restrict__ hs,
+                                                                 Acc* __restrict__ grad_rs) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kEltThreads / kWarp) + threadIdx.x / kWarp;
+  if (row >= n) return;  // whole warps leave: no warp-level call is left half-populated
+  const Acc m = row_scale ? scaling * row_scale[row] : scaling;
+  Acc dot = Acc(0);
+  for (int64_t j = lane; j < r; j += kWarp) {
+    const int64_t idx = row * r + j;
+    Acc h = Acc(0), g = Acc(0);
+    for (int64_t sp = 0; sp < h_splits; ++sp) h += hp[sp * n * r + idx];
+    for (int64_t sp = 0; sp < g_splits; ++sp) g += gp[sp * n * r + idx];
+    dot += g * h;
+    dh[idx] = from_acc<S, Acc>(m * g);
+    hs[idx] = from_acc<S, Acc>(m * h);
+  }
+  dot = warp_sum(dot);
+  if (grad_rs != nullptr && lane == 0) grad_rs[row] = scaling * dot;
+}
+
+// offsets (int32 / int64) -> int64 copy; reports a list that is not 0 = o_0 <= ... <= o_K = N.
+template <typename OffT>
+__global__ void __launch_bounds__(kOffsetThreads) prepare_offsets_kernel(const OffT* __restrict__ in, int64_t k,
+                                                                         int64_t n, int64_t* __restrict__ out,
+                                                                         ErrorSlots* slots) {
+  for (int64_t s = threadIdx.x; s <= k; s += kOffsetThreads) {
+    const int64_t v = static_cast<int64_t>(in[s]);
+    out[s] = v;
+    const bool bad = v < 0 || v > n || (s == 0 && v != 0) || (s == k && v != n) ||
+                     (s > 0 && v < static_cast<int64_t>(in[s - 1]));
+    if (bad) report_error(slots, cuda_errors::kGroupedLoraOffsets, v, s, n);
+  }
+}
+
+}  // namespace glora
+}  // namespace cuda
+}  // namespace mole_ext

@@ -1,0 +1,342 @@
+// grouped_lora's host side below the entry points: checking and copying the offsets, planning
+// (tile grids, splits of long reductions, weight-gradient chunks, vector and pipeline eligibility
+// of each operand, all from csrc/core/lora_tiles.h, unit-tested on the CPU) and launching the
+// kernels of grouped_lora_kernels.cuh for the forward (run_forward) and the backward
+// (run_backward). The entry points in grouped_lora.cu call these two.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../core/index_math.h"
+#include "../core/lora_tiles.h"
+#include "../core/routing_math.h"
+#include "../ops.h"
+#include "common.cuh"
+#include "grouped_lora_kernels.cuh"
+#include "grouped_lora_tile.cuh"
+#include "tuning.h"
+
+namespace mole_ext {
+namespace cuda {
+namespace glora {
+
+// ---- host side ----
+
+// Every row of a [rows, ld] matrix of T at p starts 16-byte aligned (permute's row-copy rule,
+// routing_math::copy_vec_bytes), and vector accesses are on.
+template <typename T>
+bool vec_rows(const void* p, int64_t ld) {
+  const auto addr = reinterpret_cast<uint64_t>(p);
+  return tuning::grouped_lora_vectorized() &&
+         routing_math::copy_vec_bytes(ld * static_cast<int64_t>(sizeof(T)), addr, addr) == 16;
+}
+
+inline bool force_simt() {
+  static const bool on = tuning::env_flag("MOLE_EXT_GROUPED_LORA_SIMT");
+  return on;
+}
+
+// Resident blocks per SM of `Kernel` at kThreads threads (its static shared memory included), from
+// the occupancy API, asked once per kernel; kGemmMinBlocksPerSm if the API fails.
+template <auto Kernel>
+int resident_blocks() {
+  static const int n = [] {
+    int b = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, Kernel, kThreads, 0) != cudaSuccess) {
+      (void)cudaGetLastError();  // leave no error behind for the next launch check
+      b = 0;
+    }
+    return b > 0 ? b : kGemmMinBlocksPerSm;
+  }();
+  return n;
+}
+
+// Blocks in one full wave of `resident` blocks per SM: the target a split reduction fills.
+inline int64_t wave_blocks(int resident) {
+  return static_cast<int64_t>(resident) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+// Grid dimension `what` ("x": up to 2^31 - 1 blocks, "y" / "z": up to 65535).
+inline unsigned grid_dim(int64_t v, const char* what) {
+  const int64_t limit = what[0] == 'x' ? INT32_MAX : 65535;
+  TORCH_CHECK(v >= 1 && v <= limit, "grouped_lora: the CUDA grid needs ", v, " blocks along ", what,
+              " (at most ", limit, "); the shapes are too large for this kernel");
+  return static_cast<unsigned>(v);
+}
+
+struct Prepared {
+  at::Tensor x, lora_a, lora_b, offsets, row_scale;  // contiguous; offsets int64; row_scale in Acc
+  int64_t n, in, k, r, out;
+  int device;
+  ErrorSlots* slots;
+  cudaStream_t stream;
+};
+
+inline Prepared prepare(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                        const at::Tensor& offsets, const std::optional<at::Tensor>& row_scale) {
+  Prepared p;
+  p.x = x.contiguous();
+  p.lora_a = lora_a.contiguous();
+  p.lora_b = lora_b.contiguous();
+  p.n = x.size(0);
+  p.in = x.size(1);
+  p.k = lora_a.size(0);
+  p.r = lora_a.size(1);
+  p.out = lora_b.size(1);
+  p.device = x.get_device();
+  p.slots = error_slots(p.device);
+  p.stream = at::cuda::getCurrentCUDAStream();
+  const auto acc = acc_type_for(x.scalar_type());
+  if (row_scale.has_value()) p.row_scale = row_scale->to(acc).contiguous();
+  const at::Tensor off_in = offsets.contiguous();
+  p.offsets = at::empty({p.k + 1}, off_in.options().dtype(at::kLong));
+  AT_DISPATCH_INDEX_TYPES(off_in.scalar_type(), "grouped_lora_offsets", [&] {
+    prepare_offsets_kernel<index_t><<<1, kOffsetThreads, 0, p.stream>>>(
+        off_in.const_data_ptr<index_t>(), p.k, p.n, p.offsets.mutable_data_ptr<int64_t>(), p.slots);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return p;
+}
+
+// Arguments of one row GEMM from its layout (lora_tiles.h, unit-tested on the CPU).
+template <typename S>
+RowGemmArgs<S> row_args(const lt::RowGemmShape& sh, const at::Tensor& left, const at::Tensor& right,
+                        const at::Tensor& offsets, int64_t k_seg, int64_t n) {
+  RowGemmArgs<S> a{};
+  a.a = reinterpret_cast<const S*>(left.const_data_ptr());
+  a.lda = sh.lda;
+  a.b = reinterpret_cast<const S*>(right.const_data_ptr());
+  a.b_seg = sh.r_seg;
+  a.b_sk = sh.r_sk;
+  a.b_sn = sh.r_sn;
+  a.offsets = offsets.const_data_ptr<int64_t>();
+  a.k_seg = k_seg;
+  a.n = n;
+  a.ncols = sh.ncols;
+  a.n_tiles = index_math::ceil_div(sh.ncols, static_cast<int64_t>(BN));
+  a.klen = sh.klen;
+  a.kchunk = sh.klen;
+  a.a_vec = vec_rows<S>(a.a, a.lda);
+  a.b_vec = vec_rows<S>(a.b, a.b_sk) && (a.b_seg * static_cast<int64_t>(sizeof(S))) % 16 == 0;
+  a.pipe = kPipeNone;
+  if (kIs16Bit<S> && tuning::grouped_lora_pipelined() && a.a_vec) {
+    if (a.b_sn == 1 && a.b_vec) {
+      a.pipe = kPipeBRow;  // rows of b are k: n contiguous, every row 16-byte aligned
+    } else if (a.b_sk == 1 && vec_rows<S>(a.b, a.b_sn) &&
+               (a.b_seg * static_cast<int64_t>(sizeof(S))) % 16 == 0) {
+      a.pipe = kPipeBCol;  // rows of b are n: k contiguous
+    }
+  }
+  return a;
+}
+
+template <typename S, typename Acc, Epi EPI>
+void launch_row_gemm(const RowGemmArgs<S>& args, int64_t splits, bool tc, cudaStream_t stream) {
+  if (args.ncols == 0) return;
+  // blockIdx.x = row tile * column tiles + column tile (the kernel's comment says why)
+  const dim3 grid(grid_dim(lt::seg_tile_grid(args.n, args.k_seg, BM) * args.n_tiles, "x"), 1,
+                  grid_dim(splits, "z"));
+  // The tensor-core variant exists for 16-bit types only (fp32 / fp64 would compile the SIMT
+  // loop twice).
+  if constexpr (kIs16Bit<S>) {
+    if (tc && args.pipe == kPipeBRow) {
+      row_gemm_kernel<S, Acc, true, EPI, kPipeBRow><<<grid, kThreads, 0, stream>>>(args);
+    } else if (tc && args.pipe == kPipeBCol) {
+      row_gemm_kernel<S, Acc, true, EPI, kPipeBCol><<<grid, kThreads, 0, stream>>>(args);
+    } else if (tc) {
+      row_gemm_kernel<S, Acc, true, EPI><<<grid, kThreads, 0, stream>>>(args);
+    } else {
+      row_gemm_kernel<S, Acc, false, EPI><<<grid, kThreads, 0, stream>>>(args);
+    }
+  } else {
+    row_gemm_kernel<S, Acc, false, EPI><<<grid, kThreads, 0, stream>>>(args);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Resident blocks per SM of the row_gemm variant launch_row_gemm picks for `args` (same choice).
+template <typename S, typename Acc, Epi EPI>
+int row_gemm_resident_blocks(const RowGemmArgs<S>& args, bool tc) {
+  if constexpr (kIs16Bit<S>) {
+    if (tc && args.pipe == kPipeBRow) return resident_blocks<&row_gemm_kernel<S, Acc, true, EPI, kPipeBRow>>();
+    if (tc && args.pipe == kPipeBCol) return resident_blocks<&row_gemm_kernel<S, Acc, true, EPI, kPipeBCol>>();
+    if (tc) return resident_blocks<&row_gemm_kernel<S, Acc, true, EPI>>();
+  }
+  return resident_blocks<&row_gemm_kernel<S, Acc, false, EPI>>();
+}
+
+// Hp [splits, N, r] (Acc) = X A_k^T over pieces of `in`. The split count fills one wave of the
+// kernel's occupancy (the occupancy API), so the grid ends in whole waves where it can.
+template <typename S, typename Acc>
+at::Tensor shrink_partials(const Prepared& p, bool tc, int64_t* splits_out) {
+  RowGemmArgs<S> a = row_args<S>(lt::shrink_shape(p.in, p.r), p.x, p.lora_a, p.offsets, p.k, p.n);
+  const int64_t blocks = lt::seg_tile_grid(p.n, p.k, BM) * index_math::ceil_div(p.r, BN);
+  const int64_t target = wave_blocks(row_gemm_resident_blocks<S, Acc, Epi::kPartial>(a, tc));
+  const lt::SplitPlan plan =
+      lt::split_plan(p.in, lt::want_splits(blocks, target, p.in, kMinSplitChunk, kMaxSplits), BK);
+  at::Tensor hp = at::empty({plan.splits, p.n, p.r}, p.x.options().dtype(c10::CppTypeToScalarType<Acc>::value));
+  a.kchunk = plan.chunk;
+  a.out = hp.mutable_data_ptr();
+  a.out_vec = vec_rows<Acc>(a.out, a.ncols);
+  launch_row_gemm<S, Acc, Epi::kPartial>(a, plan.splits, tc, p.stream);
+  *splits_out = plan.splits;
+  return hp;
+}
+
+// y (+)= Hs B_k^T, y [N, out] contiguous in S.
+template <typename S, typename Acc, Epi EPI>
+void expand(const Prepared& p, const at::Tensor& hs, at::Tensor& y, bool tc) {
+  RowGemmArgs<S> a = row_args<S>(lt::expand_shape(p.r, p.out), hs, p.lora_b, p.offsets, p.k, p.n);
+  a.out = y.mutable_data_ptr();
+  a.ldo = p.out;
+  a.out_vec = vec_rows<S>(a.out, a.ldo);
+  launch_row_gemm<S, Acc, EPI>(a, 1, tc, p.stream);
+}
+
+template <typename S, typename Acc>
+void forward_typed(const Prepared& p, double scaling, at::Tensor& y, bool accumulate) {
+  const bool tc = kIs16Bit<S> && !force_simt();
+  int64_t splits = 1;
+  const at::Tensor hp = shrink_partials<S, Acc>(p, tc, &splits);
+  at::Tensor hs = at::empty({p.n, p.r}, p.x.options());
+  const int64_t elems = p.n * p.r;
+  finish_h_kernel<S, Acc><<<grid_dim(index_math::ceil_div(elems, kEltThreads), "x"), kEltThreads, 0, p.stream>>>(
+      hp.const_data_ptr<Acc>(), splits, p.n, p.r, p.row_scale.defined() ? p.row_scale.const_data_ptr<Acc>() : nullptr,
+      static_cast<Acc>(scaling), reinterpret_cast<S*>(hs.mutable_data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (accumulate) {
+    expand<S, Acc, Epi::kAdd>(p, hs, y, tc);
+  } else {
+    expand<S, Acc, Epi::kStore>(p, hs, y, tc);
+  }
+}
+
+inline void run_forward(const Prepared& p, double scaling, at::Tensor& y, bool accumulate) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "grouped_lora_cuda", [&] {
+    using S = typename Native<scalar_t>::type;
+    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    forward_typed<S, Acc>(p, scaling, y, accumulate);
+  });
+}
+
+// Partials of a weight gradient over row chunks, then the per-segment reduction into grad [K, M, ncols].
+template <typename S, typename Acc>
+void weight_grad(const Prepared& p, const lt::WgradShape& sh, const at::Tensor& left, const at::Tensor& right,
+                 at::Tensor& grad, bool tc) {
+  const int64_t lda = sh.lda, m_rows = sh.m_rows, ldb = sh.ldb, ncols = sh.ncols;
+  const int64_t chunk_rows = lt::wgrad_chunk_rows(p.n, kWgradChunks, BK, BM);
+  const int64_t chunks = lt::seg_tile_grid(p.n, p.k, chunk_rows);
+  const int64_t elems = m_rows * ncols;
+  if (elems == 0) return;
+  at::Tensor part = at::empty({chunks, m_rows, ncols}, p.x.options().dtype(c10::CppTypeToScalarType<Acc>::value));
+  WgradArgs<S> a{};
+  a.a = reinterpret_cast<const S*>(left.const_data_ptr());
+  a.lda = lda;
+  a.b = reinterpret_cast<const S*>(right.const_data_ptr());
+  a.ldb = ldb;
+  a.offsets = p.offsets.const_data_ptr<int64_t>();
+  a.k_seg = p.k;
+  a.n = p.n;
+  a.chunk_rows = chunk_rows;
+  a.m_rows = m_rows;
+  a.ncols = ncols;
+  a.m_tiles = index_math::ceil_div(m_rows, BM);
+  a.n_tiles = index_math::ceil_div(ncols, BN);
+  a.m_fast = m_rows <= ncols;  // the narrower side fastest (wgrad_kernel says why)
+  a.a_vec = vec_rows<S>(a.a, a.lda);
+  a.b_vec = vec_rows<S>(a.b, a.ldb);
+  if constexpr (std::is_same_v<Acc, double>) {
+    a.out_d = part.mutable_data_ptr<double>();
+  } else {
+    a.out_f = part.mutable_data_ptr<float>();
+  }
+  a.out_vec = vec_rows<Acc>(part.const_data_ptr(), ncols);
+  const dim3 grid(grid_dim(chunks * a.m_tiles * a.n_tiles, "x"));
+  if constexpr (kIs16Bit<S>) {
+    if (tc) {
+      wgrad_kernel<S, Acc, true><<<grid, kThreads, 0, p.stream>>>(a);
+    } else {
+      wgrad_kernel<S, Acc, false><<<grid, kThreads, 0, p.stream>>>(a);
+    }
+  } else {
+    wgrad_kernel<S, Acc, false><<<grid, kThreads, 0, p.stream>>>(a);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const dim3 rgrid(grid_dim(index_math::ceil_div(elems, kEltThreads) * p.k, "x"));
+  wgrad_reduce_kernel<S, Acc><<<rgrid, kEltThreads, 0, p.stream>>>(
+      part.const_data_ptr<Acc>(), p.offsets.const_data_ptr<int64_t>(), p.k, p.n, chunk_rows, elems,
+      reinterpret_cast<S*>(grad.mutable_data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename S, typename Acc>
+void backward_typed(const Prepared& p, const at::Tensor& gy, double scaling, at::Tensor& grad_x, bool accumulate_dx,
+                    at::Tensor& grad_a, at::Tensor& grad_b, at::Tensor& grad_rs) {
+  const bool tc = kIs16Bit<S> && !force_simt();
+  int64_t h_splits = 1;
+  const at::Tensor hp = shrink_partials<S, Acc>(p, tc, &h_splits);
+  // G = dY B_k, split over `out` (as the shrink: one wave of the kernel's occupancy)
+  RowGemmArgs<S> ga = row_args<S>(lt::dy_b_shape(p.out, p.r), gy, p.lora_b, p.offsets, p.k, p.n);
+  const int64_t blocks = lt::seg_tile_grid(p.n, p.k, BM) * index_math::ceil_div(p.r, BN);
+  const int64_t target = wave_blocks(row_gemm_resident_blocks<S, Acc, Epi::kPartial>(ga, tc));
+  const lt::SplitPlan plan =
+      lt::split_plan(p.out, lt::want_splits(blocks, target, p.out, kMinSplitChunk, kMaxSplits), BK);
+  at::Tensor gp = at::empty({plan.splits, p.n, p.r}, hp.options());
+  {
+    RowGemmArgs<S>& a = ga;
+    a.kchunk = plan.chunk;
+    a.out = gp.mutable_data_ptr();
+    a.out_vec = vec_rows<Acc>(a.out, a.ncols);
+    if (p.out == 0) {
+      gp.zero_();  // an empty reduction: no block would write the partials
+    } else {
+      launch_row_gemm<S, Acc, Epi::kPartial>(a, plan.splits, tc, p.stream);
+    }
+  }
+  at::Tensor dh = at::empty({p.n, p.r}, p.x.options());
+  at::Tensor hs = at::empty({p.n, p.r}, p.x.options());
+  const int rows_per_block = kEltThreads / kWarp;
+  finish_bwd_kernel<S, Acc><<<grid_dim(index_math::ceil_div(p.n, rows_per_block), "x"), kEltThreads, 0, p.stream>>>(
+      hp.const_data_ptr<Acc>(), h_splits, gp.const_data_ptr<Acc>(), plan.splits, p.n, p.r,
+      p.row_scale.defined() ? p.row_scale.const_data_ptr<Acc>() : nullptr, static_cast<Acc>(scaling),
+      reinterpret_cast<S*>(dh.mutable_data_ptr()), reinterpret_cast<S*>(hs.mutable_data_ptr()),
+      grad_rs.numel() ? grad_rs.mutable_data_ptr<Acc>() : nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // dA_k = dH_k^T X_k  [r, in];  dB_k = dY_k^T Hs_k  [out, r]. Before dX: grad_x may share
+  // memory with x or grad_y (the CPU kernel allows it), and these read both.
+  weight_grad<S, Acc>(p, lt::grad_a_shape(p.r, p.in), dh, p.x, grad_a, tc);
+  weight_grad<S, Acc>(p, lt::grad_b_shape(p.out, p.r), gy, hs, grad_b, tc);
+  // dX (+)= dH A_k; accumulating, the sum with the base path's dX is rounded once in the epilogue
+  {
+    RowGemmArgs<S> a = row_args<S>(lt::dx_shape(p.r, p.in), dh, p.lora_a, p.offsets, p.k, p.n);
+    a.out = grad_x.mutable_data_ptr();
+    a.ldo = p.in;
+    a.out_vec = vec_rows<S>(a.out, a.ldo);
+    if (accumulate_dx) {
+      launch_row_gemm<S, Acc, Epi::kAdd>(a, 1, tc, p.stream);
+    } else {
+      launch_row_gemm<S, Acc, Epi::kStore>(a, 1, tc, p.stream);
+    }
+  }
+}
+
+// grad_x (contiguous, x's dtype) gets dX (stored, or added with accumulate_dx); grad_a, grad_b
+// (contiguous, x's dtype) get dA, dB; grad_rs ([N] in Acc, or empty) d row_scale. N > 0.
+inline void run_backward(const Prepared& p, const at::Tensor& gy, double scaling, at::Tensor& grad_x,
+                         bool accumulate_dx, at::Tensor& grad_a, at::Tensor& grad_b, at::Tensor& grad_rs) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "grouped_lora_backward_cuda", [&] {
+    using S = typename Native<scalar_t>::type;
+    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    backward_typed<S, Acc>(p, gy, scaling, grad_x, accumulate_dx, grad_a, grad_b, grad_rs);
+  });
+}
+
+}  // namespace glora
+}  // namespace cuda
+}  // namespace mole_ext
