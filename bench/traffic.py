@@ -7,10 +7,11 @@ reduction steps; the split and chunk rules of csrc/core/lora_tiles.h, mirrored b
 these rules, which the GPU check's ncu stage (dram__bytes) can confirm or refute:
   * every kernel's inputs come from DRAM and its outputs go to DRAM (a kernel boundary is a
     round trip: an intermediate written by one kernel and read by the next counts twice);
-  * within a kernel, an operand read by several tiles (each column tile of a row tile reads the
-    row tile's rows again; blocks run column tile by column tile, so with more row tiles than fit
-    at once the re-read misses L2) comes from DRAM once per reader when it is larger than half
-    the L2, once in all when it fits there (weights, the rank-r intermediates);
+  * within a kernel, the column tiles of one row tile (r > 64: the shrink's and G's two or more
+    r-tiles; the weight-gradient chunks' r-tiles) are adjacent blocks, so they run in the same
+    wave and the row tile's rows (x, dY) come from DRAM once; any other operand read by several
+    tiles comes from DRAM once per reader when it is larger than half the L2, once in all when
+    it fits there (weights, the rank-r intermediates);
   * permute / unpermute / permute_rows / router_top1 move their minimum (one read, one write);
     PyTorch's own ops around them (dtype casts, autograd sums) move what their inputs and outputs
     are.
@@ -127,7 +128,7 @@ def grouped_lora(s: Shape, mode: str, accumulate: bool = False) -> Traffic:
     def shrink(name):
         _, splits = split_plan(i, want_splits(row_tiles * col_tiles_r, target, i, MIN_SPLIT_CHUNK, MAX_SPLITS), BK)
         return (f"{name} (x A^T, {col_tiles_r} column tile(s), {splits} split(s))",
-                _reads(X, col_tiles_r, s) + A + splits * n * r * s.acc), splits
+                X + A + splits * n * r * s.acc), splits
 
     kernels = [("prepare_offsets", off)]
     if mode == "fwd":
@@ -143,16 +144,16 @@ def grouped_lora(s: Shape, mode: str, accumulate: bool = False) -> Traffic:
     kernels.append((name, nb))
     _, g_splits = split_plan(o, want_splits(row_tiles * col_tiles_r, target, o, MIN_SPLIT_CHUNK, MAX_SPLITS), BK)
     kernels.append((f"G = dY B ({col_tiles_r} column tile(s), {g_splits} split(s))",
-                    _reads(Y, col_tiles_r, s) + B + g_splits * n * r * s.acc))
+                    Y + B + g_splits * n * r * s.acc))
     kernels.append(("finish_bwd (dH, Hs, d row_scale)", (h_splits + g_splits) * n * r * s.acc + rs + 2 * H + rs))
     chunk_rows = wgrad_chunk_rows(n)
     chunks = seg_tile_grid(n, k, chunk_rows)
     m_tiles_r = cdiv(r, BM)
-    kernels.append((f"dA partials (dH^T x, x read per {m_tiles_r} r-tile(s), {chunks} chunks)",
-                    _reads(H, cdiv(i, BN), s) + _reads(X, m_tiles_r, s) + chunks * r * i * s.acc))
+    kernels.append((f"dA partials (dH^T x, {m_tiles_r} adjacent r-tile(s), {chunks} chunks)",
+                    _reads(H, cdiv(i, BN), s) + X + chunks * r * i * s.acc))
     kernels.append(("dA reduce", chunks * r * i * s.acc + A))
-    kernels.append((f"dB partials (dY^T Hs, dY read per {col_tiles_r} r-tile(s))",
-                    _reads(Y, col_tiles_r, s) + _reads(H, cdiv(o, BM), s) + chunks * o * r * s.acc))
+    kernels.append((f"dB partials (dY^T Hs, {col_tiles_r} adjacent r-tile(s))",
+                    Y + _reads(H, cdiv(o, BM), s) + chunks * o * r * s.acc))
     kernels.append(("dB reduce", chunks * o * r * s.acc + B))
     kernels.append(("dX (dH A" + (", add" if accumulate else "") + ")",
                     _reads(H, cdiv(i, BN), s) + A + X * (2 if accumulate else 1)))

@@ -48,15 +48,19 @@ def test_backward_bytes_by_hand():
     assert [b for _, b in t.kernels] == want
 
 
-def test_operands_larger_than_half_the_l2_are_read_per_column_tile():
+def test_adjacent_column_tiles_read_x_and_dy_once_even_past_the_l2():
     big = traffic.Shape(1024, 256, 512, 128, 2)                    # r = 128: two column tiles
     small_l2 = traffic.Shape(1024, 256, 512, 128, 2, l2=X)         # x (512 KiB) > half of it
-    fwd = traffic.grouped_lora(small_l2, "fwd").implementation - traffic.grouped_lora(big, "fwd").implementation
-    assert fwd == X  # the shrink reads x twice
-    bwd = traffic.grouped_lora(small_l2, "bwd").implementation - traffic.grouped_lora(big, "bwd").implementation
-    # x twice in the shrink and in dA, dY twice in G and in dB (H = 256 KiB still fits half the L2)
-    assert bwd == 2 * X + 2 * Y
-    assert traffic.grouped_lora(small_l2, "fwd").minimum == traffic.grouped_lora(big, "fwd").minimum
+    # the column tiles of a row tile are adjacent blocks (csrc/cuda/grouped_lora_launch.cuh), so
+    # x and dY come from DRAM once however small the L2 (H = 256 KiB still fits half of it)
+    for mode in ("fwd", "bwd"):
+        assert traffic.grouped_lora(small_l2, mode).implementation == traffic.grouped_lora(big, mode).implementation
+        assert traffic.grouped_lora(small_l2, mode).minimum == traffic.grouped_lora(big, mode).minimum
+    # an intermediate past half the L2 is read once per reader: H in the expand's column tiles
+    tiny_l2 = traffic.Shape(1024, 256, 512, 128, 2, l2=64 << 10)
+    H2 = 1024 * 128 * 2                                            # 256 KiB > 32 KiB
+    assert traffic.grouped_lora(tiny_l2, "fwd").implementation - traffic.grouped_lora(big, "fwd").implementation \
+        == H2 * (512 // traffic.BN - 1)                           # the expand's 8 column tiles
 
 
 @pytest.mark.parametrize("n", [1, 1000, 16384, 65536])
