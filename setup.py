@@ -172,6 +172,7 @@ setup(
             "easy-vqa>=1.0,<2",
             "scikit-image>=0.24,<0.27",
             "tqdm>=4.60,<5",
+            "scipy>=1.11,<2",
         ],
         # Optional back ends of the training package, each behind its own switch
         # (train.deepspeed=FILE, train.report_to=tensorboard).

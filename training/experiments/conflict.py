@@ -226,8 +226,8 @@ def run_one(cfg: ConflictConfig, spec: RunSpec, data: Path, init_adapter: str | 
     done = {"fingerprint": fp, "commit": commit, "spec": dataclasses.asdict(spec), "train_loss": s["train_loss"],
             "scores": {d: v["score"] for d, v in result["scores"]["domains"].items()},
             "macro": result["scores"]["macro"], "answer_loss": result["answer_loss"],
-            "per_record": {p["id"]: p["score"] for p in result["predictions"]},
-            "predictions": {p["id"]: p["prediction"] for p in result["predictions"]},
+            "per_record": {p["question_id"]: p["score"] for p in result["predictions"] if "score" in p},
+            "predictions": {p["question_id"]: p["text"] for p in result["predictions"]},
             "routing_warnings": (routing or {}).get("warnings", []),
             "seconds": {"train": round(t1 - t0, 1), "eval": round(time.time() - t1, 1)}}
     (out / "done.json").write_text(json.dumps(done, indent=1))
