@@ -3,6 +3,7 @@ the tiny random model (the SmolLM2 demo itself is `make demo`, timed in its docs
 from __future__ import annotations
 
 import json
+from collections import Counter
 import sys
 from pathlib import Path
 
@@ -41,6 +42,8 @@ def test_answers_match_the_pictures(data):
         assert ink.shape[0] > 0.25 * img.shape[0]  # a large shape: its colour dominates the picture
         colours, counts = np.unique(ink, axis=0, return_counts=True)
         assert tuple(colours[counts.argmax()]) == COLORS[a.rstrip(".").lower()]
+    # the four colours equally often (12 records: 3 each), so the best constant answer scores 1/4
+    assert sorted(Counter(r["conversations"][1]["value"] for r in shapes).values()) == [3, 3, 3, 3]
     for r in charts:
         img = np.asarray(Image.open(root / r["image"]).convert("RGB"))
         row = (img[-6] != 245).any(-1).astype(int)  # just above the baseline: every bar crosses it

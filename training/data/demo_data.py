@@ -5,17 +5,18 @@ Three stage-2 domains, each answerable in a few words, so that a CPU run of a fe
 something measurable:
 
 - ``shapes``: one large shape (circle, square or triangle) filling most of a white picture; "What
-  colour is the shape?" (red, green, blue, yellow): one question type with four answers, readable
-  from the picture's mean colour, so a random vision tower and the projector learn it in a few
-  dozen steps;
+  colour is the shape?" (red, green, blue, yellow, equally often): one question type with four
+  answers, readable from the picture's mean colour, so a random vision tower and the projector
+  learn it in a few dozen steps;
 - ``charts``: a bar chart of 2-4 tall bars of one colour; "How many bars are there?" (the
   shaded area grows with the count, which a small random vision tower can pick up);
 - ``text``: no image, "What is P plus R?" for P, R in 1..20 (the language model mostly knows
   this; training teaches the short answer format).
 
 ``caption`` (stage 1) describes every shape picture and every other chart in one sentence ("A red
-circle.", "A bar chart with 3 bars."): two thirds of stage 1 teach the colours. ``best_fixed_answer`` scores the best single constant answer on a test set: the baseline
-a trained model has to beat.
+circle.", "A bar chart with 3 bars."): two thirds of stage 1 teach the colours.
+``best_fixed_answer`` scores the best single constant answer on a test set: the baseline a trained
+model has to beat.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from ..config import DatasetSpec
 
-VERSION = "v3"
+VERSION = "v4"
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ["circle", "square", "triangle"]
 BAR_COUNTS = (2, 3, 4)
@@ -66,9 +67,11 @@ def make_builtin(out_dir: str | os.PathLike, per_domain: int = 48, seed: int = 0
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         (tmp / "images").mkdir(parents=True, exist_ok=True)
         recs = {k: [] for k in files}
+        colours = [list(COLORS)[i % len(COLORS)] for i in range(per_domain)]  # balanced classes
+        rng.shuffle(colours)
         for i in range(per_domain):
             # shapes: one large shape; its colour
-            shape, cname = rng.choice(SHAPES), rng.choice(list(COLORS))
+            shape, cname = rng.choice(SHAPES), colours[i]
             img = Image.new("RGB", (size, size), (255, 255, 255))
             s = rng.randint(size * 3 // 4, size * 15 // 16)
             x, y = rng.randint(0, size - s), rng.randint(0, size - s)
