@@ -4,16 +4,19 @@
 Three stage-2 domains, each answerable in a few words, so that a CPU run of a few minutes learns
 something measurable:
 
-- ``shapes``: one large shape on white; "What colour is the shape?" (red, green, blue, yellow) or
-  "What shape is it?" (circle, square, triangle);
+- ``shapes``: one large shape (circle, square or triangle) filling most of a white picture; "What
+  colour is the shape?" (red, green, blue, yellow, equally often): one question type with four
+  answers, readable from the picture's mean colour, so a random vision tower and the projector
+  learn it in a few dozen steps;
 - ``charts``: a bar chart of 2-4 tall bars of one colour; "How many bars are there?" (the
   shaded area grows with the count, which a small random vision tower can pick up);
 - ``text``: no image, "What is P plus R?" for P, R in 1..20 (the language model mostly knows
   this; training teaches the short answer format).
 
-``caption`` (stage 1) describes every image in one sentence ("A red circle.", "A bar chart with 3
-bars."). ``best_fixed_answer`` scores the best single constant answer on a test set: the baseline
-a trained model has to beat.
+``caption`` (stage 1) describes every shape picture and every other chart in one sentence ("A red
+circle.", "A bar chart with 3 bars."): two thirds of stage 1 teach the colours.
+``best_fixed_answer`` scores the best single constant answer on a test set: the baseline a trained
+model has to beat.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from pathlib import Path
 
 from ..config import DatasetSpec
 
-VERSION = "v2"
+VERSION = "v4"
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ["circle", "square", "triangle"]
 BAR_COUNTS = (2, 3, 4)
@@ -64,18 +67,18 @@ def make_builtin(out_dir: str | os.PathLike, per_domain: int = 48, seed: int = 0
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         (tmp / "images").mkdir(parents=True, exist_ok=True)
         recs = {k: [] for k in files}
+        colours = [list(COLORS)[i % len(COLORS)] for i in range(per_domain)]  # balanced classes
+        rng.shuffle(colours)
         for i in range(per_domain):
-            # shapes: one large shape; its colour or its kind
-            shape, cname = rng.choice(SHAPES), rng.choice(list(COLORS))
+            # shapes: one large shape; its colour
+            shape, cname = rng.choice(SHAPES), colours[i]
             img = Image.new("RGB", (size, size), (255, 255, 255))
-            s = rng.randint(size * 5 // 8, size * 7 // 8)
+            s = rng.randint(size * 3 // 4, size * 15 // 16)
             x, y = rng.randint(0, size - s), rng.randint(0, size - s)
             _draw_shape(ImageDraw.Draw(img), shape, COLORS[cname], (x, y, x + s - 1, y + s - 1))
             name = f"images/shape_{i:04d}.png"
             img.save(tmp / name)
-            q, a = rng.choice([("What colour is the shape?", f"{cname.capitalize()}."),
-                               ("What shape is it?", f"A {shape}.")])
-            recs["shapes"].append(_qa(q, a, name, f"shapes-{i}"))
+            recs["shapes"].append(_qa("What colour is the shape?", f"{cname.capitalize()}.", name, f"shapes-{i}"))
             recs["caption"].append(_qa("Describe the image briefly.", f"A {cname} {shape}.", name, f"cap-shape-{i}"))
             # charts: n tall bars of equal width, evenly spaced
             n = rng.choice(BAR_COUNTS)
@@ -90,7 +93,9 @@ def make_builtin(out_dir: str | os.PathLike, per_domain: int = 48, seed: int = 0
             name = f"images/chart_{i:04d}.png"
             img.save(tmp / name)
             recs["charts"].append(_qa("How many bars are there?", f"{n}", name, f"charts-{i}"))
-            recs["caption"].append(_qa("Describe the image briefly.", f"A bar chart with {n} bars.", name, f"cap-chart-{i}"))
+            if i % 2 == 0:
+                recs["caption"].append(_qa("Describe the image briefly.", f"A bar chart with {n} bars.", name,
+                                           f"cap-chart-{i}"))
             # text: no image, short arithmetic
             p, r = rng.randint(1, 20), rng.randint(1, 20)
             recs["text"].append(_qa(f"What is {p} plus {r}?", f"{p + r}", None, f"text-{i}"))
@@ -105,7 +110,7 @@ def make_builtin(out_dir: str | os.PathLike, per_domain: int = 48, seed: int = 0
         "caption": [DatasetSpec(str(files["caption"]), "caption", 1.0)],
         "instruct": [
             DatasetSpec(str(files["shapes"]), "shapes", 1.0),
-            DatasetSpec(str(files["charts"]), "charts", 1.0),
+            DatasetSpec(str(files["charts"]), "charts", 0.5),
             DatasetSpec(str(files["text"]), "text", 0.5),
         ],
     }
