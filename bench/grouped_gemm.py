@@ -229,15 +229,6 @@ PROVIDERS: Dict[str, Callable] = {"mole_ext": mole_ext_provider, "mole_ext_scala
                                   "loop": loop_provider, "mask": mask_provider}
 
 
-def copy_bandwidth(device: str) -> float:
-    """Bytes/s of a large copy_ (read + write), measured now: what the device reaches in practice."""
-    n = 1 << 28 if device == "cuda" else 1 << 25
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    t = harness.quantiles(harness.time_interleaved({"copy": lambda: dst.copy_(src)}, device, 2, 5)["copy"])
-    return 2 * n / t["median"]
-
-
 def model_table(configs: List[Config], bandwidth: float, sms: int, l2: int) -> List[dict]:
     """Rows of the traffic model (predictions) for each case and mode."""
     rows = []
@@ -308,7 +299,7 @@ def main(argv=None):
     elif not hasattr(F, "grouped_mm"):
         print(f"torch {torch.__version__} has no torch.nn.functional.grouped_mm: that provider is skipped")
         wanted = [p for p in wanted if p != "grouped_mm"]
-    copy_bw = copy_bandwidth(device)
+    copy_bw = harness.copy_bandwidth(device)
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         sms, l2 = props.multi_processor_count, getattr(props, "L2_cache_size", traffic.DEFAULT_L2) or traffic.DEFAULT_L2

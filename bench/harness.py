@@ -117,3 +117,13 @@ def markdown_table(rows: List[dict], columns: List[str]) -> str:
     for r in rows:
         out.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
     return "\n".join(out) + "\n"
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes/s of a large copy_ (read + write), measured now: what the device reaches in practice,
+    the yardstick of every bandwidth fraction (never a datasheet's number)."""
+    n = 1 << 28 if device == "cuda" else 1 << 25
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = quantiles(time_interleaved({"copy": lambda: dst.copy_(src)}, device, 2, 5)["copy"])
+    return 2 * n / t["median"]

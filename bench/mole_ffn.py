@@ -176,15 +176,6 @@ def saved_mib(f, x, params) -> float:
     return sum(seen.values()) / 2 ** 20
 
 
-def copy_bandwidth(device: str) -> float:
-    """Bytes/s of a large copy_ (read + write), measured now."""
-    n = 1 << 28 if device == "cuda" else 1 << 25
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    t = harness.quantiles(harness.time_interleaved({"copy": lambda: dst.copy_(src)}, device, 2, 5)["copy"])
-    return 2 * n / t["median"]
-
-
 def model_for(cfg: Config, copy_bw: float, device: str, qf: dict, q: dict) -> list:
     """Traffic-model rows of the case: forward and backward apart; on CUDA with the measured time
     of mole_ext above the frozen base (the backward's as fwd+bwd minus fwd)."""
@@ -232,7 +223,7 @@ def main(argv=None):
     env = harness.environment(device)
     if device == "cpu":
         print(f"CPU run ({env['device']}): float32 at CPU sizes; GPU numbers come from the GPU check.")
-    copy_bw = copy_bandwidth(device)
+    copy_bw = harness.copy_bandwidth(device)
     print(f"a large copy_ reaches {copy_bw / 1e9:.0f} GB/s here")
     rows, fwd_rows, model_rows, skipped = [], [], [], {}
     for cfg in configs:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -93,3 +98,20 @@ def load_balance_inputs(n: int, k: int, dtype, mask_kind: str, seed: int, skew: 
     mask = {"none": None, "random": torch.rand(n, generator=gen) < 0.7,
             "all_false": torch.zeros(n, dtype=torch.bool)}[mask_kind]
     return probs, expert, mask
+
+
+def run_group(cmd, log: Path, timeout: float) -> None:
+    """Run ``cmd`` from the repository root in its own process group with its output in ``log``;
+    on timeout kill the whole group (torchrun's and DeepSpeed's workers too) and fail with the
+    log's tail, so a hang fails the test instead of stalling CI."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "python"), str(root)]), "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as out:
+        p = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            pytest.fail(f"{' '.join(map(str, cmd[:6]))}... ran over {timeout} s (a hang?); log: {log.read_text()[-3000:]}")
+    assert rc == 0, log.read_text()[-4000:]

@@ -5,10 +5,7 @@ the same global batch. MoLEFFN must be a ZeRO-3 leaf module: without it, it fail
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from helpers import run_group  # noqa: E402
 from training import checkpoint as ck  # noqa: E402
 from training.config import load_config  # noqa: E402
 
@@ -31,16 +29,7 @@ WTOL = 1e-4
 
 
 def _run(cmd, log: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
-    with open(log, "w") as out:
-        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = p.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-            pytest.fail(f"deepspeed run over {TIMEOUT} s (a hang?); log: {log.read_text()[-3000:]}")
-    assert rc == 0, log.read_text()[-4000:]
+    run_group(cmd, log, TIMEOUT)
 
 
 def _torchrun(cfgf: Path, out: Path, *extra: str) -> None:

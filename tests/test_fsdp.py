@@ -10,11 +10,8 @@ nothing hung (every subprocess has a timeout and is killed with its children whe
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from helpers import run_group  # noqa: E402
 from training import checkpoint as ck  # noqa: E402
 from training.config import load_config  # noqa: E402
 
@@ -45,17 +43,7 @@ WTOL = 1e-4
 
 
 def _run(cmd, log: Path) -> None:
-    """Run ``cmd`` in its own process group; on timeout kill the group (torchrun's workers too)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    with open(log, "w") as out:
-        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = p.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-            pytest.fail(f"{' '.join(cmd[:6])}... ran over {TIMEOUT} s (a hang?); log: {log.read_text()[-3000:]}")
-    assert rc == 0, log.read_text()[-4000:]
+    run_group(cmd, log, TIMEOUT)
 
 
 def _torchrun(cfgf: Path, out: Path, *extra: str, fsdp: str = "full_shard") -> None:
