@@ -438,6 +438,11 @@ def test_cli_train_and_generate(tmp_path, builtin):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == str(run)
+    # the console shows the losses but not the per-layer routing scalars, which go to metrics.jsonl
+    console = r.stdout + r.stderr
+    assert "'lm_loss'" in console and "routing/dead_experts" in console and "routing/layer" not in console
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("routing/layer0/load_entropy" in x for x in rows)
     r = subprocess.run([sys.executable, "-m", "training.train", "--config", str(cfgf), "--resume",
                         f"train.output_dir={run}", "train.max_steps=3"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

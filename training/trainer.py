@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 
 from . import checkpoint as ck
 from .analytics import RoutingStats
@@ -32,11 +33,24 @@ log = logging.getLogger(__name__)
 _world = world  # the old private name
 
 
+class CompactProgressCallback(ProgressCallback):
+    """transformers' progress bar, printing each log row without the per-layer routing scalars
+    (four per MoLE layer: 120 numbers a step for a 30-layer model). They still reach the tracker
+    and ``metrics.jsonl``; the console keeps the losses, the learning rate and the dead-expert
+    count."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = {k: v for k, v in (logs or {}).items() if not k.startswith("routing/layer")}
+        return super().on_log(args, state, control, logs=logs, **kwargs)
+
+
 class MoLETrainer(Trainer):
     """``Trainer`` with the LLaVA-MoLE loss ``LM + balance_weight * mean_l balance_l``."""
 
     def __init__(self, *args, run_cfg: RunConfig, built: Built, dataset: LlavaData, **kw):
         super().__init__(*args, **kw)
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(CompactProgressCallback)
         self.run_cfg = run_cfg
         self.built = built
         self.domains = dataset.domains
