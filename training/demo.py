@@ -11,10 +11,9 @@ With the defaults (24 + 36 steps; two thirds of stage 1 on the shape pictures, s
 shapes 1, charts 0.5, text 0.5) one run measured, on 16 fresh questions per domain: shapes (the
 colour of one large shape, four colours equally often) 1.00 against a best constant answer of 0.25,
 text 0.38 against 0.12, charts 0.25 against 0.44: 60 steps teach the answer format, the colours and
-some sums, not yet counting bars. Time: measured 10.6 minutes wall and 10.9 CPU minutes on a 2-core
-machine shared with the test suite and other jobs; on 2 idle cores an estimated 4-5 minutes from
-about 2.5 s per step measured earlier, or 5.4 minutes taking CPU time / 2. The same command runs on
-a GPU.
+some sums, not yet counting bars. Time, measured on 2 idle cores: 141 s wall (229 CPU seconds) with
+the converted model and the data cached, 171 s from an empty cache (a fresh clone after
+installation). The same command runs on a GPU.
 """
 from __future__ import annotations
 
