@@ -604,6 +604,21 @@ def run_all(ops, x, a, b, off, rs, gy, scaling=0.75, misalign=0):
     res["ga2"], res["gb2"], res["grs2"] = ops.grouped_lora_backward_add_out(gx, gyp, xp, ap, bp, off, scaling, rsp)
     check_padding(gx, "grouped_lora_backward_add_out: grad_x")
     res["gx2"] = gx.clone()
+    # the forward's saved shrink h (grouped_lora_h): the same y, and both backward ops given h return
+    # what they return recomputing it, bit for bit
+    y_h, h = ops.grouped_lora_h(xp, ap, bp, off, scaling, rsp)
+    assert torch.equal(y_h, res["y"]), "grouped_lora_h's y differs from grouped_lora's"
+    res["h"] = h
+    hp = padded(h, misalign)
+    for key, t in zip(("gx", "ga", "gb", "grs"), ops.grouped_lora_backward(gyp, xp, ap, bp, off, scaling, rsp, hp)):
+        assert torch.equal(t, res[key]), f"grouped_lora_backward with the saved h: {key} differs"
+    gx = padded(gbase, misalign)
+    for key, t in zip(("ga2", "gb2", "grs2"),
+                      ops.grouped_lora_backward_add_out(gx, gyp, xp, ap, bp, off, scaling, rsp, hp)):
+        assert torch.equal(t, res[key]), f"grouped_lora_backward_add_out with the saved h: {key} differs"
+    assert torch.equal(gx, res["gx2"]), "grouped_lora_backward_add_out with the saved h: grad_x differs"
+    check_padding(gx, "grouped_lora_backward_add_out (saved h): grad_x")
+    check_padding(hp, "the saved h")
     for t in (xp, ap, bp, gyp) + (() if rsp is None else (rsp,)):
         check_padding(t, "an input")
     return res
@@ -807,13 +822,15 @@ def test_backward_add_out_into_its_own_input(emu, dtype):
     x, a, b, off, rs, gy = make([30, 0, 40], 8, 40, 40, dtype, seed=2)
     for alias in ("x", "grad_y"):
         results = []
-        for ops in (emu.ops, ops_cpu):
+        for ops, saved_h in ((emu.ops, False), (emu.ops, True), (ops_cpu, False)):
             xc, gyc = x.clone(), gy.clone()
+            h = ops.grouped_lora_h(xc, a, b, off, 0.75, rs)[1] if saved_h else None
             gx = xc if alias == "x" else gyc
-            grads = ops.grouped_lora_backward_add_out(gx, gyc, xc, a, b, off, 0.75, rs)
+            grads = ops.grouped_lora_backward_add_out(gx, gyc, xc, a, b, off, 0.75, rs, h)
             results.append((gx.clone(),) + tuple(grads))
-        for got, want, key in zip(results[0], results[1], ("grad_x", "grad_a", "grad_b", "grad_row_scale")):
+        for got, with_h, want, key in zip(*results, ("grad_x", "grad_a", "grad_b", "grad_row_scale")):
             close(got, want, dtype, f"grad_x aliasing {alias}: {key}")
+            assert torch.equal(with_h, got), f"grad_x aliasing {alias}, saved h: {key} differs from recompute"
 
 
 def test_noncontiguous_outputs(emu):
@@ -851,7 +868,13 @@ def test_lora_linear(emu, dtype):
     x32 = x.float()  # any float dtype, cast to the weight's inside
     lx = torch.randn(x.shape, generator=g)
     for args in ((x32, w, bias, a, b, off, 0.5, rs, None), (x32, w, None, a, b, off, 0.5, None, lx)):
-        close(emu.ops.lora_linear(*args), ops_cpu.lora_linear(*args), dtype, "lora_linear")
+        y = emu.ops.lora_linear(*args)
+        close(y, ops_cpu.lora_linear(*args), dtype, "lora_linear")
+        y_h, h = emu.ops.lora_linear_h(*args)
+        assert torch.equal(y_h, y), "lora_linear_h's y differs from lora_linear's"
+        lora_in = (x32 if args[-1] is None else lx).to(dtype)
+        assert torch.equal(h, emu.ops.grouped_lora_h(lora_in, a, b, off, 0.5, args[7])[1]), "lora_linear_h's h"
+        close(h, ops_cpu.lora_linear_h(*args)[1], torch.float32 if dtype == torch.float32 else dtype, "h")
 
 
 def simt_subprocess(emu) -> set[tuple[str, int]]:

@@ -26,10 +26,15 @@
 //   1. row_gemm<PARTIAL>: Hp[split] = X A_k^T over a piece of `in`          [splits, N, r] fp32
 //   2. finish_h: Hs = dtype(m_i * sum_split Hp), m_i = scaling * row_scale[i]   [N, r] x's dtype
 //   3. row_gemm<STORE | ADD>: y (+)= Hs B_k^T                                 [N, out]
-// Backward: H again (1.), G = dY B_k (row_gemm<PARTIAL> split over out); finish_bwd gives
-// dH = m_i G, Hs = m_i H and d row_scale[i] = scaling <G_i, H_i>; then dA_k = dH_k^T X_k and
-// dB_k = dY_k^T Hs_k (wgrad + wgrad_reduce), and last dX = dH A_k (row_gemm: last, so that an
-// accumulating grad_x may share memory with x or grad_y, as the CPU kernel allows).
+//   grouped_lora_h / lora_linear_h (what autograd runs) also keep the unscaled H = sum_split Hp
+//   ([N, r] fp32, written by finish_h: tiny next to x) for the backward.
+// Backward: H is the forward's (the `h` argument) or, without it, recomputed as in 1.; G = dY B_k
+// (row_gemm<PARTIAL> split over out); finish_bwd gives dH = m_i G, Hs = m_i H and d row_scale[i] =
+// scaling <G_i, H_i>; then dA_k = dH_k^T X_k and dB_k = dY_k^T Hs_k (wgrad + wgrad_reduce), and
+// last dX = dH A_k (row_gemm: last, so that an accumulating grad_x may share memory with x or
+// grad_y, as the CPU kernel allows). The saved H is the value finish_bwd would sum from the same
+// partials in the same order (finish_bwd adds it to 0 once: the same bits), so every gradient is
+// identical bit for bit with and without it.
 // Rounding: Hs and dH are rounded once to the input dtype before the second GEMM (PyTorch's
 // bf16 LoRA rounds the same intermediates), everything else accumulates in fp32 (fp64 for fp64).
 //
@@ -63,40 +68,72 @@ at::Tensor grouped_lora_cuda(const at::Tensor& x, const at::Tensor& lora_a, cons
                              const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale) {
   const CudaOpScope scope(x, "x", [&] { check_grouped_lora(x, lora_a, lora_b, offsets, row_scale); });
   at::Tensor y = at::empty({x.size(0), lora_b.size(1)}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor no_h;
   const glora::Prepared p = glora::prepare(x, lora_a, lora_b, offsets, row_scale);  // checks the offsets, also for N = 0
-  if (x.size(0) > 0) glora::run_forward(p, scaling, y, /*accumulate=*/false);
+  if (x.size(0) > 0) glora::run_forward(p, scaling, y, /*accumulate=*/false, no_h);
   return y;
 }
+
+namespace {
+// An [N, r] tensor for the forward's unscaled shrink (accumulation dtype, contiguous).
+at::Tensor empty_h(const at::Tensor& x, const at::Tensor& lora_a) {
+  return at::empty({x.size(0), lora_a.size(1)}, x.options().dtype(acc_type_for(x.scalar_type())));
+}
+}  // namespace
+
+// -> (y, h): y as grouped_lora_cuda, h [N, r] = X A_k^T unscaled in the accumulation dtype
+std::tuple<at::Tensor, at::Tensor> grouped_lora_h_cuda(const at::Tensor& x, const at::Tensor& lora_a,
+                                                       const at::Tensor& lora_b, const at::Tensor& offsets,
+                                                       double scaling, const std::optional<at::Tensor>& row_scale) {
+  const CudaOpScope scope(x, "x", [&] { check_grouped_lora(x, lora_a, lora_b, offsets, row_scale); });
+  at::Tensor y = at::empty({x.size(0), lora_b.size(1)}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor h = empty_h(x, lora_a);
+  const glora::Prepared p = glora::prepare(x, lora_a, lora_b, offsets, row_scale);  // checks the offsets, also for N = 0
+  if (x.size(0) > 0) glora::run_forward(p, scaling, y, /*accumulate=*/false, h);
+  return {y, h};
+}
+
+namespace {
+// out += grouped_lora(x, ...); with h_out the unscaled shrink is returned there (lora_linear_h).
+void add_out_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                  const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale,
+                  at::Tensor* h_out) {
+  const CudaOpScope scope(x, "x", [&] {
+    check_grouped_lora_add_out(out, x, lora_a, lora_b, offsets, row_scale);
+    mark_written(out);
+  });
+  at::Tensor h;
+  if (h_out != nullptr) h = *h_out = empty_h(x, lora_a);
+  const glora::Prepared p = glora::prepare(x, lora_a, lora_b, offsets, row_scale);  // checks the offsets, also for N = 0
+  if (x.size(0) == 0) return;
+  if (out.is_contiguous()) {
+    glora::run_forward(p, scaling, out, /*accumulate=*/true, h);
+  } else {
+    at::Tensor tmp = out.contiguous();
+    glora::run_forward(p, scaling, tmp, /*accumulate=*/true, h);
+    out.copy_(tmp);
+  }
+}
+}  // namespace
 
 // out [N, out_features] (x's dtype) += grouped_lora(x, ...), in place, rounded once.
 void grouped_lora_add_out_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
                                const at::Tensor& lora_b, const at::Tensor& offsets, double scaling,
                                const std::optional<at::Tensor>& row_scale) {
-  const CudaOpScope scope(x, "x", [&] {
-    check_grouped_lora_add_out(out, x, lora_a, lora_b, offsets, row_scale);
-    mark_written(out);
-  });
-  const glora::Prepared p = glora::prepare(x, lora_a, lora_b, offsets, row_scale);  // checks the offsets, also for N = 0
-  if (x.size(0) == 0) return;
-  if (out.is_contiguous()) {
-    glora::run_forward(p, scaling, out, /*accumulate=*/true);
-  } else {
-    at::Tensor tmp = out.contiguous();
-    glora::run_forward(p, scaling, tmp, /*accumulate=*/true);
-    out.copy_(tmp);
-  }
+  add_out_cuda(out, x, lora_a, lora_b, offsets, scaling, row_scale, nullptr);
 }
 
 namespace {
 
 // The backward into grad_x (contiguous, x's dtype): stored, or added onto its contents. Runs inside
-// the caller's CudaOpScope.
+// the caller's CudaOpScope. h: the forward's unscaled shrink (checked) or None (recomputed).
 // -> grad_a, grad_b (x's dtype), grad_row_scale in row_scale's dtype (empty [0] without it).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_into(at::Tensor& grad_x, bool accumulate_dx,
                                                              const at::Tensor& grad_y, const at::Tensor& x,
                                                              const at::Tensor& lora_a, const at::Tensor& lora_b,
                                                              const at::Tensor& offsets, double scaling,
-                                                             const std::optional<at::Tensor>& row_scale) {
+                                                             const std::optional<at::Tensor>& row_scale,
+                                                             const std::optional<at::Tensor>& h) {
   const int64_t n = x.size(0);
   const auto acc = acc_type_for(x.scalar_type());
   const at::ScalarType rs_t = row_scale.has_value() ? row_scale->scalar_type() : x.scalar_type();
@@ -110,7 +147,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_into(at::Tensor& grad_x,
     return {grad_a, grad_b, grad_rs.to(rs_t)};
   }
   const at::Tensor gy = grad_y.to(x.scalar_type()).contiguous();
-  glora::run_backward(p, gy, scaling, grad_x, accumulate_dx, grad_a, grad_b, grad_rs);
+  const at::Tensor hc = h.has_value() ? h->contiguous() : at::Tensor();
+  glora::run_backward(p, gy, scaling, grad_x, accumulate_dx, grad_a, grad_b, grad_rs, hc);
   return {grad_a, grad_b, grad_rs.to(rs_t)};
 }
 
@@ -120,10 +158,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_into(at::Tensor& grad_x,
 // row_scale's dtype (empty [0] in x's dtype without row_scale)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
-    const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale) {
+    const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale,
+    const std::optional<at::Tensor>& h) {
   const int64_t n = x.size(0), out_f = lora_b.size(1);
   const CudaOpScope scope(x, "x", [&] {
     check_grouped_lora(x, lora_a, lora_b, offsets, row_scale);
+    if (h.has_value()) check_saved_h(*h, x, lora_a);
     TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == n && grad_y.size(1) == out_f, "grad_y must be [", n, ", ",
                 out_f, "], got ", grad_y.sizes());
     TORCH_CHECK(grad_y.device() == x.device(), "grad_y must be on the device of x (", x.device(), "), got ",
@@ -131,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward
   });
   at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   auto [grad_a, grad_b, grad_rs] =
-      backward_into(grad_x, /*accumulate_dx=*/false, grad_y, x, lora_a, lora_b, offsets, scaling, row_scale);
+      backward_into(grad_x, /*accumulate_dx=*/false, grad_y, x, lora_a, lora_b, offsets, scaling, row_scale, h);
   return {grad_x, grad_a, grad_b, grad_rs};
 }
 
@@ -139,16 +179,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward
 // -> grad_a, grad_b, grad_row_scale as grouped_lora_backward
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_add_out_cuda(
     at::Tensor& grad_x, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale) {
+    const at::Tensor& lora_b, const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale,
+    const std::optional<at::Tensor>& h) {
   const CudaOpScope scope(x, "x", [&] {
     check_grouped_lora_backward_add_out(grad_x, grad_y, x, lora_a, lora_b, offsets, row_scale);
+    if (h.has_value()) check_saved_h(*h, x, lora_a);
     mark_written(grad_x);
   });
   if (grad_x.is_contiguous()) {
-    return backward_into(grad_x, /*accumulate_dx=*/true, grad_y, x, lora_a, lora_b, offsets, scaling, row_scale);
+    return backward_into(grad_x, /*accumulate_dx=*/true, grad_y, x, lora_a, lora_b, offsets, scaling, row_scale, h);
   }
   at::Tensor tmp = grad_x.contiguous();
-  auto grads = backward_into(tmp, /*accumulate_dx=*/true, grad_y, x, lora_a, lora_b, offsets, scaling, row_scale);
+  auto grads = backward_into(tmp, /*accumulate_dx=*/true, grad_y, x, lora_a, lora_b, offsets, scaling, row_scale, h);
   grad_x.copy_(tmp);
   return grads;
 }
@@ -160,8 +202,20 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
                             double scaling, const std::optional<at::Tensor>& row_scale,
                             const std::optional<at::Tensor>& lora_x) {
   MOLE_CHECK_CUDA_TENSOR(x, "x");
-  return lora_linear_with(&grouped_lora_add_out_cuda, x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale,
-                          lora_x);
+  return lora_linear_with(&add_out_cuda, x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale, lora_x);
+}
+
+// -> (lora_linear_cuda's result, the LoRA's unscaled shrink h as grouped_lora_h_cuda)
+std::tuple<at::Tensor, at::Tensor> lora_linear_h_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                      const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                                                      const at::Tensor& lora_b, const at::Tensor& offsets,
+                                                      double scaling, const std::optional<at::Tensor>& row_scale,
+                                                      const std::optional<at::Tensor>& lora_x) {
+  MOLE_CHECK_CUDA_TENSOR(x, "x");
+  at::Tensor h;
+  at::Tensor y = lora_linear_with(&add_out_cuda, x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale, lora_x,
+                                  &h);
+  return {y, h};
 }
 
 }  // namespace cuda
@@ -187,10 +241,12 @@ bool grouped_lora_pipelined() { return pipelined_flag().load(); }
 
 TORCH_LIBRARY_IMPL(mole_ext, CUDA, m) {
   m.impl("grouped_lora", &cuda::grouped_lora_cuda);
+  m.impl("grouped_lora_h", &cuda::grouped_lora_h_cuda);
   m.impl("grouped_lora_add_out", &cuda::grouped_lora_add_out_cuda);
   m.impl("grouped_lora_backward", &cuda::grouped_lora_backward_cuda);
   m.impl("grouped_lora_backward_add_out", &cuda::grouped_lora_backward_add_out_cuda);
   m.impl("lora_linear", &cuda::lora_linear_cuda);
+  m.impl("lora_linear_h", &cuda::lora_linear_h_cuda);
 }
 
 }  // namespace mole_ext

@@ -217,21 +217,26 @@ __global__ void __launch_bounds__(kEltThreads) wgrad_reduce_kernel(const Acc* __
 
 // ---- elementwise steps ----
 
-// Hs[i, j] = dtype(m_i * sum_split Hp[split, i, j]), m_i = scaling * row_scale[i].
+// Hs[i, j] = dtype(m_i * sum_split Hp[split, i, j]), m_i = scaling * row_scale[i]. With h_out
+// (grouped_lora_h, lora_linear_h) the unscaled sum h is stored there too: the value finish_bwd
+// would recompute from the same partials in the same order, so a backward given it is bit-identical.
 template <typename S, typename Acc>
 __global__ void __launch_bounds__(kEltThreads) finish_h_kernel(const Acc* __restrict__ hp, int64_t splits, int64_t n,
                                                                int64_t r, const Acc* __restrict__ row_scale,
-                                                               Acc scaling, S* __restrict__ hs) {
+                                                               Acc scaling, S* __restrict__ hs,
+                                                               Acc* __restrict__ h_out) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * kEltThreads + threadIdx.x;
   if (idx >= n * r) return;
   Acc h = Acc(0);
   for (int64_t sp = 0; sp < splits; ++sp) h += hp[sp * n * r + idx];
+  if (h_out != nullptr) h_out[idx] = h;
   const Acc m = row_scale ? scaling * row_scale[idx / r] : scaling;
   hs[idx] = from_acc<S, Acc>(m * h);
 }
 
 // One warp per row: h = sum Hp, g = sum Gp; dH = m g, Hs = m h (in the input dtype) and
-// d row_scale[i] = scaling * <g, h> (fixed lane order, then warp_sum: deterministic).
+// d row_scale[i] = scaling * <g, h> (fixed lane order, then warp_sum: deterministic). With the
+// forward's saved h, hp is that [N, r] tensor and h_splits 1: h = 0 + h, the same value.
 template <typename S, typename Acc>
 __global__ void __launch_bounds__(kEltThreads) finish_bwd_kernel(const Acc* __restrict__ hp, int64_t h_splits,
                                                                  const Acc* __restrict__ gp, int64_t g_splits,

@@ -199,8 +199,9 @@ void expand(const Prepared& p, const at::Tensor& hs, at::Tensor& y, bool tc) {
   launch_row_gemm<S, Acc, EPI>(a, 1, tc, p.stream);
 }
 
+// h_out: an [N, r] tensor in Acc (contiguous) for the unscaled shrink, or undefined.
 template <typename S, typename Acc>
-void forward_typed(const Prepared& p, double scaling, at::Tensor& y, bool accumulate) {
+void forward_typed(const Prepared& p, double scaling, at::Tensor& y, bool accumulate, at::Tensor& h_out) {
   const bool tc = kIs16Bit<S> && !force_simt();
   int64_t splits = 1;
   const at::Tensor hp = shrink_partials<S, Acc>(p, tc, &splits);
@@ -208,7 +209,8 @@ void forward_typed(const Prepared& p, double scaling, at::Tensor& y, bool accumu
   const int64_t elems = p.n * p.r;
   finish_h_kernel<S, Acc><<<grid_dim(index_math::ceil_div(elems, kEltThreads), "x"), kEltThreads, 0, p.stream>>>(
       hp.const_data_ptr<Acc>(), splits, p.n, p.r, p.row_scale.defined() ? p.row_scale.const_data_ptr<Acc>() : nullptr,
-      static_cast<Acc>(scaling), reinterpret_cast<S*>(hs.mutable_data_ptr()));
+      static_cast<Acc>(scaling), reinterpret_cast<S*>(hs.mutable_data_ptr()),
+      h_out.defined() ? h_out.mutable_data_ptr<Acc>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (accumulate) {
     expand<S, Acc, Epi::kAdd>(p, hs, y, tc);
@@ -217,11 +219,13 @@ void forward_typed(const Prepared& p, double scaling, at::Tensor& y, bool accumu
   }
 }
 
-inline void run_forward(const Prepared& p, double scaling, at::Tensor& y, bool accumulate) {
+// y (+)= the grouped LoRA; h_out (undefined, or [N, r] contiguous in x's accumulation type) gets
+// the unscaled shrink X A_k^T. N > 0.
+inline void run_forward(const Prepared& p, double scaling, at::Tensor& y, bool accumulate, at::Tensor& h_out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "grouped_lora_cuda", [&] {
     using S = typename Native<scalar_t>::type;
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    forward_typed<S, Acc>(p, scaling, y, accumulate);
+    forward_typed<S, Acc>(p, scaling, y, accumulate, h_out);
   });
 }
 
@@ -277,10 +281,11 @@ void weight_grad(const Prepared& p, const lt::WgradShape& sh, const at::Tensor& 
 
 template <typename S, typename Acc>
 void backward_typed(const Prepared& p, const at::Tensor& gy, double scaling, at::Tensor& grad_x, bool accumulate_dx,
-                    at::Tensor& grad_a, at::Tensor& grad_b, at::Tensor& grad_rs) {
+                    at::Tensor& grad_a, at::Tensor& grad_b, at::Tensor& grad_rs, const at::Tensor& h) {
   const bool tc = kIs16Bit<S> && !force_simt();
+  // The unscaled shrink: the forward's (one [N, r] piece, no read of x) or recomputed in pieces
   int64_t h_splits = 1;
-  const at::Tensor hp = shrink_partials<S, Acc>(p, tc, &h_splits);
+  const at::Tensor hp = h.defined() ? h : shrink_partials<S, Acc>(p, tc, &h_splits);
   // G = dY B_k, split over `out` (as the shrink: one wave of the kernel's occupancy)
   RowGemmArgs<S> ga = row_args<S>(lt::dy_b_shape(p.out, p.r), gy, p.lora_b, p.offsets, p.k, p.n);
   const int64_t blocks = lt::seg_tile_grid(p.n, p.k, BM) * index_math::ceil_div(p.r, BN);
@@ -327,13 +332,15 @@ void backward_typed(const Prepared& p, const at::Tensor& gy, double scaling, at:
 }
 
 // grad_x (contiguous, x's dtype) gets dX (stored, or added with accumulate_dx); grad_a, grad_b
-// (contiguous, x's dtype) get dA, dB; grad_rs ([N] in Acc, or empty) d row_scale. N > 0.
+// (contiguous, x's dtype) get dA, dB; grad_rs ([N] in Acc, or empty) d row_scale; h: the forward's
+// unscaled shrink ([N, r] contiguous in Acc) or undefined (recomputed). N > 0.
 inline void run_backward(const Prepared& p, const at::Tensor& gy, double scaling, at::Tensor& grad_x,
-                         bool accumulate_dx, at::Tensor& grad_a, at::Tensor& grad_b, at::Tensor& grad_rs) {
+                         bool accumulate_dx, at::Tensor& grad_a, at::Tensor& grad_b, at::Tensor& grad_rs,
+                         const at::Tensor& h) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "grouped_lora_backward_cuda", [&] {
     using S = typename Native<scalar_t>::type;
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    backward_typed<S, Acc>(p, gy, scaling, grad_x, accumulate_dx, grad_a, grad_b, grad_rs);
+    backward_typed<S, Acc>(p, gy, scaling, grad_x, accumulate_dx, grad_a, grad_b, grad_rs, h);
   });
 }
 
