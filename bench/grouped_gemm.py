@@ -117,8 +117,11 @@ def bytes_moved(cfg: Config, mode: str) -> int:
 # ---- providers: each returns (fwd, bwd) callables ----------------------------------------------
 
 def mole_ext_provider(x, a, b, off, rs, gy, expert, scaling):
-    return (lambda: ops.grouped_lora(x, a, b, off, scaling, rs),
-            lambda: torch.ops.mole_ext.grouped_lora_backward(gy, x, a, b, off, scaling, rs))
+    # What autograd runs in training: the forward that keeps the rank-r shrink h (grouped_lora_h),
+    # and the backward given it (x read once); the traffic model's default (saved_h=True).
+    h = torch.ops.mole_ext.grouped_lora_h(x, a, b, off, scaling, rs)[1]
+    return (lambda: torch.ops.mole_ext.grouped_lora_h(x, a, b, off, scaling, rs)[0],
+            lambda: torch.ops.mole_ext.grouped_lora_backward(gy, x, a, b, off, scaling, rs, h))
 
 
 def _mole_ext_with_switch_off(switch: str, name: str):

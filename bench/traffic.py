@@ -16,7 +16,16 @@ these rules, which the GPU check's ncu stage (dram__bytes) can confirm or refute
     PyTorch's own ops around them (dtype casts, autograd sums) move what their inputs and outputs
     are.
 The minimum of an op reads each input once and writes each output once (an output that is
-accumulated into is read once too). Compute time is not modelled: the FLOPs are reported so the
+accumulated into is read once too).
+
+Bytes per element of the large activations (bf16, 2 bytes an element; rank-r and weight traffic
+aside), implemented vs minimum:
+  forward   x: 2 vs 2 (one read), y: 2 vs 2 (one write; add_out 4 vs 4: read, write);
+  backward  x: 4 vs 4 with the forward's saved H (x read once, by dA; dX written once; add_out
+            6 vs 6: dX read and written) and 6 vs 4 without it (the plain ops recompute the
+            shrink: x read twice);
+            dY: 4 vs 2 (read by G = dY B and again by dB = dY^T Hs; fusing the two passes is
+            the open step, see csrc/cuda/grouped_lora.cu). Compute time is not modelled: the FLOPs are reported so the
 arithmetic intensity is visible (at r = 128 the tensor cores may bind before DRAM).
 
     python bench/traffic.py             # the table of the benchmark shapes, predictions at 3000 GB/s
@@ -86,11 +95,19 @@ class Shape:
 
 @dataclasses.dataclass
 class Traffic:
-    """One op: the minimum, the kernels' bytes (name -> bytes), the FLOPs."""
+    """One op: the minimum, the kernels' bytes (name -> bytes), the FLOPs. `streams`: for the large
+    activations, name -> (elements, implemented bytes, minimum bytes) of the DRAM traffic on that
+    tensor and its gradient ("x": x read, dX written / read; "dY" or "y"): per_element() divides."""
     op: str
     minimum: int
     kernels: List[Tuple[str, int]]
     flops: int = 0
+    streams: Dict[str, Tuple[int, int, int]] = dataclasses.field(default_factory=dict)
+
+    def per_element(self, name: str) -> Tuple[float, float]:
+        """(implemented, minimum) DRAM bytes per element of the large activation `name`."""
+        elems, impl, least = self.streams[name]
+        return impl / elems, least / elems
 
     @property
     def implementation(self) -> int:
@@ -111,9 +128,15 @@ def _reads(nbytes: int, readers: int, s: Shape) -> int:
     return nbytes if nbytes <= s.l2 // 2 else nbytes * readers
 
 
-def grouped_lora(s: Shape, mode: str, accumulate: bool = False) -> Traffic:
+def grouped_lora(s: Shape, mode: str, accumulate: bool = False, saved_h: bool = True) -> Traffic:
     """grouped_lora (mode "fwd"; accumulate: grouped_lora_add_out) or grouped_lora_backward
-    ("bwd"; accumulate: grouped_lora_backward_add_out, dX added onto its buffer)."""
+    ("bwd"; accumulate: grouped_lora_backward_add_out, dX added onto its buffer).
+
+    saved_h (what autograd runs: grouped_lora_h / lora_linear_h, then the backward's `h`): the
+    forward also writes the unscaled shrink H ([N, r] fp32) and the backward reads it instead of
+    recomputing it from x; without it (the plain ops) the backward runs the shrink again. Either
+    way the op's minimum counts what it must read and write, H included when it is an output or
+    an input."""
     if mode not in ("fwd", "bwd"):
         raise ValueError(f"mode must be 'fwd' or 'bwd', got {mode!r}")
     e, n, i, o, r, k = s.elem, s.n, s.d_in, s.d_out, s.r, s.k
@@ -130,22 +153,30 @@ def grouped_lora(s: Shape, mode: str, accumulate: bool = False) -> Traffic:
         return (f"{name} (x A^T, {col_tiles_r} column tile(s), {splits} split(s))",
                 X + A + splits * n * r * s.acc), splits
 
+    H32 = n * r * s.acc if saved_h else 0  # the saved unscaled shrink (fp32)
+    y_rw = 2 if accumulate else 1        # y / dX written, and read first when accumulated into
     kernels = [("prepare_offsets", off)]
     if mode == "fwd":
         (name, nb), splits = shrink("shrink")
         kernels.append((name, nb))
-        kernels.append(("finish_h (sum splits, scale)", splits * n * r * s.acc + rs + H))
+        kernels.append(("finish_h (sum splits, scale" + (", keep H" if saved_h else "") + ")",
+                        splits * n * r * s.acc + rs + H + H32))
         kernels.append(("expand (Hs B^T" + (", add" if accumulate else "") + ")",
-                        _reads(H, cdiv(o, BN), s) + B + Y * (2 if accumulate else 1)))
-        minimum = X + A + B + rs + off + Y * (2 if accumulate else 1)
+                        _reads(H, cdiv(o, BN), s) + B + Y * y_rw))
+        minimum = X + A + B + rs + off + Y * y_rw + H32
         flops = 2 * n * r * (i + o)
-        return Traffic("grouped_lora fwd" + (" (add_out)" if accumulate else ""), minimum, kernels, flops)
-    (name, nb), h_splits = shrink("shrink again")
-    kernels.append((name, nb))
+        streams = {"x": (n * i, X, X), "y": (n * o, Y * y_rw, Y * y_rw)}
+        return Traffic("grouped_lora fwd" + (" (add_out)" if accumulate else ""), minimum, kernels, flops, streams)
+    if saved_h:
+        h_splits = 1  # finish_bwd reads the saved H as one piece
+    else:
+        (name, nb), h_splits = shrink("shrink again")
+        kernels.append((name, nb))
     _, g_splits = split_plan(o, want_splits(row_tiles * col_tiles_r, target, o, MIN_SPLIT_CHUNK, MAX_SPLITS), BK)
     kernels.append((f"G = dY B ({col_tiles_r} column tile(s), {g_splits} split(s))",
                     Y + B + g_splits * n * r * s.acc))
-    kernels.append(("finish_bwd (dH, Hs, d row_scale)", (h_splits + g_splits) * n * r * s.acc + rs + 2 * H + rs))
+    kernels.append(("finish_bwd (" + ("saved H, " if saved_h else "") + "dH, Hs, d row_scale)",
+                    (h_splits + g_splits) * n * r * s.acc + rs + 2 * H + rs))
     chunk_rows = wgrad_chunk_rows(n)
     chunks = seg_tile_grid(n, k, chunk_rows)
     m_tiles_r = cdiv(r, BM)
@@ -156,11 +187,13 @@ def grouped_lora(s: Shape, mode: str, accumulate: bool = False) -> Traffic:
                     Y + _reads(H, cdiv(o, BM), s) + chunks * o * r * s.acc))
     kernels.append(("dB reduce", chunks * o * r * s.acc + B))
     kernels.append(("dX (dH A" + (", add" if accumulate else "") + ")",
-                    _reads(H, cdiv(i, BN), s) + A + X * (2 if accumulate else 1)))
-    # dY, x, A, B (and row_scale) in; dX (read too when accumulating), dA, dB, d row_scale out
-    minimum = Y + X + A + B + rs + off + X * (2 if accumulate else 1) + A + B + rs
-    flops = 2 * n * r * (2 * i + 2 * o + i)  # H, dX, dA (in) and G, dB (out)
-    return Traffic("grouped_lora bwd" + (" (add_out)" if accumulate else ""), minimum, kernels, flops)
+                    _reads(H, cdiv(i, BN), s) + A + X * y_rw))
+    # dY, x, A, B, the saved H (and row_scale) in; dX (read too when accumulating), dA, dB, d row_scale out
+    minimum = Y + X + A + B + rs + off + X * y_rw + A + B + rs + H32
+    flops = 2 * n * r * ((0 if saved_h else i) + 2 * i + 2 * o)  # H (recomputed), dX, dA and G, dB
+    # x: read by the shrink (without saved H) and by dA, dX written (and read); dY: read by G and by dB
+    streams = {"x": (n * i, X * (1 if saved_h else 2) + X * y_rw, X + X * y_rw), "dY": (n * o, 2 * Y, Y)}
+    return Traffic("grouped_lora bwd" + (" (add_out)" if accumulate else ""), minimum, kernels, flops, streams)
 
 
 def mole_ffn(n: int, d: int, m: int, r: int, k: int, elem: int = 2, sms: int = DEFAULT_SMS,
@@ -236,6 +269,14 @@ def readme_table() -> str:
     for mode, ops in mole_ffn(16384, 4096, 11008, 32, 4).items():
         s = summary(ops)
         out.append(f"| MoLE FFN {mode}: mole_ext's ops (r = 32) | | {s.fraction:.2f} | | | |")
+    out += ["", "| bytes per element (bf16; implemented / minimum) | x (and dX) | y or dY |", "|---|---|---|"]
+    for mode, acc in (("fwd", False), ("fwd", True), ("bwd", False), ("bwd", True)):
+        t = grouped_lora(Shape(16384, 4096, 11008, 32, 4), mode, accumulate=acc)
+        cells = [f"{a:.0f} / {b:.0f}" for a, b in (t.per_element(name) for name in t.streams)]
+        out.append(f"| {t.op} | " + " | ".join(cells) + " |")
+    t = grouped_lora(Shape(16384, 4096, 11008, 32, 4), "bwd", saved_h=False)
+    out.append("| grouped_lora bwd, plain op (no saved H) | " + " | ".join(
+        f"{a:.0f} / {b:.0f}" for a, b in (t.per_element(name) for name in t.streams)) + " |")
     out += ["", "| kernel (N = 16384, 4096 -> 11008, r = 32, K = 4, bf16) | MB | share |", "|---|---|---|"]
     for mode in ("fwd", "bwd"):
         t = grouped_lora(Shape(16384, 4096, 11008, 32, 4), mode)

@@ -28,24 +28,38 @@ def test_lora_tiles_rules():
 
 
 def test_forward_bytes_by_hand():
-    t = traffic.grouped_lora(SMALL, "fwd")
+    t = traffic.grouped_lora(SMALL, "fwd", saved_h=False)
     assert t.minimum == X + A + B + RS + OFF + Y
     # offsets; shrink (x once, A, one split of fp32 partials); finish_h; expand (Hs, B, y)
     assert [b for _, b in t.kernels] == [OFF, X + A + HP, HP + RS + H, H + B + Y]
+    # what autograd runs (grouped_lora_h): finish_h also writes the unscaled H in fp32, an output
+    saved = traffic.grouped_lora(SMALL, "fwd")
+    assert saved.minimum == t.minimum + HP and [b for _, b in saved.kernels] == [OFF, X + A + HP, HP + RS + H + HP,
+                                                                                 H + B + Y]
+    assert saved.per_element("x") == (2, 2) and saved.per_element("y") == (2, 2)
     assert t.flops == 2 * 1024 * 16 * (256 + 512)
-    acc = traffic.grouped_lora(SMALL, "fwd", accumulate=True)
+    acc = traffic.grouped_lora(SMALL, "fwd", accumulate=True, saved_h=False)
     assert acc.minimum - t.minimum == Y and acc.implementation - t.implementation == Y  # y read, then written
 
 
 def test_backward_bytes_by_hand():
-    t = traffic.grouped_lora(SMALL, "bwd")
+    t = traffic.grouped_lora(SMALL, "bwd", saved_h=False)  # the plain op: the shrink runs again
     assert t.minimum == Y + X + A + B + RS + OFF + X + A + B + RS
     chunks = 1024 // 128 + 2  # wgrad_chunk_rows(1024) = 128
     g_splits = 2  # 512 // 256 pieces of `out`
-    want = [OFF, X + A + HP, Y + B + g_splits * HP, (1 + g_splits) * HP + RS + 2 * H + RS,
-            H + X + chunks * 16 * 256 * 4, chunks * 16 * 256 * 4 + A,
+    rest = [H + X + chunks * 16 * 256 * 4, chunks * 16 * 256 * 4 + A,
             Y + H + chunks * 512 * 16 * 4, chunks * 512 * 16 * 4 + B, H + A + X]
+    want = [OFF, X + A + HP, Y + B + g_splits * HP, (1 + g_splits) * HP + RS + 2 * H + RS] + rest
     assert [b for _, b in t.kernels] == want
+    # x read twice (shrink, dA), dX written once; dY read twice (G, dB): per element 6 / 4 and 4 / 2
+    assert t.per_element("x") == (6, 4) and t.per_element("dY") == (4, 2)
+    # with the forward's saved H (what autograd runs): no shrink; finish_bwd reads H (fp32) instead
+    saved = traffic.grouped_lora(SMALL, "bwd")
+    assert saved.minimum == t.minimum + HP
+    assert [b for _, b in saved.kernels] == [OFF, Y + B + g_splits * HP, (1 + g_splits) * HP + RS + 2 * H + RS] + rest
+    assert saved.per_element("x") == (4, 4) and saved.per_element("dY") == (4, 2)
+    acc = traffic.grouped_lora(SMALL, "bwd", accumulate=True)
+    assert acc.per_element("x") == (6, 6)  # dX read and written
 
 
 def test_adjacent_column_tiles_read_x_and_dy_once_even_past_the_l2():
@@ -74,11 +88,13 @@ def test_implementation_never_below_minimum(n, r, mode):
 
 def test_benchmark_shape_predictions():
     # N = 16384, 4096 -> 11008, r = 32, K = 4, bf16: the forward is within 3% of its minimum; the
-    # backward reads x and dY twice (shrink + dA, G + dB) and moves fp32 partials
+    # plain backward reads x and dY twice (shrink + dA, G + dB) and moves fp32 partials; with the
+    # forward's saved H it reads x once, dY still twice
     fwd = traffic.grouped_lora(traffic.Shape(16384, 4096, 11008, 32, 4), "fwd")
+    plain = traffic.grouped_lora(traffic.Shape(16384, 4096, 11008, 32, 4), "bwd", saved_h=False)
     bwd = traffic.grouped_lora(traffic.Shape(16384, 4096, 11008, 32, 4), "bwd")
     assert fwd.fraction > 0.97
-    assert 0.45 < bwd.fraction < 0.6
+    assert 0.45 < plain.fraction < 0.56 < bwd.fraction < 0.65
     assert fwd.predicted_s(1e12) == pytest.approx(fwd.implementation / 1e12)
 
 

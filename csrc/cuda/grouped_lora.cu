@@ -35,6 +35,19 @@
 // grad_y, as the CPU kernel allows). The saved H is the value finish_bwd would sum from the same
 // partials in the same order (finish_bwd adds it to 0 once: the same bits), so every gradient is
 // identical bit for bit with and without it.
+// DRAM traffic (bench/traffic.py models it kernel by kernel), in bytes per element of the large
+// activations for bf16 (implemented / minimum; rank-r, weight and partial traffic aside):
+//   forward:  x 2 / 2 (read once), y 2 / 2 (written once; add_out 4 / 4);
+//   backward with the saved H: x 4 / 4 (read once by dA, dX written once; add_out 6 / 6),
+//             dY 4 / 2 (read by G = dY B_k and again by dB = dY_k^T Hs_k);
+//   backward without it (the plain ops): x 6 / 4 (the shrink reads x again), dY 4 / 2.
+// The remaining excess is dY's second read. Fusing G and dB into one pass over dY tiles trades it
+// for partials: a block covering R rows x W columns of dY must keep G [R, r] and dB [W, r] in fp32
+// on chip and writes (and the reduction reads) 8 r / W + 8 r / R bytes of partials per element of
+// dY. With 64 registers of accumulators per thread (R r + W r ~ 16k) that is about r^2 / 2048 bytes:
+// 0.1 at r = 16, 0.5 at r = 32, 2 (no gain over the second read) at r = 64; with the 64-wide
+// tiles of these kernels (W = 64) it is r / 8, a loss already at r = 16. Without float atomics
+// (results stay bit-reproducible) such a pass is a kernel of its own for r <= 32: not built yet.
 // Rounding: Hs and dH are rounded once to the input dtype before the second GEMM (PyTorch's
 // bf16 LoRA rounds the same intermediates), everything else accumulates in fp32 (fp64 for fp64).
 //
