@@ -42,7 +42,8 @@ BM = BN = 64
 BK = 32
 MIN_SPLIT_CHUNK = 256
 MAX_SPLITS = 16
-WGRAD_CHUNKS = 8
+WGRAD_CHUNKS = 8        # fewest row chunks of the weight-gradient partials
+MAX_WGRAD_CHUNKS = 64
 # H100 SXM / H200: 132 SMs, 50 MiB L2 (the GPU check passes the device's own numbers)
 DEFAULT_SMS = 132
 DEFAULT_L2 = 50 << 20
@@ -75,6 +76,13 @@ def split_plan(length: int, want: int, align: int) -> Tuple[int, int]:
 
 def wgrad_chunk_rows(n: int, target_chunks: int = WGRAD_CHUNKS, align: int = BK, min_rows: int = BM) -> int:
     return max(cdiv(cdiv(n, max(target_chunks, 1)), align) * align, min_rows)
+
+
+def wgrad_target_chunks(tiles: int, wave: int, k: int, min_chunks: int = WGRAD_CHUNKS,
+                        max_chunks: int = MAX_WGRAD_CHUNKS) -> int:
+    tiles, wave, min_chunks = max(tiles, 1), max(wave, 1), max(min_chunks, 1)
+    waves = cdiv((min_chunks + k) * tiles, wave)
+    return max(min(max(waves * wave // tiles - k, min_chunks), max_chunks), 1)
 
 
 # ---- the model -------------------------------------------------------------------------------
@@ -177,15 +185,16 @@ def grouped_lora(s: Shape, mode: str, accumulate: bool = False, saved_h: bool = 
                     Y + B + g_splits * n * r * s.acc))
     kernels.append(("finish_bwd (" + ("saved H, " if saved_h else "") + "dH, Hs, d row_scale)",
                     (h_splits + g_splits) * n * r * s.acc + rs + 2 * H + rs))
-    chunk_rows = wgrad_chunk_rows(n)
-    chunks = seg_tile_grid(n, k, chunk_rows)
+    # row chunks: whole waves of the occupancy (2 blocks per SM assumed here) over the gradient's tiles
     m_tiles_r = cdiv(r, BM)
-    kernels.append((f"dA partials (dH^T x, {m_tiles_r} adjacent r-tile(s), {chunks} chunks)",
-                    _reads(H, cdiv(i, BN), s) + X + chunks * r * i * s.acc))
-    kernels.append(("dA reduce", chunks * r * i * s.acc + A))
-    kernels.append((f"dB partials (dY^T Hs, {col_tiles_r} adjacent r-tile(s))",
-                    Y + _reads(H, cdiv(o, BM), s) + chunks * o * r * s.acc))
-    kernels.append(("dB reduce", chunks * o * r * s.acc + B))
+    chunks_a = seg_tile_grid(n, k, wgrad_chunk_rows(n, wgrad_target_chunks(m_tiles_r * cdiv(i, BN), target, k)))
+    chunks_b = seg_tile_grid(n, k, wgrad_chunk_rows(n, wgrad_target_chunks(cdiv(o, BM) * col_tiles_r, target, k)))
+    kernels.append((f"dA partials (dH^T x, {m_tiles_r} adjacent r-tile(s), {chunks_a} chunks)",
+                    _reads(H, cdiv(i, BN), s) + X + chunks_a * r * i * s.acc))
+    kernels.append(("dA reduce", chunks_a * r * i * s.acc + A))
+    kernels.append((f"dB partials (dY^T Hs, {col_tiles_r} adjacent r-tile(s), {chunks_b} chunks)",
+                    Y + _reads(H, cdiv(o, BM), s) + chunks_b * o * r * s.acc))
+    kernels.append(("dB reduce", chunks_b * o * r * s.acc + B))
     kernels.append(("dX (dH A" + (", add" if accumulate else "") + ")",
                     _reads(H, cdiv(i, BN), s) + A + X * y_rw))
     # dY, x, A, B, the saved H (and row_scale) in; dX (read too when accumulating), dA, dB, d row_scale out

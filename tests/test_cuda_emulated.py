@@ -807,6 +807,32 @@ def test_fewer_sms_change_the_split_not_the_result(emu, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_gradient_chunks_follow_the_wave(emu, dtype):
+    """The weight gradients' row chunks fill whole waves of the occupancy (2 blocks per SM here).
+    dA has 1 output tile, dB 2. With 132 SMs both want 64 chunks and get the 64-row minimum:
+    2000 / 64 + 3 segments = 34. With one SM (waves of 2 blocks): dA 11 chunks fill 6 waves (9 wanted,
+    224 rows: 8 + 3), dB 8 wanted (256 rows: 7 + 3 = 10 chunks, 20 blocks in 10 waves). The sums'
+    order changes with the chunks, so the results match the CPU kernel within tolerance either way,
+    and each SM count repeats its own bits."""
+    x, a, b, off, rs, gy = make([1200, 0, 800], 8, 40, 72, dtype, seed=6)
+    want = reference(x, a, b, off, rs, gy)
+    blocks, runs = {}, {}
+    for sms in (1, 132, 1):
+        emu.ops.configure(sms, 0, 0, 1)
+        emu.ops.reset_stats()
+        got = run_all(emu.ops, x, a, b, off, rs, gy)
+        compare(got, want, dtype, f"{sms} SMs")
+        blocks.setdefault(sms, emu.stats()["blocks"])
+        if sms in runs:
+            for key in got:
+                assert torch.equal(got[key], runs[sms][key]), f"{key}: a rerun on {sms} SMs changed the bits"
+        runs[sms] = got
+    emu.ops.configure(132, 0, 0, 1)
+    # run_all runs the backward 4 times (plain and add_out, each without and with the saved h)
+    assert blocks[132] - blocks[1] == 4 * ((34 - 11) * 1 + (34 - 10) * 2), blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_no_rows(emu, dtype):
     x, a, b, off, rs, gy = make([0, 0, 0], 8, 40, 72, dtype)
     got = run_all(emu.ops, x, a, b, off, rs, gy)

@@ -25,6 +25,9 @@ def test_lora_tiles_rules():
     assert traffic.want_splits(18, 264, 256, 256, 16) == 1
     assert traffic.want_splits(4, 264, 11008, 256, 16) == 16
     assert traffic.wgrad_chunk_rows(16384) == 2048 and traffic.wgrad_chunk_rows(100) == 64
+    # csrc/tests/test_lora_tiles.cpp's cases of the same rule
+    assert [traffic.wgrad_target_chunks(t, 264, k) for t, k in ((64, 4), (1, 4), (10, 1), (172, 4), (1000, 0))] \
+        == [8, 64, 25, 8, 8]
 
 
 def test_forward_bytes_by_hand():
@@ -45,7 +48,9 @@ def test_forward_bytes_by_hand():
 def test_backward_bytes_by_hand():
     t = traffic.grouped_lora(SMALL, "bwd", saved_h=False)  # the plain op: the shrink runs again
     assert t.minimum == Y + X + A + B + RS + OFF + X + A + B + RS
-    chunks = 1024 // 128 + 2  # wgrad_chunk_rows(1024) = 128
+    # weight-gradient chunks fill a wave of 264 blocks: dA's 4 tiles want 64 chunks, dB's 8 tiles
+    # 264 / 8 - 2 = 31; either way the chunks are the 64-row minimum: 1024 / 64 + 2 segments
+    chunks = 1024 // 64 + 2
     g_splits = 2  # 512 // 256 pieces of `out`
     rest = [H + X + chunks * 16 * 256 * 4, chunks * 16 * 256 * 4 + A,
             Y + H + chunks * 512 * 16 * 4, chunks * 512 * 16 * 4 + B, H + A + X]
@@ -124,7 +129,8 @@ def test_model_constants_match_the_kernels():
     text = "".join(open(f).read() for f in glob.glob(os.path.join(root, "csrc", "cuda", "**", "*.*"), recursive=True)
                    if f.endswith((".cu", ".cuh", ".h")))
     want = {"BM": traffic.BM, "BN": traffic.BN, "BK": traffic.BK, "kMinSplitChunk": traffic.MIN_SPLIT_CHUNK,
-            "kMaxSplits": traffic.MAX_SPLITS, "kWgradChunks": traffic.WGRAD_CHUNKS}
+            "kMaxSplits": traffic.MAX_SPLITS, "kWgradChunks": traffic.WGRAD_CHUNKS,
+            "kMaxWgradChunks": traffic.MAX_WGRAD_CHUNKS}
     found = {name: int(m.group(1)) for name in want
              for m in [re.search(rf"constexpr\s+int(?:64_t)?\s+{name}\s*=\s*(\d+)\s*;", text)] if m}
     if not found:

@@ -9,7 +9,7 @@
 //              (in, out or r) can be split over blockIdx.z into fp32 partials.
 //   wgrad      the reduction runs over a segment's rows (dA_k, dB_k): each block reduces one
 //              chunk of rows into an fp32 partial; wgrad_reduce sums a segment's chunks in a
-//              fixed order. No float atomics anywhere: every result is bit-reproducible.
+//              fixed order (chunk count: whole waves of the occupancy, lt::wgrad_target_chunks). No float atomics anywhere: every result is bit-reproducible.
 // bf16 / fp16 multiply on tensor cores (nvcuda::wmma 16x16x16, fp32 accumulate); fp32 and fp64
 // use a SIMT inner product with the same tiling. MOLE_EXT_GROUPED_LORA_SIMT=1 forces the SIMT
 // path for bf16 / fp16 as well (a cross-check of the tensor-core path). Global memory is read and
@@ -18,9 +18,13 @@
 // tokens, is staged k-major for that, block_mma's AT); MOLE_EXT_GROUPED_LORA_SCALAR=1 or
 // mole_ext._C.set_grouped_lora_vectorized(False) turns that off (element accesses, the same
 // results bit for bit: a cross-check and an A/B switch for the benchmarks). With vector accesses,
-// the bf16 / fp16 row GEMMs run a cp.async pipelined main loop (block_mma_pipelined, sm_80+; the
-// same products in the same order, so again identical results; set_grouped_lora_pipelined(False)
-// or MOLE_EXT_GROUPED_LORA_NO_PIPELINE=1 turns it off).
+// the bf16 / fp16 row GEMMs and weight gradients run a cp.async pipelined main loop
+// (block_mma_pipelined, sm_80+; the same products in the same order, so again identical results;
+// set_grouped_lora_pipelined(False) or MOLE_EXT_GROUPED_LORA_NO_PIPELINE=1 turns it off).
+// Occupancy: the row GEMMs' splits and the weight gradients' row chunks are chosen from the
+// occupancy API (resident blocks of the kernel variant that runs, times the SMs) so that the grids
+// end in whole waves; the chunk boundaries (the order of the fp32 sums) thus follow the device, and
+// on one device every run gives the same bits.
 //
 // Forward (y = scaling * row_scale * B_k (A_k x)):
 //   1. row_gemm<PARTIAL>: Hp[split] = X A_k^T over a piece of `in`          [splits, N, r] fp32

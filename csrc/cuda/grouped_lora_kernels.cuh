@@ -36,7 +36,8 @@ struct RowGemmArgs {
   int pipe;                    // Pipe: the cp.async main loop and b's layout for it, or kPipeNone
 };
 
-// Shared memory of a row_gemm block (PipeSmem is instantiated for the pipelined 16-bit kernels only).
+// Shared memory of a row_gemm or wgrad block (PipeSmem is instantiated for the pipelined 16-bit
+// kernels only).
 template <typename S, typename Acc, int PIPE>
 constexpr size_t row_gemm_smem() {
   if constexpr (PIPE == kPipeNone) {
@@ -145,9 +146,12 @@ struct WgradArgs {
   double* out_d;
 };
 
-template <typename S, typename Acc, bool TC>
+// PIPE: kPipeBRow runs the cp.async main loop (16-bit types on tensor cores, sm_80+; both operands
+// in 16-byte row chunks: the host's a_vec and b_vec), the same products in the same order as
+// block_mma, so the same bits; kPipeNone the plain one.
+template <typename S, typename Acc, bool TC, int PIPE = kPipeNone>
 __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradArgs<S> p) {
-  __shared__ __align__(128) unsigned char smem[TileSmem<S, Acc>::kBytes];
+  __shared__ __align__(128) unsigned char smem[row_gemm_smem<S, Acc, PIPE>()];
   // blockIdx.x = chunk * (m_tiles * n_tiles) + tile, the tiles of a chunk consecutive and within
   // them the narrower side fastest (m_fast; in real shapes the rank side: m for dA = dH^T X, n for
   // dB = dY^T Hs): the blocks that read the same rows of the wide operand (X for dA, dY for dB)
@@ -165,7 +169,16 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradArgs<S> p) {
   const int64_t rows = st.row_end - st.row_begin;  // 0 for an idle chunk: its partial is zeros
   const Operand<S> A{p.a + st.row_begin * p.lda + m0, 1, p.lda, /*j_fast=*/false, p.a_vec};
   const Operand<S> B{p.b + st.row_begin * p.ldb + n0, p.ldb, 1, /*j_fast=*/true, p.b_vec};
-  block_mma<S, Acc, TC, /*AT=*/true>(smem, A, B, mv, nv, rows > 0 ? rows : 0);
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  constexpr bool kPipelined = PIPE == kPipeBRow && TC && kIs16Bit<S> && std::is_same_v<Acc, float>;
+#else
+  constexpr bool kPipelined = false;  // no cp.async before sm_80 (the host never asks for it there)
+#endif
+  if constexpr (kPipelined) {
+    block_mma_pipelined<S, kPipeBRow, /*AT=*/true>(smem, A, B, mv, nv, rows > 0 ? rows : 0);
+  } else {
+    block_mma<S, Acc, TC, /*AT=*/true>(smem, A, B, mv, nv, rows > 0 ? rows : 0);
+  }
   const Acc* sC = reinterpret_cast<const Acc*>(smem);
   Acc* out = nullptr;
   if constexpr (std::is_same_v<Acc, double>) {

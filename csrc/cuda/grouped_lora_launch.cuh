@@ -229,16 +229,35 @@ inline void run_forward(const Prepared& p, double scaling, at::Tensor& y, bool a
   });
 }
 
+// The wgrad_kernel variant for `a`: tensor cores (tc), and the cp.async main loop where both
+// operands come in 16-byte row chunks and the switch is on (16-bit types only).
+enum class WgradVariant { kSimt, kTc, kTcPipelined };
+
+template <typename S>
+WgradVariant wgrad_variant(const WgradArgs<S>& a, bool tc) {
+  if (!kIs16Bit<S> || !tc) return WgradVariant::kSimt;
+  return a.a_vec && a.b_vec && tuning::grouped_lora_pipelined() ? WgradVariant::kTcPipelined : WgradVariant::kTc;
+}
+
+template <typename S, typename Acc>
+int wgrad_resident_blocks(WgradVariant v) {
+  if constexpr (kIs16Bit<S>) {
+    if (v == WgradVariant::kTcPipelined) return resident_blocks<&wgrad_kernel<S, Acc, true, kPipeBRow>>();
+    if (v == WgradVariant::kTc) return resident_blocks<&wgrad_kernel<S, Acc, true>>();
+  }
+  return resident_blocks<&wgrad_kernel<S, Acc, false>>();
+}
+
 // Partials of a weight gradient over row chunks, then the per-segment reduction into grad [K, M, ncols].
+// The chunk count fills whole waves of the kernel's occupancy (lt::wgrad_target_chunks, at least
+// kWgradChunks): the chunk boundaries, and so the order of the fp32 sums, follow the device's SM
+// count and the kernel's occupancy; on one device every run gives the same bits.
 template <typename S, typename Acc>
 void weight_grad(const Prepared& p, const lt::WgradShape& sh, const at::Tensor& left, const at::Tensor& right,
                  at::Tensor& grad, bool tc) {
   const int64_t lda = sh.lda, m_rows = sh.m_rows, ldb = sh.ldb, ncols = sh.ncols;
-  const int64_t chunk_rows = lt::wgrad_chunk_rows(p.n, kWgradChunks, BK, BM);
-  const int64_t chunks = lt::seg_tile_grid(p.n, p.k, chunk_rows);
   const int64_t elems = m_rows * ncols;
   if (elems == 0) return;
-  at::Tensor part = at::empty({chunks, m_rows, ncols}, p.x.options().dtype(c10::CppTypeToScalarType<Acc>::value));
   WgradArgs<S> a{};
   a.a = reinterpret_cast<const S*>(left.const_data_ptr());
   a.lda = lda;
@@ -247,7 +266,6 @@ void weight_grad(const Prepared& p, const lt::WgradShape& sh, const at::Tensor& 
   a.offsets = p.offsets.const_data_ptr<int64_t>();
   a.k_seg = p.k;
   a.n = p.n;
-  a.chunk_rows = chunk_rows;
   a.m_rows = m_rows;
   a.ncols = ncols;
   a.m_tiles = index_math::ceil_div(m_rows, BM);
@@ -255,6 +273,14 @@ void weight_grad(const Prepared& p, const lt::WgradShape& sh, const at::Tensor& 
   a.m_fast = m_rows <= ncols;  // the narrower side fastest (wgrad_kernel says why)
   a.a_vec = vec_rows<S>(a.a, a.lda);
   a.b_vec = vec_rows<S>(a.b, a.ldb);
+  const WgradVariant variant = wgrad_variant(a, tc);
+  const int64_t target =
+      lt::wgrad_target_chunks(a.m_tiles * a.n_tiles, wave_blocks(wgrad_resident_blocks<S, Acc>(variant)), p.k,
+                              kWgradChunks, kMaxWgradChunks);
+  const int64_t chunk_rows = lt::wgrad_chunk_rows(p.n, target, BK, BM);
+  const int64_t chunks = lt::seg_tile_grid(p.n, p.k, chunk_rows);
+  a.chunk_rows = chunk_rows;
+  at::Tensor part = at::empty({chunks, m_rows, ncols}, p.x.options().dtype(c10::CppTypeToScalarType<Acc>::value));
   if constexpr (std::is_same_v<Acc, double>) {
     a.out_d = part.mutable_data_ptr<double>();
   } else {
@@ -263,7 +289,9 @@ void weight_grad(const Prepared& p, const lt::WgradShape& sh, const at::Tensor& 
   a.out_vec = vec_rows<Acc>(part.const_data_ptr(), ncols);
   const dim3 grid(grid_dim(chunks * a.m_tiles * a.n_tiles, "x"));
   if constexpr (kIs16Bit<S>) {
-    if (tc) {
+    if (variant == WgradVariant::kTcPipelined) {
+      wgrad_kernel<S, Acc, true, kPipeBRow><<<grid, kThreads, 0, p.stream>>>(a);
+    } else if (variant == WgradVariant::kTc) {
       wgrad_kernel<S, Acc, true><<<grid, kThreads, 0, p.stream>>>(a);
     } else {
       wgrad_kernel<S, Acc, false><<<grid, kThreads, 0, p.stream>>>(a);
