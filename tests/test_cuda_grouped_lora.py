@@ -229,11 +229,14 @@ def test_bit_identical_reruns(device, dtype):
     args = cuda_args(x, a, b, off, rs, up)
     y0 = ops.grouped_lora(*args[:4], 0.5, args[4])
     g0 = torch.ops.mole_ext.grouped_lora_backward(args[5], *args[:4], 0.5, args[4])
+    h0 = torch.ops.mole_ext.grouped_lora_h(*args[:4], 0.5, args[4])[1]
     for _ in range(2):
         assert_equal(ops.grouped_lora(*args[:4], 0.5, args[4]), y0, "forward rerun")
-        for u, v, name in zip(torch.ops.mole_ext.grouped_lora_backward(args[5], *args[:4], 0.5, args[4]), g0,
-                              ("x", "lora_a", "lora_b", "row_scale")):
-            assert_equal(u, v, f"grad {name} rerun")
+        assert_equal(torch.ops.mole_ext.grouped_lora_h(*args[:4], 0.5, args[4])[1], h0, "saved h rerun")
+        for saved in (None, h0):  # recomputing the shrink, and given the forward's
+            for u, v, name in zip(torch.ops.mole_ext.grouped_lora_backward(args[5], *args[:4], 0.5, args[4], saved),
+                                  g0, ("x", "lora_a", "lora_b", "row_scale")):
+                assert_equal(u, v, f"grad {name} rerun" + ("" if saved is None else " (saved h)"))
 
 
 _SIMT_SCRIPT = r"""
@@ -365,14 +368,23 @@ def test_lora_linear_matches_cpu_forward_and_backward(device, n, k, kind, dtype,
 # ---- 16-byte vector accesses against element accesses --------------------------------------------
 
 def _all_grouped_ops(x, a, b, off, rs, up, base, base_dx):
+    """Every grouped op's results; the forward that keeps the shrink h (grouped_lora_h) and both
+    backward ops given h must equal the plain ops (recomputing it) bit for bit, which is checked here."""
     out, gx = base.clone(), base_dx.clone()
     ops.grouped_lora_add_out(out, x, a, b, off, 0.75, rs)
     acc = ops.grouped_lora_backward_add_out(gx, up, x, a, b, off, 0.75, rs)
-    return [ops.grouped_lora(x, a, b, off, 0.75, rs), out, *torch.ops.mole_ext.grouped_lora_backward(
+    res = [ops.grouped_lora(x, a, b, off, 0.75, rs), out, *torch.ops.mole_ext.grouped_lora_backward(
         up, x, a, b, off, 0.75, rs), gx, *acc]
+    y_h, h = torch.ops.mole_ext.grouped_lora_h(x, a, b, off, 0.75, rs)
+    gx_h = base_dx.clone()
+    with_h = [y_h, *torch.ops.mole_ext.grouped_lora_backward(up, x, a, b, off, 0.75, rs, h), gx_h,
+              *ops.grouped_lora_backward_add_out(gx_h, up, x, a, b, off, 0.75, rs, h)]
+    for u, v, name in zip(with_h, [res[0], *res[2:]], [_ALL_OP_RESULTS[0], *_ALL_OP_RESULTS[2:]]):
+        assert_equal(u, v, f"saved h vs recompute: {name}")
+    return res + [h]
 
 
-_ALL_OP_RESULTS = ("y", "add_out", "gx", "ga", "gb", "grs", "gx_acc", "ga_acc", "gb_acc", "grs_acc")
+_ALL_OP_RESULTS = ("y", "add_out", "gx", "ga", "gb", "grs", "gx_acc", "ga_acc", "gb_acc", "grs_acc", "h")
 
 
 def _same_with_switch_off(args, is_on, set_on, what):
@@ -424,7 +436,8 @@ def test_pipelined_and_plain_main_loops_agree_bit_for_bit(device, dtype, d_in, d
     multiplies the same zero-filled tiles in the same order as the plain one: identical results,
     over ragged last k-steps (40, 328, 1000), many steps through the three stages (4096, split
     too), both layouts of the right operand (k-contiguous lora_a / lora_b in the shrink and
-    expand, n-contiguous in G and dX) and r from 1 to 128."""
+    expand, n-contiguous in G and dX), the weight gradients' k-major left operand (dH, dY over a
+    chunk of rows: ragged at every chunk and segment end) and r from 1 to 128."""
     n = 1025
     x, a, b, off, rs = make(n, 4, r, d_in, d_out, dtype, kind=kind)
     g = torch.Generator().manual_seed(8)
