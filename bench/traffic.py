@@ -24,8 +24,9 @@ aside), implemented vs minimum:
   backward  x: 4 vs 4 with the forward's saved H (x read once, by dA; dX written once; add_out
             6 vs 6: dX read and written) and 6 vs 4 without it (the plain ops recompute the
             shrink: x read twice);
-            dY: 4 vs 2 (read by G = dY B and again by dB = dY^T Hs; fusing the two passes is
-            the open step, see csrc/cuda/grouped_lora.cu). Compute time is not modelled: the FLOPs are reported so the
+            dY: 2 vs 2 for bf16 / fp16 at r <= 32 (G = dY B and dB = dY^T Hs in one pass, plus
+            fp32 partials of about 8 r / 256 + 8 r / rows-per-chunk bytes per element), else 4 vs
+            2 (two passes). See csrc/cuda/grouped_lora.cu. Compute time is not modelled: the FLOPs are reported so the
 arithmetic intensity is visible (at r = 128 the tensor cores may bind before DRAM).
 
     python bench/traffic.py             # the table of the benchmark shapes, predictions at 3000 GB/s
@@ -40,6 +41,8 @@ from typing import Dict, List, Tuple
 # the kernels' constants (csrc/cuda/grouped_lora.cu)
 BM = BN = 64
 BK = 32
+DY_PASS_COLS = 256      # columns of dY per block of the fused dY pass (kDyPassCols)
+DY_PASS_RANK = 32       # the largest rank it serves (kDyPassRank)
 MIN_SPLIT_CHUNK = 256
 MAX_SPLITS = 16
 WGRAD_CHUNKS = 8        # fewest row chunks of the weight-gradient partials
@@ -136,7 +139,8 @@ def _reads(nbytes: int, readers: int, s: Shape) -> int:
     return nbytes if nbytes <= s.l2 // 2 else nbytes * readers
 
 
-def grouped_lora(s: Shape, mode: str, accumulate: bool = False, saved_h: bool = True) -> Traffic:
+def grouped_lora(s: Shape, mode: str, accumulate: bool = False, saved_h: bool = True,
+                 fused_dy: bool = True) -> Traffic:
     """grouped_lora (mode "fwd"; accumulate: grouped_lora_add_out) or grouped_lora_backward
     ("bwd"; accumulate: grouped_lora_backward_add_out, dX added onto its buffer).
 
@@ -144,7 +148,11 @@ def grouped_lora(s: Shape, mode: str, accumulate: bool = False, saved_h: bool = 
     forward also writes the unscaled shrink H ([N, r] fp32) and the backward reads it instead of
     recomputing it from x; without it (the plain ops) the backward runs the shrink again. Either
     way the op's minimum counts what it must read and write, H included when it is an output or
-    an input."""
+    an input.
+
+    fused_dy (the default switch of the CUDA kernels): for 16-bit types and r <= 32 the backward
+    computes G = dY B and dB = dY^T Hs in one pass over dY (dy_pass_kernel), which writes fp32
+    partials of G per 256 columns of dY and of dB per row chunk; else two passes read dY twice."""
     if mode not in ("fwd", "bwd"):
         raise ValueError(f"mode must be 'fwd' or 'bwd', got {mode!r}")
     e, n, i, o, r, k = s.elem, s.n, s.d_in, s.d_out, s.r, s.k
@@ -180,28 +188,40 @@ def grouped_lora(s: Shape, mode: str, accumulate: bool = False, saved_h: bool = 
     else:
         (name, nb), h_splits = shrink("shrink again")
         kernels.append((name, nb))
-    _, g_splits = split_plan(o, want_splits(row_tiles * col_tiles_r, target, o, MIN_SPLIT_CHUNK, MAX_SPLITS), BK)
-    kernels.append((f"G = dY B ({col_tiles_r} column tile(s), {g_splits} split(s))",
-                    Y + B + g_splits * n * r * s.acc))
+    fused = fused_dy and e == 2 and r <= DY_PASS_RANK and o > 0
+    if fused:
+        col_chunks = cdiv(o, DY_PASS_COLS)
+        chunks_b = seg_tile_grid(n, k, wgrad_chunk_rows(n, wgrad_target_chunks(col_chunks, target, k)))
+        g_splits = col_chunks
+        kernels.append(("finish_h (Hs for the dY pass)", h_splits * n * r * s.acc + rs + H))
+        kernels.append((f"dY pass (G and dB partials, {col_chunks} column chunk(s), {chunks_b} row chunks)",
+                        Y + H + B + col_chunks * n * r * s.acc + chunks_b * o * r * s.acc))
+    else:
+        _, g_splits = split_plan(o, want_splits(row_tiles * col_tiles_r, target, o, MIN_SPLIT_CHUNK, MAX_SPLITS), BK)
+        kernels.append((f"G = dY B ({col_tiles_r} column tile(s), {g_splits} split(s))",
+                        Y + B + g_splits * n * r * s.acc))
     kernels.append(("finish_bwd (" + ("saved H, " if saved_h else "") + "dH, Hs, d row_scale)",
                     (h_splits + g_splits) * n * r * s.acc + rs + 2 * H + rs))
     # row chunks: whole waves of the occupancy (2 blocks per SM assumed here) over the gradient's tiles
     m_tiles_r = cdiv(r, BM)
     chunks_a = seg_tile_grid(n, k, wgrad_chunk_rows(n, wgrad_target_chunks(m_tiles_r * cdiv(i, BN), target, k)))
-    chunks_b = seg_tile_grid(n, k, wgrad_chunk_rows(n, wgrad_target_chunks(cdiv(o, BM) * col_tiles_r, target, k)))
     kernels.append((f"dA partials (dH^T x, {m_tiles_r} adjacent r-tile(s), {chunks_a} chunks)",
                     _reads(H, cdiv(i, BN), s) + X + chunks_a * r * i * s.acc))
     kernels.append(("dA reduce", chunks_a * r * i * s.acc + A))
-    kernels.append((f"dB partials (dY^T Hs, {col_tiles_r} adjacent r-tile(s), {chunks_b} chunks)",
-                    Y + _reads(H, cdiv(o, BM), s) + chunks_b * o * r * s.acc))
+    if not fused:
+        chunks_b = seg_tile_grid(n, k, wgrad_chunk_rows(n, wgrad_target_chunks(cdiv(o, BM) * col_tiles_r, target, k)))
+        kernels.append((f"dB partials (dY^T Hs, {col_tiles_r} adjacent r-tile(s), {chunks_b} chunks)",
+                        Y + _reads(H, cdiv(o, BM), s) + chunks_b * o * r * s.acc))
     kernels.append(("dB reduce", chunks_b * o * r * s.acc + B))
     kernels.append(("dX (dH A" + (", add" if accumulate else "") + ")",
                     _reads(H, cdiv(i, BN), s) + A + X * y_rw))
     # dY, x, A, B, the saved H (and row_scale) in; dX (read too when accumulating), dA, dB, d row_scale out
     minimum = Y + X + A + B + rs + off + X * y_rw + A + B + rs + H32
     flops = 2 * n * r * ((0 if saved_h else i) + 2 * i + 2 * o)  # H (recomputed), dX, dA and G, dB
-    # x: read by the shrink (without saved H) and by dA, dX written (and read); dY: read by G and by dB
-    streams = {"x": (n * i, X * (1 if saved_h else 2) + X * y_rw, X + X * y_rw), "dY": (n * o, 2 * Y, Y)}
+    # x: read by the shrink (without saved H) and by dA, dX written (and read); dY: read once by the
+    # fused pass, else by G and by dB
+    streams = {"x": (n * i, X * (1 if saved_h else 2) + X * y_rw, X + X * y_rw),
+               "dY": (n * o, (1 if fused else 2) * Y, Y)}
     return Traffic("grouped_lora bwd" + (" (add_out)" if accumulate else ""), minimum, kernels, flops, streams)
 
 
@@ -283,9 +303,11 @@ def readme_table() -> str:
         t = grouped_lora(Shape(16384, 4096, 11008, 32, 4), mode, accumulate=acc)
         cells = [f"{a:.0f} / {b:.0f}" for a, b in (t.per_element(name) for name in t.streams)]
         out.append(f"| {t.op} | " + " | ".join(cells) + " |")
-    t = grouped_lora(Shape(16384, 4096, 11008, 32, 4), "bwd", saved_h=False)
-    out.append("| grouped_lora bwd, plain op (no saved H) | " + " | ".join(
-        f"{a:.0f} / {b:.0f}" for a, b in (t.per_element(name) for name in t.streams)) + " |")
+    for label, kw in (("plain op (no saved H)", dict(saved_h=False)), ("two dY passes (r > 32 or fp32)",
+                                                                      dict(fused_dy=False))):
+        t = grouped_lora(Shape(16384, 4096, 11008, 32, 4), "bwd", **kw)
+        out.append(f"| grouped_lora bwd, {label} | " + " | ".join(
+            f"{a:.0f} / {b:.0f}" for a, b in (t.per_element(name) for name in t.streams)) + " |")
     out += ["", "| kernel (N = 16384, 4096 -> 11008, r = 32, K = 4, bf16) | MB | share |", "|---|---|---|"]
     for mode in ("fwd", "bwd"):
         t = grouped_lora(Shape(16384, 4096, 11008, 32, 4), mode)

@@ -806,6 +806,53 @@ def test_fewer_sms_change_the_split_not_the_result(emu, dtype):
     emu.ops.configure(132, 0, 0, 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("counts,r,d_in,d_out,misalign", [
+    pytest.param([1], 1, 40, 72, 0, id="N1-r1"),
+    pytest.param([0, 97, 0], 16, 40, 600, 0, id="one-expert-2-column-chunks"),
+    pytest.param([5, 0, 92], 17, 24, 72, 0, id="r17-empty"),
+    pytest.param([40, 33, 1, 0], 32, 40, 1100, 0, id="r32-3-column-chunks"),
+    pytest.param([30, 0, 40], 24, 40, 72, 1, id="misaligned"),
+    pytest.param([0, 0, 0], 8, 40, 72, 0, id="N0"),
+])
+def test_fused_dy_pass(emu, dtype, counts, r, d_in, d_out, misalign):
+    """bf16 / fp16 with r <= 32: G = dY B and dB = dY^T Hs come from one pass over dY
+    (dy_pass_kernel). Its sums run in another order than the two-pass path (row_gemm + wgrad), so
+    both are compared with the CPU kernel within tolerance and with each other; it is bit-identical
+    with and without the saved h, and from rerun to rerun."""
+    x, a, b, off, rs, gy = make(counts, r, d_in, d_out, dtype, seed=11)
+    want = reference(x, a, b, off, rs, gy)
+    runs = {}
+    for fused in (True, False, True):
+        emu.ops.set_fused_dy(fused)
+        emu.ops.reset_stats()
+        try:
+            got = run_all(emu.ops, x, a, b, off, rs, gy, misalign=misalign)
+        finally:
+            emu.ops.set_fused_dy(True)
+        launched = emu.stats()["launch"].get("dy_pass_kernel", 0)
+        assert launched == (4 if fused and sum(counts) > 0 else 0), (fused, launched)  # 4 backward runs
+        compare(got, want, dtype, f"fused={fused}")
+        if fused in runs:
+            for key in got:
+                assert torch.equal(got[key], runs[fused][key]), f"{key}: the fused pass is not reproducible"
+        runs[fused] = got
+    for key in want:
+        close(runs[True][key], runs[False][key], dtype, f"fused vs two passes: {key}")
+    for e, c in enumerate(counts):
+        if c == 0:
+            for key in ("gb", "gb2"):
+                g = runs[True][key][e]
+                assert (g == 0).all() and not torch.signbit(g).any(), f"{key}[{e}] of an empty expert is not +0"
+
+
+def test_fused_dy_pass_only_up_to_rank_32(emu):
+    x, a, b, off, rs, gy = make([20, 13], 33, 40, 72, torch.bfloat16)
+    emu.ops.reset_stats()
+    compare(run_all(emu.ops, x, a, b, off, rs, gy), reference(x, a, b, off, rs, gy), torch.bfloat16, "r = 33")
+    assert "dy_pass_kernel" not in emu.stats()["launch"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_weight_gradient_chunks_follow_the_wave(emu, dtype):
     """The weight gradients' row chunks fill whole waves of the occupancy (2 blocks per SM here).
@@ -828,8 +875,11 @@ def test_weight_gradient_chunks_follow_the_wave(emu, dtype):
                 assert torch.equal(got[key], runs[sms][key]), f"{key}: a rerun on {sms} SMs changed the bits"
         runs[sms] = got
     emu.ops.configure(132, 0, 0, 1)
-    # run_all runs the backward 4 times (plain and add_out, each without and with the saved h)
-    assert blocks[132] - blocks[1] == 4 * ((34 - 11) * 1 + (34 - 10) * 2), blocks
+    # run_all runs the backward 4 times (plain and add_out, each without and with the saved h). For
+    # bf16, dB comes from the fused dY pass, whose row chunks follow the same rule over its 1 column
+    # chunk (as dA's 1 tile: 34 or 11 chunks).
+    db_extra = (34 - 11) * 1 if dtype == torch.bfloat16 else (34 - 10) * 2
+    assert blocks[132] - blocks[1] == 4 * ((34 - 11) * 1 + db_extra), blocks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

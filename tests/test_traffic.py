@@ -46,7 +46,8 @@ def test_forward_bytes_by_hand():
 
 
 def test_backward_bytes_by_hand():
-    t = traffic.grouped_lora(SMALL, "bwd", saved_h=False)  # the plain op: the shrink runs again
+    # the plain op (the shrink runs again), two passes over dY (fp32, r > 32 or the switch off)
+    t = traffic.grouped_lora(SMALL, "bwd", saved_h=False, fused_dy=False)
     assert t.minimum == Y + X + A + B + RS + OFF + X + A + B + RS
     # weight-gradient chunks fill a wave of 264 blocks: dA's 4 tiles want 64 chunks, dB's 8 tiles
     # 264 / 8 - 2 = 31; either way the chunks are the 64-row minimum: 1024 / 64 + 2 segments
@@ -59,12 +60,29 @@ def test_backward_bytes_by_hand():
     # x read twice (shrink, dA), dX written once; dY read twice (G, dB): per element 6 / 4 and 4 / 2
     assert t.per_element("x") == (6, 4) and t.per_element("dY") == (4, 2)
     # with the forward's saved H (what autograd runs): no shrink; finish_bwd reads H (fp32) instead
-    saved = traffic.grouped_lora(SMALL, "bwd")
+    saved = traffic.grouped_lora(SMALL, "bwd", fused_dy=False)
     assert saved.minimum == t.minimum + HP
     assert [b for _, b in saved.kernels] == [OFF, Y + B + g_splits * HP, (1 + g_splits) * HP + RS + 2 * H + RS] + rest
     assert saved.per_element("x") == (4, 4) and saved.per_element("dY") == (4, 2)
     acc = traffic.grouped_lora(SMALL, "bwd", accumulate=True)
     assert acc.per_element("x") == (6, 6)  # dX read and written
+
+
+def test_fused_dy_pass_bytes_by_hand():
+    """bf16, r <= 32 (the default): Hs first, then one pass over dY writes G partials per 256
+    columns (2 here) and dB partials per row chunk (the pass's 2 column chunks want 64 chunks of a
+    wave: the 64-row minimum, 1024 / 64 + 2 = 18), which dB's reduction sums."""
+    t = traffic.grouped_lora(SMALL, "bwd")
+    two = traffic.grouped_lora(SMALL, "bwd", fused_dy=False)
+    assert t.minimum == two.minimum
+    dbp = 18 * 512 * 16 * 4
+    want = [OFF, HP + RS + H, Y + H + B + 2 * HP + dbp, (1 + 2) * HP + RS + 2 * H + RS,
+            H + X + 18 * 16 * 256 * 4, 18 * 16 * 256 * 4 + A, dbp + B, H + A + X]
+    assert [b for _, b in t.kernels] == want
+    assert t.per_element("dY") == (2, 2) and two.per_element("dY") == (4, 2)
+    # r > 32 or a 4-byte dtype: two passes
+    for shape in (traffic.Shape(1024, 256, 512, 33, 2), traffic.Shape(1024, 256, 512, 16, 2, elem=4)):
+        assert traffic.grouped_lora(shape, "bwd").per_element("dY") == (4 * shape.elem // 2, shape.elem)
 
 
 def test_adjacent_column_tiles_read_x_and_dy_once_even_past_the_l2():
@@ -96,10 +114,12 @@ def test_benchmark_shape_predictions():
     # plain backward reads x and dY twice (shrink + dA, G + dB) and moves fp32 partials; with the
     # forward's saved H it reads x once, dY still twice
     fwd = traffic.grouped_lora(traffic.Shape(16384, 4096, 11008, 32, 4), "fwd")
-    plain = traffic.grouped_lora(traffic.Shape(16384, 4096, 11008, 32, 4), "bwd", saved_h=False)
+    plain = traffic.grouped_lora(traffic.Shape(16384, 4096, 11008, 32, 4), "bwd", saved_h=False, fused_dy=False)
+    two = traffic.grouped_lora(traffic.Shape(16384, 4096, 11008, 32, 4), "bwd", fused_dy=False)
     bwd = traffic.grouped_lora(traffic.Shape(16384, 4096, 11008, 32, 4), "bwd")
     assert fwd.fraction > 0.97
-    assert 0.45 < plain.fraction < 0.56 < bwd.fraction < 0.65
+    assert 0.45 < plain.fraction < 0.56 < two.fraction < 0.65
+    assert bwd.fraction > 0.70  # one pass over dY: the backward target (0.70) is within reach
     assert fwd.predicted_s(1e12) == pytest.approx(fwd.implementation / 1e12)
 
 
@@ -130,7 +150,8 @@ def test_model_constants_match_the_kernels():
                    if f.endswith((".cu", ".cuh", ".h")))
     want = {"BM": traffic.BM, "BN": traffic.BN, "BK": traffic.BK, "kMinSplitChunk": traffic.MIN_SPLIT_CHUNK,
             "kMaxSplits": traffic.MAX_SPLITS, "kWgradChunks": traffic.WGRAD_CHUNKS,
-            "kMaxWgradChunks": traffic.MAX_WGRAD_CHUNKS}
+            "kMaxWgradChunks": traffic.MAX_WGRAD_CHUNKS, "kDyPassCols": traffic.DY_PASS_COLS,
+            "kDyPassRank": traffic.DY_PASS_RANK}
     found = {name: int(m.group(1)) for name in want
              for m in [re.search(rf"constexpr\s+int(?:64_t)?\s+{name}\s*=\s*(\d+)\s*;", text)] if m}
     if not found:

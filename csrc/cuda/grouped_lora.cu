@@ -32,26 +32,31 @@
 //   3. row_gemm<STORE | ADD>: y (+)= Hs B_k^T                                 [N, out]
 //   grouped_lora_h / lora_linear_h (what autograd runs) also keep the unscaled H = sum_split Hp
 //   ([N, r] fp32, written by finish_h: tiny next to x) for the backward.
-// Backward: H is the forward's (the `h` argument) or, without it, recomputed as in 1.; G = dY B_k
-// (row_gemm<PARTIAL> split over out); finish_bwd gives dH = m_i G, Hs = m_i H and d row_scale[i] =
-// scaling <G_i, H_i>; then dA_k = dH_k^T X_k and dB_k = dY_k^T Hs_k (wgrad + wgrad_reduce), and
-// last dX = dH A_k (row_gemm: last, so that an accumulating grad_x may share memory with x or
-// grad_y, as the CPU kernel allows). The saved H is the value finish_bwd would sum from the same
-// partials in the same order (finish_bwd adds it to 0 once: the same bits), so every gradient is
-// identical bit for bit with and without it.
+// Backward: H is the forward's (the `h` argument) or, without it, recomputed as in 1.
+//   bf16 / fp16 with r <= 32 (sm_80+, switch grouped_lora_fused_dy on, the default):
+//   2. finish_h: Hs = dtype(m_i H)
+//   3. dy_pass: one pass over dY tiles: G partials (dY B_k per 256 columns of dY) and dB_k partials
+//      (dY_k^T Hs_k per row chunk, its accumulators in registers over the chunk's rows)
+//   otherwise: G = dY B_k (row_gemm<PARTIAL> split over out), and dB later from its own pass.
+// finish_bwd gives dH = m_i G, Hs = m_i H and d row_scale[i] = scaling <G_i, H_i>; then dA_k =
+// dH_k^T X_k (wgrad + wgrad_reduce), dB_k (wgrad_reduce of the dy_pass partials, or wgrad + reduce
+// over dY again), and last dX = dH A_k (row_gemm: last, so that an accumulating grad_x may share
+// memory with x or grad_y, as the CPU kernel allows). The saved H is the value finish_bwd would sum
+// from the same partials in the same order (finish_bwd adds it to 0 once: the same bits), so every
+// gradient is identical bit for bit with and without it. The fused pass sums G and dB in another
+// order than the two passes: they agree within rounding (tests compare both with the CPU kernel);
+// each is reproducible run to run (fixed partition and order, no float atomics).
 // DRAM traffic (bench/traffic.py models it kernel by kernel), in bytes per element of the large
 // activations for bf16 (implemented / minimum; rank-r, weight and partial traffic aside):
 //   forward:  x 2 / 2 (read once), y 2 / 2 (written once; add_out 4 / 4);
-//   backward with the saved H: x 4 / 4 (read once by dA, dX written once; add_out 6 / 6),
-//             dY 4 / 2 (read by G = dY B_k and again by dB = dY_k^T Hs_k);
-//   backward without it (the plain ops): x 6 / 4 (the shrink reads x again), dY 4 / 2.
-// The remaining excess is dY's second read. Fusing G and dB into one pass over dY tiles trades it
-// for partials: a block covering R rows x W columns of dY must keep G [R, r] and dB [W, r] in fp32
-// on chip and writes (and the reduction reads) 8 r / W + 8 r / R bytes of partials per element of
-// dY. With 64 registers of accumulators per thread (R r + W r ~ 16k) that is about r^2 / 2048 bytes:
-// 0.1 at r = 16, 0.5 at r = 32, 2 (no gain over the second read) at r = 64; with the 64-wide
-// tiles of these kernels (W = 64) it is r / 8, a loss already at r = 16. Without float atomics
-// (results stay bit-reproducible) such a pass is a kernel of its own for r <= 32: not built yet.
+//   backward with the saved H: x 4 / 4 (read once by dA, dX written once; add_out 6 / 6);
+//             dY 2 / 2 with the fused pass (r <= 32), 4 / 2 with two passes (r > 32, fp32);
+//   backward without it (the plain ops): x 6 / 4 (the shrink reads x again).
+// The fused pass trades dY's second read for fp32 partials: a block covering R rows x W columns of
+// dY keeps dB [W, r] in registers over its rows and writes G [rows, r] per W columns, about 8 r / W
+// + 8 r / R bytes per element of dY (W = 256; R = a row chunk, N / 8 or less): 0.5 + small at r =
+// 16, 1 at r = 32 (against 2 for the second read). At r = 64 dB's accumulators would need twice the
+// registers (past 2 blocks per SM) or W = 128 (G's partials then cost 4 of the 2 they save).
 // Rounding: Hs and dH are rounded once to the input dtype before the second GEMM (PyTorch's
 // bf16 LoRA rounds the same intermediates), everything else accumulates in fp32 (fp64 for fp64).
 //
@@ -248,12 +253,19 @@ std::atomic<bool>& pipelined_flag() {
   static std::atomic<bool> on{!env_flag("MOLE_EXT_GROUPED_LORA_NO_PIPELINE")};
   return on;
 }
+
+std::atomic<bool>& fused_dy_flag() {
+  static std::atomic<bool> on{!env_flag("MOLE_EXT_GROUPED_LORA_NO_FUSED_DY")};
+  return on;
+}
 }  // namespace
 
 void set_grouped_lora_vectorized(bool on) { vectorized_flag().store(on); }
 bool grouped_lora_vectorized() { return vectorized_flag().load(); }
 void set_grouped_lora_pipelined(bool on) { pipelined_flag().store(on); }
 bool grouped_lora_pipelined() { return pipelined_flag().load(); }
+void set_grouped_lora_fused_dy(bool on) { fused_dy_flag().store(on); }
+bool grouped_lora_fused_dy() { return fused_dy_flag().load(); }
 }  // namespace tuning
 
 TORCH_LIBRARY_IMPL(mole_ext, CUDA, m) {

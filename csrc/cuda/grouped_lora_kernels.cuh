@@ -210,6 +210,164 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradArgs<S> p) {
   }
 }
 
+// ---- dy_pass: G = dY B_k and dB_k = dY_k^T Hs_k in one pass over dY (16-bit types, r <= 32) ----
+//
+// One block per (row chunk of a segment, chunk of kDyPassCols columns of dY). It walks the chunk's
+// rows in steps of BK and each step's columns in kDyPassSub sub-steps of 64: one dY tile in shared
+// memory feeds both products. dB's accumulators (64 columns x 32 per sub-step) stay in registers
+// over all of the chunk's rows and are written once as an fp32 partial per row chunk (reduced by
+// wgrad_reduce, as wgrad's); G's (BK rows x 32) accumulate over the block's columns and are written
+// per row step as an fp32 partial per column chunk (summed by finish_bwd, as the split G's). The
+// rank is padded to 32 with zero-filled columns of Hs and B_k. Fixed partition, fixed order, no
+// atomics: every run gives the same bits.
+constexpr int kDyPassSub = 4;                  // 64-column sub-steps per block
+constexpr int kDyPassCols = 256;               // columns of dY per block
+static_assert(kDyPassCols == 64 * kDyPassSub, "a block's columns are its 64-column sub-steps");
+static_assert(BK == 32, "dy_pass_kernel's row step is two 16-row fragments");
+constexpr int kDyPassRank = 32;                // the largest rank it serves (r padded to it)
+
+template <typename S>
+struct DyPassArgs {
+  const S* dy;        // [N, out]
+  const S* hs;        // [N, r]
+  const S* b;         // lora_b [K, out, r]
+  const int64_t* offsets;
+  int64_t k_seg, n, out, r, chunk_rows, col_chunks;
+  float* gp;          // [col_chunks, N, r]: G over each column chunk
+  float* dbp;         // [row chunks, out, r]: dB over each row chunk
+  bool dy_vec, hs_vec, b_vec;  // 16-byte loads (every row 16-byte aligned)
+  bool out_vec;                // 16-byte stores of the partials (r a multiple of 4)
+};
+
+// rows x r of an fp32 tile staged in shared memory (ld DyPassSmem::LDC) to global memory at o
+// (row stride r): 16-byte stores where `vec` (rows 16-byte aligned), else element by element.
+template <int ROWS, int LDC>
+__device__ __forceinline__ void store_rank_tile(float* o, const float* sC, int rows, int r, bool vec) {
+  if (vec) {
+    for (int idx = threadIdx.x; idx < ROWS * (kDyPassRank / 4); idx += kThreads) {
+      const int m = idx / (kDyPassRank / 4), c0 = (idx % (kDyPassRank / 4)) * 4;
+      const int valid = m < rows ? lt::vec_chunk_valid(c0, 4, r) : 0;
+      if (valid == 4) {
+        store16_global(o + static_cast<int64_t>(m) * r + c0, *reinterpret_cast<const uint4*>(sC + m * LDC + c0));
+      } else {
+        for (int i = 0; i < valid; ++i) o[static_cast<int64_t>(m) * r + c0 + i] = sC[m * LDC + c0 + i];
+      }
+    }
+    return;
+  }
+  for (int idx = threadIdx.x; idx < ROWS * kDyPassRank; idx += kThreads) {
+    const int m = idx / kDyPassRank, j = idx % kDyPassRank;
+    if (m < rows && j < r) o[static_cast<int64_t>(m) * r + j] = sC[m * LDC + j];
+  }
+}
+
+template <typename S>
+struct DyPassSmem {
+  static constexpr int LDY = 64 + 8;               // dY tile [BK rows][LDY]
+  static constexpr int LDR = kDyPassRank + 8;      // B_k tile [64 cols][LDR], Hs tile [BK rows][LDR]
+  static constexpr int LDC = kDyPassRank + 4;      // fp32 staging [64][LDC] of the epilogues
+  static constexpr size_t kY = sizeof(S) * BK * LDY;
+  static constexpr size_t kB = sizeof(S) * 64 * LDR;
+  static constexpr size_t kH = sizeof(S) * BK * LDR;
+  static constexpr size_t kC = sizeof(float) * 64 * LDC;
+  static constexpr size_t kBytes = (kY + kB + kH) > kC ? (kY + kB + kH) : kC;
+  static_assert(kY % 32 == 0 && (kY + kB) % 32 == 0, "tiles start 32-byte aligned");
+  static_assert((sizeof(S) * 16 * LDY) % 32 == 0 && (sizeof(S) * 16 * LDR) % 32 == 0 &&
+                    (sizeof(float) * 16 * LDC) % 32 == 0 && (sizeof(S) * LDY) % 16 == 0 &&
+                    (sizeof(S) * LDR) % 16 == 0,
+                "fragment pointers 32-byte aligned, rows in 16-byte chunks");
+  static_assert(kBytes <= 48 * 1024, "static shared memory limit");
+  static_assert((LDC * sizeof(float)) % 16 == 0, "staged rows in 16-byte chunks");
+};
+
+template <typename S>
+__global__ void __launch_bounds__(kThreads) dy_pass_kernel(const DyPassArgs<S> p) {
+  __shared__ __align__(128) unsigned char smem[DyPassSmem<S>::kBytes];
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using L = DyPassSmem<S>;
+  S* sY = reinterpret_cast<S*>(smem);
+  S* sB = reinterpret_cast<S*>(smem + L::kY);
+  S* sH = reinterpret_cast<S*>(smem + L::kY + L::kB);
+  float* sC = reinterpret_cast<float*>(smem);
+  // blockIdx.x = row chunk * col_chunks + column chunk (the column chunks of a row chunk adjacent:
+  // its rows of Hs are read from DRAM once)
+  const unsigned col_chunks = static_cast<unsigned>(p.col_chunks);
+  const int64_t chunk = blockIdx.x / col_chunks;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x % col_chunks) * kDyPassCols;
+  const lt::SegTile st = lt::seg_tile(p.offsets, p.k_seg, p.n, p.chunk_rows, chunk);
+  const int rv_all = static_cast<int>(p.r);
+  const S* bseg = p.b + st.segment * p.out * p.r;
+  const int warp = threadIdx.x / kWarp;
+  const int mf = warp % 4, nf = warp / 4;  // dB fragment of this warp in a sub-step: 4 x 2 of 16 x 16
+  const int gm = warp % 2, gn = warp / 2;  // G fragment (warps 0-3): 2 x 2 of 16 x 16
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> db[kDyPassSub];
+#pragma unroll
+  for (int s = 0; s < kDyPassSub; ++s) wmma::fill_fragment(db[s], 0.0f);
+  for (int64_t row0 = st.row_begin; row0 < st.row_end; row0 += BK) {
+    const int rows = static_cast<int>(st.row_end - row0 < BK ? st.row_end - row0 : BK);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> g;
+    wmma::fill_fragment(g, 0.0f);
+    load_tile<S, BK, kDyPassRank, L::LDR>(sH, p.hs + row0 * p.r, p.r, 1, rows, rv_all, true, p.hs_vec);
+    // Not unrolled (an unrolled loop of loads kept 240 registers live): the sub-step's accumulator
+    // is picked by the predicated, unrolled selection below, so db[] keeps static indices
+    // (registers, no local memory).
+#pragma unroll 1
+    for (int s = 0; s < kDyPassSub; ++s) {
+      const int64_t col = c0 + 64 * s;
+      const int cols = static_cast<int>(p.out - col < 64 ? (p.out - col > 0 ? p.out - col : 0) : 64);
+      load_tile<S, BK, 64, L::LDY>(sY, p.dy + row0 * p.out + (cols > 0 ? col : 0), p.out, 1, rows, cols, true,
+                                   p.dy_vec);
+      load_tile<S, 64, kDyPassRank, L::LDR>(sB, bseg + (cols > 0 ? col : 0) * p.r, p.r, 1, cols, rv_all, true,
+                                            p.b_vec);
+      __syncthreads();
+      {  // dB[cols, :] += dY^T Hs over this step's rows (k = 0, 16: the same order as an unrolled loop)
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, S, wmma::col_major> fa0, fa1;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, S, wmma::row_major> fb0, fb1;
+        load_frag_shared(fa0, sY + mf * 16, L::LDY);
+        load_frag_shared(fb0, sH + nf * 16, L::LDR);
+        load_frag_shared(fa1, sY + 16 * L::LDY + mf * 16, L::LDY);
+        load_frag_shared(fb1, sH + 16 * L::LDR + nf * 16, L::LDR);
+#pragma unroll
+        for (int si = 0; si < kDyPassSub; ++si) {
+          if (si == s) {
+            wmma::mma_sync(db[si], fa0, fb0, db[si]);
+            wmma::mma_sync(db[si], fa1, fb1, db[si]);
+          }
+        }
+      }
+      if (warp < 4) {
+#pragma unroll
+        for (int kk = 0; kk < 64; kk += 16) {  // G[rows, :] += dY B_k over this sub-step's columns
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, S, wmma::row_major> fa;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, S, wmma::row_major> fb;
+          load_frag_shared(fa, sY + gm * 16 * L::LDY + kk, L::LDY);
+          load_frag_shared(fb, sB + kk * L::LDR + gn * 16, L::LDR);
+          wmma::mma_sync(g, fa, fb, g);
+        }
+      }
+      __syncthreads();  // the tiles are overwritten next (and sC aliases them)
+    }
+    if (warp < 4) wmma::store_matrix_sync(sC + gm * 16 * L::LDC + gn * 16, g, L::LDC, wmma::mem_row_major);
+    __syncthreads();
+    store_rank_tile<BK, L::LDC>(p.gp + (static_cast<int64_t>(blockIdx.x % col_chunks) * p.n + row0) * p.r, sC,
+                                rows, rv_all, p.out_vec);
+    __syncthreads();
+  }
+  // dB partial of this row chunk (zeros for an idle chunk: an empty segment's gradient is +0)
+  float* dout = p.dbp + chunk * p.out * p.r;
+#pragma unroll
+  for (int s = 0; s < kDyPassSub; ++s) {
+    const int64_t col = c0 + 64 * s;
+    wmma::store_matrix_sync(sC + mf * 16 * L::LDC + nf * 16, db[s], L::LDC, wmma::mem_row_major);
+    __syncthreads();
+    const int cols = static_cast<int>(p.out - col < 64 ? (p.out - col > 0 ? p.out - col : 0) : 64);
+    store_rank_tile<64, L::LDC>(dout + (cols > 0 ? col : 0) * p.r, sC, cols, rv_all, p.out_vec);
+    __syncthreads();
+  }
+#endif
+}
+
 // grad[s, e] = sum of the partials of segment s's chunks, in chunk order (deterministic); an
 // empty segment owns one idle chunk of zeros, so its gradient is exactly zero.
 template <typename S, typename Acc>

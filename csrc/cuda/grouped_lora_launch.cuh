@@ -307,6 +307,48 @@ void weight_grad(const Prepared& p, const lt::WgradShape& sh, const at::Tensor& 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Whether the backward runs G and dB in one pass over dY (dy_pass_kernel): bf16 / fp16 on tensor
+// cores, r <= kDyPassRank, a non-empty `out`, sm_80+, and the switch on (tuning.h).
+template <typename S>
+bool use_dy_pass(const Prepared& p, bool tc) {
+  return kIs16Bit<S> && tc && p.r <= kDyPassRank && p.out > 0 && tuning::grouped_lora_fused_dy() &&
+         at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
+// The one pass over dY: *gp = G partials [column chunks, N, r] (fp32), *dbp = dB partials
+// [row chunks, out, r] (fp32) over row chunks of *db_chunk_rows rows. The row chunks fill whole
+// waves of the kernel's occupancy, as the weight gradients' (lt::wgrad_target_chunks).
+template <typename S>
+void dy_pass(const Prepared& p, const at::Tensor& gy, const at::Tensor& hs, at::Tensor* gp, int64_t* g_splits,
+             at::Tensor* dbp, int64_t* db_chunk_rows) {
+  DyPassArgs<S> a{};
+  a.dy = reinterpret_cast<const S*>(gy.const_data_ptr());
+  a.hs = reinterpret_cast<const S*>(hs.const_data_ptr());
+  a.b = reinterpret_cast<const S*>(p.lora_b.const_data_ptr());
+  a.offsets = p.offsets.const_data_ptr<int64_t>();
+  a.k_seg = p.k;
+  a.n = p.n;
+  a.out = p.out;
+  a.r = p.r;
+  a.col_chunks = index_math::ceil_div(p.out, static_cast<int64_t>(kDyPassCols));
+  const int64_t target = lt::wgrad_target_chunks(a.col_chunks, wave_blocks(resident_blocks<&dy_pass_kernel<S>>()),
+                                                 p.k, kWgradChunks, kMaxWgradChunks);
+  a.chunk_rows = lt::wgrad_chunk_rows(p.n, target, BK, BM);
+  const int64_t chunks = lt::seg_tile_grid(p.n, p.k, a.chunk_rows);
+  *gp = at::empty({a.col_chunks, p.n, p.r}, p.x.options().dtype(at::kFloat));
+  *dbp = at::empty({chunks, p.out, p.r}, p.x.options().dtype(at::kFloat));
+  a.gp = gp->mutable_data_ptr<float>();
+  a.dbp = dbp->mutable_data_ptr<float>();
+  a.dy_vec = vec_rows<S>(a.dy, p.out);
+  a.hs_vec = vec_rows<S>(a.hs, p.r);
+  a.b_vec = vec_rows<S>(a.b, p.r) && (p.out * p.r * static_cast<int64_t>(sizeof(S))) % 16 == 0;
+  a.out_vec = tuning::grouped_lora_vectorized() && p.r % 4 == 0;  // fp32 rows of r: 16-byte aligned
+  *g_splits = a.col_chunks;
+  *db_chunk_rows = a.chunk_rows;
+  dy_pass_kernel<S><<<grid_dim(chunks * a.col_chunks, "x"), kThreads, 0, p.stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename S, typename Acc>
 void backward_typed(const Prepared& p, const at::Tensor& gy, double scaling, at::Tensor& grad_x, bool accumulate_dx,
                     at::Tensor& grad_a, at::Tensor& grad_b, at::Tensor& grad_rs, const at::Tensor& h) {
@@ -314,15 +356,29 @@ void backward_typed(const Prepared& p, const at::Tensor& gy, double scaling, at:
   // The unscaled shrink: the forward's (one [N, r] piece, no read of x) or recomputed in pieces
   int64_t h_splits = 1;
   const at::Tensor hp = h.defined() ? h : shrink_partials<S, Acc>(p, tc, &h_splits);
-  // G = dY B_k, split over `out` (as the shrink: one wave of the kernel's occupancy)
-  RowGemmArgs<S> ga = row_args<S>(lt::dy_b_shape(p.out, p.r), gy, p.lora_b, p.offsets, p.k, p.n);
-  const int64_t blocks = lt::seg_tile_grid(p.n, p.k, BM) * index_math::ceil_div(p.r, BN);
-  const int64_t target = wave_blocks(row_gemm_resident_blocks<S, Acc, Epi::kPartial>(ga, tc));
-  const lt::SplitPlan plan =
-      lt::split_plan(p.out, lt::want_splits(blocks, target, p.out, kMinSplitChunk, kMaxSplits), BK);
-  at::Tensor gp = at::empty({plan.splits, p.n, p.r}, hp.options());
-  {
-    RowGemmArgs<S>& a = ga;
+  at::Tensor dh = at::empty({p.n, p.r}, p.x.options());
+  at::Tensor hs = at::empty({p.n, p.r}, p.x.options());
+  const Acc* rs = p.row_scale.defined() ? p.row_scale.const_data_ptr<Acc>() : nullptr;
+  at::Tensor gp;     // G partials [g_splits, N, r]
+  int64_t g_splits = 1;
+  at::Tensor dbp;    // with the fused pass: dB partials [row chunks, out, r], over db_chunk_rows
+  int64_t db_chunk_rows = 0;
+  if (use_dy_pass<S>(p, tc)) {
+    // Hs first: the one pass over dY needs it for dB
+    finish_h_kernel<S, Acc><<<grid_dim(index_math::ceil_div(p.n * p.r, kEltThreads), "x"), kEltThreads, 0,
+                              p.stream>>>(hp.const_data_ptr<Acc>(), h_splits, p.n, p.r, rs, static_cast<Acc>(scaling),
+                                          reinterpret_cast<S*>(hs.mutable_data_ptr()), nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if constexpr (kIs16Bit<S>) dy_pass<S>(p, gy, hs, &gp, &g_splits, &dbp, &db_chunk_rows);
+  } else {
+    // G = dY B_k, split over `out` (as the shrink: one wave of the kernel's occupancy)
+    RowGemmArgs<S> a = row_args<S>(lt::dy_b_shape(p.out, p.r), gy, p.lora_b, p.offsets, p.k, p.n);
+    const int64_t blocks = lt::seg_tile_grid(p.n, p.k, BM) * index_math::ceil_div(p.r, BN);
+    const int64_t target = wave_blocks(row_gemm_resident_blocks<S, Acc, Epi::kPartial>(a, tc));
+    const lt::SplitPlan plan =
+        lt::split_plan(p.out, lt::want_splits(blocks, target, p.out, kMinSplitChunk, kMaxSplits), BK);
+    g_splits = plan.splits;
+    gp = at::empty({plan.splits, p.n, p.r}, hp.options());
     a.kchunk = plan.chunk;
     a.out = gp.mutable_data_ptr();
     a.out_vec = vec_rows<Acc>(a.out, a.ncols);
@@ -332,19 +388,26 @@ void backward_typed(const Prepared& p, const at::Tensor& gy, double scaling, at:
       launch_row_gemm<S, Acc, Epi::kPartial>(a, plan.splits, tc, p.stream);
     }
   }
-  at::Tensor dh = at::empty({p.n, p.r}, p.x.options());
-  at::Tensor hs = at::empty({p.n, p.r}, p.x.options());
   const int rows_per_block = kEltThreads / kWarp;
   finish_bwd_kernel<S, Acc><<<grid_dim(index_math::ceil_div(p.n, rows_per_block), "x"), kEltThreads, 0, p.stream>>>(
-      hp.const_data_ptr<Acc>(), h_splits, gp.const_data_ptr<Acc>(), plan.splits, p.n, p.r,
-      p.row_scale.defined() ? p.row_scale.const_data_ptr<Acc>() : nullptr, static_cast<Acc>(scaling),
-      reinterpret_cast<S*>(dh.mutable_data_ptr()), reinterpret_cast<S*>(hs.mutable_data_ptr()),
-      grad_rs.numel() ? grad_rs.mutable_data_ptr<Acc>() : nullptr);
+      hp.const_data_ptr<Acc>(), h_splits, gp.const_data_ptr<Acc>(), g_splits, p.n, p.r, rs,
+      static_cast<Acc>(scaling), reinterpret_cast<S*>(dh.mutable_data_ptr()),
+      reinterpret_cast<S*>(hs.mutable_data_ptr()), grad_rs.numel() ? grad_rs.mutable_data_ptr<Acc>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // dA_k = dH_k^T X_k  [r, in];  dB_k = dY_k^T Hs_k  [out, r]. Before dX: grad_x may share
-  // memory with x or grad_y (the CPU kernel allows it), and these read both.
+  // dA_k = dH_k^T X_k  [r, in];  dB_k = dY_k^T Hs_k  [out, r] (summed from the fused pass's partials,
+  // or its own pass over dY). Before dX: grad_x may share memory with x or grad_y (the CPU kernel
+  // allows it), and these read both.
   weight_grad<S, Acc>(p, lt::grad_a_shape(p.r, p.in), dh, p.x, grad_a, tc);
-  weight_grad<S, Acc>(p, lt::grad_b_shape(p.out, p.r), gy, hs, grad_b, tc);
+  if (dbp.defined()) {
+    const int64_t elems = p.out * p.r;
+    wgrad_reduce_kernel<S, Acc><<<grid_dim(index_math::ceil_div(elems, kEltThreads) * p.k, "x"), kEltThreads, 0,
+                                  p.stream>>>(dbp.const_data_ptr<Acc>(), p.offsets.const_data_ptr<int64_t>(), p.k,
+                                              p.n, db_chunk_rows, elems,
+                                              reinterpret_cast<S*>(grad_b.mutable_data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    weight_grad<S, Acc>(p, lt::grad_b_shape(p.out, p.r), gy, hs, grad_b, tc);
+  }
   // dX (+)= dH A_k; accumulating, the sum with the base path's dX is rounded once in the epilogue
   {
     RowGemmArgs<S> a = row_args<S>(lt::dx_shape(p.r, p.in), dh, p.lora_a, p.offsets, p.k, p.n);

@@ -102,6 +102,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_h(const at::Tensor& x, const at::
 void set_vectorized(bool on) { mole_ext::tuning::set_grouped_lora_vectorized(on); }
 bool vectorized() { return mole_ext::tuning::grouped_lora_vectorized(); }
 void set_pipelined(bool on) { mole_ext::tuning::set_grouped_lora_pipelined(on); }
+void set_fused_dy(bool on) { mole_ext::tuning::set_grouped_lora_fused_dy(on); }
 
 }  // namespace
 
@@ -129,4 +130,5 @@ MOLE_EMU_LIBRARY_FRAGMENT(m) {
   m.def("set_vectorized(bool on) -> ()", &set_vectorized);
   m.def("vectorized() -> bool", &vectorized);
   m.def("set_pipelined(bool on) -> ()", &set_pipelined);
+  m.def("set_fused_dy(bool on) -> ()", &set_fused_dy);
 }
