@@ -24,8 +24,8 @@ ROW_F16 = "_ZN8mole_ext4cuda5glora15row_gemm_kernelI6__halffLb1ELNS1_3EpiE0ELi0E
 WG_BF16 = "_ZN8mole_ext4cuda5glora12wgrad_kernelI13__nv_bfloat16fLb1EEEvNS1_9WgradArgsIT_EE"
 WG_F16 = "_ZN8mole_ext4cuda5glora12wgrad_kernelI6__halffLb1EEEvNS1_9WgradArgsIT_EE"
 SIMT = "_ZN8mole_ext4cuda5glora15row_gemm_kernelIffLb0ELNS1_3EpiE0ELi0EEEvNS1_11RowGemmArgsIT_EE"
-DY_BF16 = "_ZN8mole_ext4cuda5glora14dy_pass_kernelI13__nv_bfloat16EEvNS1_10DyPassArgsIT_EE"
-DY_F16 = "_ZN8mole_ext4cuda5glora14dy_pass_kernelI6__halfEEvNS1_10DyPassArgsIT_EE"
+DY_BF16 = "_ZN8mole_ext4cuda5glora14dy_pass_kernelI13__nv_bfloat16Lb1EEEvNS1_10DyPassArgsIT_EE"
+DY_F16 = "_ZN8mole_ext4cuda5glora14dy_pass_kernelI6__halfLb0EEEvNS1_10DyPassArgsIT_EE"
 
 HEADER = """
 Fatbin elf code:
@@ -95,8 +95,7 @@ def test_good_kernels_pass():
     result = sc.check(parsed(), "sm_90a", 256, 3)
     assert result.failures == []
     assert sum(sc.is_tensor_core_kernel(k) for k, _ in result.rows) == 6
-    assert parsed()[(DY_BF16, "sm_90a")].name == "void dy_pass_kernel<__nv_bfloat16>(mole_ext::cuda::glora::DyPassArgs<__nv_bfloat16>)" \
-        or parsed()[(DY_BF16, "sm_90a")].name.startswith("void dy_pass_kernel<__nv_bfloat16>")
+    assert parsed()[(DY_BF16, "sm_90a")].name == "void dy_pass_kernel<__nv_bfloat16, true>"
     table = sc.format_table(result, "sm_90a", 256, 3)
     assert "register limit 80" in table and table.count(" ok") == 6
 

@@ -36,7 +36,8 @@
 //   bf16 / fp16 with r <= 32 (sm_80+, switch grouped_lora_fused_dy on, the default):
 //   2. finish_h: Hs = dtype(m_i H)
 //   3. dy_pass: one pass over dY tiles: G partials (dY B_k per 256 columns of dY) and dB_k partials
-//      (dY_k^T Hs_k per row chunk, its accumulators in registers over the chunk's rows)
+//      (dY_k^T Hs_k per row chunk, its accumulators in registers over the chunk's rows); its tiles
+//      double-buffered with cp.async where every row is 16-byte aligned (the pipeline switch)
 //   otherwise: G = dY B_k (row_gemm<PARTIAL> split over out), and dB later from its own pass.
 // finish_bwd gives dH = m_i G, Hs = m_i H and d row_scale[i] = scaling <G_i, H_i>; then dA_k =
 // dH_k^T X_k (wgrad + wgrad_reduce), dB_k (wgrad_reduce of the dy_pass partials, or wgrad + reduce

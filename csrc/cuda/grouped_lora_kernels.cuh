@@ -225,6 +225,7 @@ constexpr int kDyPassCols = 256;               // columns of dY per block
 static_assert(kDyPassCols == 64 * kDyPassSub, "a block's columns are its 64-column sub-steps");
 static_assert(BK == 32, "dy_pass_kernel's row step is two 16-row fragments");
 constexpr int kDyPassRank = 32;                // the largest rank it serves (r padded to it)
+constexpr int kDyPassStages = 2;               // the cp.async pipeline's depth (double buffering)
 
 template <typename S>
 struct DyPassArgs {
@@ -269,27 +270,30 @@ struct DyPassSmem {
   static constexpr size_t kY = sizeof(S) * BK * LDY;
   static constexpr size_t kB = sizeof(S) * 64 * LDR;
   static constexpr size_t kH = sizeof(S) * BK * LDR;
+  static constexpr size_t kStage = kY + kB + kH;   // one step's tiles
   static constexpr size_t kC = sizeof(float) * 64 * LDC;
-  static constexpr size_t kBytes = (kY + kB + kH) > kC ? (kY + kB + kH) : kC;
-  static_assert(kY % 32 == 0 && (kY + kB) % 32 == 0, "tiles start 32-byte aligned");
+  // kDyPassStages stages with the cp.async pipeline, one without; the epilogues' staging area after them
+  static constexpr size_t bytes(bool pipelined) { return (pipelined ? kDyPassStages : 1) * kStage + kC; }
+  static_assert(kY % 32 == 0 && (kY + kB) % 32 == 0 && kStage % 128 == 0, "tiles start 32-byte aligned");
   static_assert((sizeof(S) * 16 * LDY) % 32 == 0 && (sizeof(S) * 16 * LDR) % 32 == 0 &&
                     (sizeof(float) * 16 * LDC) % 32 == 0 && (sizeof(S) * LDY) % 16 == 0 &&
                     (sizeof(S) * LDR) % 16 == 0,
                 "fragment pointers 32-byte aligned, rows in 16-byte chunks");
-  static_assert(kBytes <= 48 * 1024, "static shared memory limit");
+  static_assert(kDyPassStages * kStage + kC <= 48 * 1024, "static shared memory limit");
   static_assert((LDC * sizeof(float)) % 16 == 0, "staged rows in 16-byte chunks");
 };
 
-template <typename S>
+// PIPE: the tiles of the next kDyPassStages - 1 steps are in flight (cp.async, sm_80+; dY, Hs and B_k
+// rows 16-byte aligned: the host's dy_vec, hs_vec, b_vec) while a step multiplies; else each step
+// loads, waits at a barrier, multiplies. The same products in the same order: the same bits.
+template <typename S, bool PIPE>
 __global__ void __launch_bounds__(kThreads) dy_pass_kernel(const DyPassArgs<S> p) {
-  __shared__ __align__(128) unsigned char smem[DyPassSmem<S>::kBytes];
+  __shared__ __align__(128) unsigned char smem[DyPassSmem<S>::bytes(PIPE)];
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
   using L = DyPassSmem<S>;
-  S* sY = reinterpret_cast<S*>(smem);
-  S* sB = reinterpret_cast<S*>(smem + L::kY);
-  S* sH = reinterpret_cast<S*>(smem + L::kY + L::kB);
-  float* sC = reinterpret_cast<float*>(smem);
+  constexpr int kNumStages = PIPE ? kDyPassStages : 1;
+  float* sC = reinterpret_cast<float*>(smem + kNumStages * L::kStage);
   // blockIdx.x = row chunk * col_chunks + column chunk (the column chunks of a row chunk adjacent:
   // its rows of Hs are read from DRAM once)
   const unsigned col_chunks = static_cast<unsigned>(p.col_chunks);
@@ -301,59 +305,103 @@ __global__ void __launch_bounds__(kThreads) dy_pass_kernel(const DyPassArgs<S> p
   const int warp = threadIdx.x / kWarp;
   const int mf = warp % 4, nf = warp / 4;  // dB fragment of this warp in a sub-step: 4 x 2 of 16 x 16
   const int gm = warp % 2, gn = warp / 2;  // G fragment (warps 0-3): 2 x 2 of 16 x 16
+  // step t: rows [row_begin + (t / kDyPassSub) * BK, + BK), columns c0 + 64 * (t % kDyPassSub)
+  const int64_t nrows = st.row_end > st.row_begin ? st.row_end - st.row_begin : 0;
+  // (32-bit step numbers: a row chunk holds far fewer than 2^31 / kDyPassSub * BK rows, and 64-bit
+  // division or modulo by 3 would be a called subroutine with a stack frame, local memory)
+  const int steps = static_cast<int>(index_math::ceil_div(nrows, static_cast<int64_t>(BK))) * kDyPassSub;
+  auto stage = [&](int t) { return smem + (PIPE ? static_cast<unsigned>(t) % kDyPassStages : 0u) * L::kStage; };
+  // Loads step t's tiles (dY [rows x 64], B_k [64 x r], Hs [rows x r]) into its stage, zero-filled;
+  // pipelined, commits a group either way (nothing past the last step).
+  auto load = [&](int t) {
+    if (t < steps) {
+      const int64_t row0 = st.row_begin + static_cast<int64_t>(t / kDyPassSub) * BK;
+      const int rows = static_cast<int>(st.row_end - row0 < BK ? st.row_end - row0 : BK);
+      const int64_t col = c0 + 64 * (t % kDyPassSub);
+      const int cols = static_cast<int>(p.out - col < 64 ? (p.out - col > 0 ? p.out - col : 0) : 64);
+      S* y = reinterpret_cast<S*>(stage(t));
+      S* b = reinterpret_cast<S*>(stage(t) + L::kY);
+      S* h = reinterpret_cast<S*>(stage(t) + L::kY + L::kB);
+      const S* ysrc = p.dy + row0 * p.out + (cols > 0 ? col : 0);
+      const S* bsrc = bseg + (cols > 0 ? col : 0) * p.r;
+      const S* hsrc = p.hs + row0 * p.r;
+      if constexpr (PIPE) {
+        async_tile<S, BK, 64, L::LDY>(y, ysrc, p.out, rows, cols);
+        async_tile<S, 64, kDyPassRank, L::LDR>(b, bsrc, p.r, cols, rv_all);
+        async_tile<S, BK, kDyPassRank, L::LDR>(h, hsrc, p.r, rows, rv_all);
+      } else {
+        load_tile<S, BK, 64, L::LDY>(y, ysrc, p.out, 1, rows, cols, true, p.dy_vec);
+        load_tile<S, 64, kDyPassRank, L::LDR>(b, bsrc, p.r, 1, cols, rv_all, true, p.b_vec);
+        load_tile<S, BK, kDyPassRank, L::LDR>(h, hsrc, p.r, 1, rows, rv_all, true, p.hs_vec);
+      }
+    }
+    if constexpr (PIPE) cp_async_commit();
+  };
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> db[kDyPassSub];
 #pragma unroll
   for (int s = 0; s < kDyPassSub; ++s) wmma::fill_fragment(db[s], 0.0f);
-  for (int64_t row0 = st.row_begin; row0 < st.row_end; row0 += BK) {
-    const int rows = static_cast<int>(st.row_end - row0 < BK ? st.row_end - row0 : BK);
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> g;
-    wmma::fill_fragment(g, 0.0f);
-    load_tile<S, BK, kDyPassRank, L::LDR>(sH, p.hs + row0 * p.r, p.r, 1, rows, rv_all, true, p.hs_vec);
-    // Not unrolled (an unrolled loop of loads kept 240 registers live): the sub-step's accumulator
-    // is picked by the predicated, unrolled selection below, so db[] keeps static indices
-    // (registers, no local memory).
-#pragma unroll 1
-    for (int s = 0; s < kDyPassSub; ++s) {
-      const int64_t col = c0 + 64 * s;
-      const int cols = static_cast<int>(p.out - col < 64 ? (p.out - col > 0 ? p.out - col : 0) : 64);
-      load_tile<S, BK, 64, L::LDY>(sY, p.dy + row0 * p.out + (cols > 0 ? col : 0), p.out, 1, rows, cols, true,
-                                   p.dy_vec);
-      load_tile<S, 64, kDyPassRank, L::LDR>(sB, bseg + (cols > 0 ? col : 0) * p.r, p.r, 1, cols, rv_all, true,
-                                            p.b_vec);
-      __syncthreads();
-      {  // dB[cols, :] += dY^T Hs over this step's rows (k = 0, 16: the same order as an unrolled loop)
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, S, wmma::col_major> fa0, fa1;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, S, wmma::row_major> fb0, fb1;
-        load_frag_shared(fa0, sY + mf * 16, L::LDY);
-        load_frag_shared(fb0, sH + nf * 16, L::LDR);
-        load_frag_shared(fa1, sY + 16 * L::LDY + mf * 16, L::LDY);
-        load_frag_shared(fb1, sH + 16 * L::LDR + nf * 16, L::LDR);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> g;
+  if constexpr (PIPE) {
 #pragma unroll
-        for (int si = 0; si < kDyPassSub; ++si) {
-          if (si == s) {
-            wmma::mma_sync(db[si], fa0, fb0, db[si]);
-            wmma::mma_sync(db[si], fa1, fb1, db[si]);
-          }
-        }
-      }
-      if (warp < 4) {
-#pragma unroll
-        for (int kk = 0; kk < 64; kk += 16) {  // G[rows, :] += dY B_k over this sub-step's columns
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, S, wmma::row_major> fa;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, S, wmma::row_major> fb;
-          load_frag_shared(fa, sY + gm * 16 * L::LDY + kk, L::LDY);
-          load_frag_shared(fb, sB + kk * L::LDR + gn * 16, L::LDR);
-          wmma::mma_sync(g, fa, fb, g);
-        }
-      }
-      __syncthreads();  // the tiles are overwritten next (and sC aliases them)
-    }
-    if (warp < 4) wmma::store_matrix_sync(sC + gm * 16 * L::LDC + gn * 16, g, L::LDC, wmma::mem_row_major);
-    __syncthreads();
-    store_rank_tile<BK, L::LDC>(p.gp + (static_cast<int64_t>(blockIdx.x % col_chunks) * p.n + row0) * p.r, sC,
-                                rows, rv_all, p.out_vec);
-    __syncthreads();
+    for (int t = 0; t < kDyPassStages - 1; ++t) load(t);
   }
+  // Not unrolled over the sub-steps (an unrolled loop of loads kept up to 240 registers live): the
+  // sub-step's dB accumulator is picked by the predicated, unrolled selection below, so db[] keeps
+  // static indices (registers, no local memory).
+  for (int t = 0; t < steps; ++t) {
+    if constexpr (PIPE) {
+      cp_async_wait<kDyPassStages - 2>();
+      __syncthreads();  // step t's tiles landed for every thread; every thread is done with t - 1
+      load(t + kDyPassStages - 1);
+    } else {
+      load(t);
+      __syncthreads();
+    }
+    const int s = t % kDyPassSub;
+    const S* sY = reinterpret_cast<const S*>(stage(t));
+    const S* sB = reinterpret_cast<const S*>(stage(t) + L::kY);
+    const S* sH = reinterpret_cast<const S*>(stage(t) + L::kY + L::kB);
+    if (s == 0) wmma::fill_fragment(g, 0.0f);
+    {  // dB[cols, :] += dY^T Hs over this step's rows (k = 0, then 16)
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, S, wmma::col_major> fa0, fa1;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, S, wmma::row_major> fb0, fb1;
+      load_frag_shared(fa0, sY + mf * 16, L::LDY);
+      load_frag_shared(fb0, sH + nf * 16, L::LDR);
+      load_frag_shared(fa1, sY + 16 * L::LDY + mf * 16, L::LDY);
+      load_frag_shared(fb1, sH + 16 * L::LDR + nf * 16, L::LDR);
+#pragma unroll
+      for (int si = 0; si < kDyPassSub; ++si) {
+        if (si == s) {
+          wmma::mma_sync(db[si], fa0, fb0, db[si]);
+          wmma::mma_sync(db[si], fa1, fb1, db[si]);
+        }
+      }
+    }
+    if (warp < 4) {
+      // (two k-steps at a time: fully unrolled, the pipelined fp16 variant spilled 8 bytes at 128
+      // registers)
+#pragma unroll 2
+      for (int kk = 0; kk < 64; kk += 16) {  // G[rows, :] += dY B_k over this sub-step's columns
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, S, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, S, wmma::row_major> fb;
+        load_frag_shared(fa, sY + gm * 16 * L::LDY + kk, L::LDY);
+        load_frag_shared(fb, sB + kk * L::LDR + gn * 16, L::LDR);
+        wmma::mma_sync(g, fa, fb, g);
+      }
+    }
+    if (s == kDyPassSub - 1) {  // the row step's G over this block's columns: an fp32 partial
+      const int64_t row0 = st.row_begin + static_cast<int64_t>(t / kDyPassSub) * BK;
+      const int rows = static_cast<int>(st.row_end - row0 < BK ? st.row_end - row0 : BK);
+      if (warp < 4) wmma::store_matrix_sync(sC + gm * 16 * L::LDC + gn * 16, g, L::LDC, wmma::mem_row_major);
+      __syncthreads();
+      store_rank_tile<BK, L::LDC>(p.gp + (static_cast<int64_t>(blockIdx.x % col_chunks) * p.n + row0) * p.r, sC,
+                                  rows, rv_all, p.out_vec);
+      // sC is written again kDyPassSub steps later, past their barriers
+    }
+    if constexpr (!PIPE) __syncthreads();  // the stage is loaded again next step
+  }
+  if constexpr (PIPE) cp_async_wait<0>();  // only empty groups are left; none may outlive the block
+  __syncthreads();  // the last G partial is read out of sC before the dB epilogue overwrites it
   // dB partial of this row chunk (zeros for an idle chunk: an empty segment's gradient is +0)
   float* dout = p.dbp + chunk * p.out * p.r;
 #pragma unroll

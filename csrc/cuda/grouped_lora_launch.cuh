@@ -331,21 +331,30 @@ void dy_pass(const Prepared& p, const at::Tensor& gy, const at::Tensor& hs, at::
   a.out = p.out;
   a.r = p.r;
   a.col_chunks = index_math::ceil_div(p.out, static_cast<int64_t>(kDyPassCols));
-  const int64_t target = lt::wgrad_target_chunks(a.col_chunks, wave_blocks(resident_blocks<&dy_pass_kernel<S>>()),
-                                                 p.k, kWgradChunks, kMaxWgradChunks);
+  a.dy_vec = vec_rows<S>(a.dy, p.out);
+  a.hs_vec = vec_rows<S>(a.hs, p.r);
+  a.b_vec = vec_rows<S>(a.b, p.r) && (p.out * p.r * static_cast<int64_t>(sizeof(S))) % 16 == 0;
+  a.out_vec = tuning::grouped_lora_vectorized() && p.r % 4 == 0;  // fp32 rows of r: 16-byte aligned
+  // the cp.async main loop where every operand comes in 16-byte rows (as the GEMMs')
+  const bool pipelined = tuning::grouped_lora_pipelined() && a.dy_vec && a.hs_vec && a.b_vec;
+  const int resident =
+      pipelined ? resident_blocks<&dy_pass_kernel<S, true>>() : resident_blocks<&dy_pass_kernel<S, false>>();
+  const int64_t target =
+      lt::wgrad_target_chunks(a.col_chunks, wave_blocks(resident), p.k, kWgradChunks, kMaxWgradChunks);
   a.chunk_rows = lt::wgrad_chunk_rows(p.n, target, BK, BM);
   const int64_t chunks = lt::seg_tile_grid(p.n, p.k, a.chunk_rows);
   *gp = at::empty({a.col_chunks, p.n, p.r}, p.x.options().dtype(at::kFloat));
   *dbp = at::empty({chunks, p.out, p.r}, p.x.options().dtype(at::kFloat));
   a.gp = gp->mutable_data_ptr<float>();
   a.dbp = dbp->mutable_data_ptr<float>();
-  a.dy_vec = vec_rows<S>(a.dy, p.out);
-  a.hs_vec = vec_rows<S>(a.hs, p.r);
-  a.b_vec = vec_rows<S>(a.b, p.r) && (p.out * p.r * static_cast<int64_t>(sizeof(S))) % 16 == 0;
-  a.out_vec = tuning::grouped_lora_vectorized() && p.r % 4 == 0;  // fp32 rows of r: 16-byte aligned
   *g_splits = a.col_chunks;
   *db_chunk_rows = a.chunk_rows;
-  dy_pass_kernel<S><<<grid_dim(chunks * a.col_chunks, "x"), kThreads, 0, p.stream>>>(a);
+  const dim3 grid(grid_dim(chunks * a.col_chunks, "x"));
+  if (pipelined) {
+    dy_pass_kernel<S, true><<<grid, kThreads, 0, p.stream>>>(a);
+  } else {
+    dy_pass_kernel<S, false><<<grid, kThreads, 0, p.stream>>>(a);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
