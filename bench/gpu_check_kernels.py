@@ -8,7 +8,8 @@ a bad id in lazy mode), permute_rows / unpermute (and their validate-mode permut
 load_balance_loss forward and backward (both partial-kernel layouts, with and without mask),
 grouped_lora / grouped_lora_add_out / grouped_lora_backward(_add_out) / lora_linear (tensor-core bf16 / fp16 and SIMT
 fp32 / fp64 kernels, split and unsplit reductions, an empty expert, 16-byte and element accesses,
-a misaligned base, bad offsets in lazy mode).
+a misaligned base, bad offsets in lazy mode; the fused dY pass and two passes; the backward given
+the forward's saved shrink h).
 and MoLEFFN forward + backward (top-1 and dense routing) through autograd.
 Exits non-zero when a result differs from the CPU kernel, so a wrong answer under the sanitizer
 is caught too.
@@ -105,7 +106,10 @@ def main() -> int:
     # epilogues), d_in = 300 in bf16 / fp16 is not (element accesses); "misaligned": x starts one
     # element into its storage (the host's fallback to element accesses); "scalar": the vector
     # switch off (mole_ext._C.set_grouped_lora_vectorized(False)); "nopipe": 16-byte accesses but the
-# plain main loop instead of the cp.async pipeline (mole_ext._C.set_grouped_lora_pipelined(False)).
+    # plain main loop instead of the cp.async pipeline (mole_ext._C.set_grouped_lora_pipelined(False));
+    # "twopass": the backward's G and dB in two passes over dY instead of the fused dy_pass (bf16 /
+    # fp16 at r <= 32 by default; mole_ext._C.set_grouped_lora_fused_dy(False)). Every case also runs
+    # the backward given the forward's saved shrink (grouped_lora_h), which must give the same bits.
     def close(a, b, what, tol):
         a, b = a.detach().cpu().double(), b.detach().cpu().double()
         ok_ = torch.allclose(a, b, rtol=tol, atol=tol * (b.abs().max().item() + 1e-12))
@@ -124,12 +128,14 @@ def main() -> int:
     cases = [(70, torch.bfloat16, 3e-2, 320, ""), (70, torch.bfloat16, 3e-2, 300, ""),
              (2, torch.float16, 5e-3, 320, ""), (70, torch.float16, 5e-3, 320, "misaligned"),
              (70, torch.bfloat16, 3e-2, 320, "scalar"), (70, torch.bfloat16, 3e-2, 320, "nopipe"),
+             (70, torch.bfloat16, 3e-2, 320, "twopass"),
              (70, torch.float32, 1e-4, 300, ""),
              (70, torch.float64, 1e-10, 300, "")]
     for n, dt, tol, d_in, variant in cases:
         print(f"-- grouped_lora n={n} {dt} d_in={d_in} {variant}", flush=True)
         _C.set_grouped_lora_vectorized(variant != "scalar")
         _C.set_grouped_lora_pipelined(variant != "nopipe")
+        _C.set_grouped_lora_fused_dy(variant != "twopass")
         mis = variant == "misaligned"
         k, r, d_out = 3, 8, 72
         tag = f"{dt} d_in={d_in} {variant}"
@@ -153,6 +159,12 @@ def main() -> int:
         want = ops.grouped_lora_backward(gy, *cpu, 0.5, rs)
         for u, v, w in zip(got, want, ("grad_x", "grad_a", "grad_b", "grad_row_scale")):
             ok &= close(u, v, f"grouped_lora_backward {w} {tag}", tol)
+        h = ops.grouped_lora_h(*dev_args, 0.5, rs.to(dev))[1]
+        for u, v, w in zip(ops.grouped_lora_backward(to_dev(gy, mis), *dev_args, 0.5, rs.to(dev), h), got,
+                           ("grad_x", "grad_a", "grad_b", "grad_row_scale")):
+            if not torch.equal(u, v):
+                print(f"MISMATCH: grouped_lora_backward {w} given the saved h != recomputed ({tag})", flush=True)
+                ok = False
         gx_d, gx_c = to_dev(base_dx, mis), base_dx.clone()  # the dX epilogue that adds onto the base path's dX
         got_acc = ops.grouped_lora_backward_add_out(gx_d, gy.to(dev), *dev_args, 0.5, rs.to(dev))
         want_acc = ops.grouped_lora_backward_add_out(gx_c, gy, *cpu, 0.5, rs)
@@ -167,6 +179,7 @@ def main() -> int:
             ok = False
     _C.set_grouped_lora_vectorized(True)
     _C.set_grouped_lora_pipelined(True)
+    _C.set_grouped_lora_fused_dy(True)
     bad = torch.tensor([0, 9, 3, 20], dtype=torch.int32, device=dev)  # decreasing: reported, no OOB access
     ops.grouped_lora(torch.randn(20, 16, device=dev), torch.randn(3, 4, 16, device=dev),
                      torch.randn(3, 8, 4, device=dev), bad, 1.0, None)
@@ -226,7 +239,8 @@ def ncu_workload(dev: str = "cuda", n: int = 16384, d_in: int = 4096, d_out: int
                  ranks=(32, 128)) -> int:
     """The kernels bench/gpu_check.py profiles with ncu (inside cudaProfilerStart / Stop, after a
     warm-up outside): a 256 MiB copy (the bandwidth reference), the grouped LoRA forward and
-    backward at the benchmark shape (N = 16384, 4096 -> 11008, K = 4, bf16) for r = 32 and 128,
+    backward at the benchmark shape (N = 16384, 4096 -> 11008, K = 4, bf16) for r = 32 (the fused dY
+    pass) and 128 (two passes), the forward keeping the shrink h and the backward given it,
     permute / unpermute at N = 16384, d = 4096, and the router. (Smaller on the CPU: a test.)"""
     cuda = dev == "cuda"
     assert not cuda or torch.cuda.is_available(), "needs a GPU"
@@ -247,9 +261,9 @@ def ncu_workload(dev: str = "cuda", n: int = 16384, d_in: int = 4096, d_out: int
 
     def work():
         dst.copy_(src)
-        for r, (a, b) in lora.items():
-            ops.grouped_lora(x, a, b, off, 2.0, rs)
-            ops.grouped_lora_backward(gy, x, a, b, off, 2.0, rs)
+        for r, (a, b) in lora.items():  # what autograd runs: the forward keeps h, the backward takes it
+            _, h = ops.grouped_lora_h(x, a, b, off, 2.0, rs)
+            ops.grouped_lora_backward(gy, x, a, b, off, 2.0, rs, h)
         xs, st, _ = ops.permute(x, expert, k)
         ops.unpermute(xs, st)
         ops.router_top1(logits)

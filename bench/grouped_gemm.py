@@ -7,6 +7,9 @@ Providers:
                (mole_ext._C.set_grouped_lora_vectorized(False)): the A/B of that choice; CUDA only
   mole_ext_unpipelined  16-byte accesses, but the plain main loop (load, barrier, multiply)
                instead of the cp.async pipeline (mole_ext._C.set_grouped_lora_pipelined(False)); CUDA only
+  mole_ext_two_pass  the backward's G = dY B and dB = dY^T Hs in two passes over dY instead of the
+               fused one (mole_ext._C.set_grouped_lora_fused_dy(False); the fused pass serves bf16 /
+               fp16 at r <= 32); CUDA only
   grouped_mm   torch.nn.functional.grouped_mm (PyTorch's CUTLASS grouped GEMM; CUDA, bf16 only)
   loop         a Python loop over experts (host-synchronising offsets.tolist(), one GEMM pair each)
   mask         all experts then mask: one GEMM against the K stacked LoRA matrices, the rows'
@@ -117,8 +120,11 @@ def bytes_moved(cfg: Config, mode: str) -> int:
 # ---- providers: each returns (fwd, bwd) callables ----------------------------------------------
 
 def mole_ext_provider(x, a, b, off, rs, gy, expert, scaling):
-    return (lambda: ops.grouped_lora(x, a, b, off, scaling, rs),
-            lambda: torch.ops.mole_ext.grouped_lora_backward(gy, x, a, b, off, scaling, rs))
+    # What autograd runs in training: the forward that keeps the rank-r shrink h (grouped_lora_h),
+    # and the backward given it (x read once); the traffic model's default (saved_h=True).
+    h = torch.ops.mole_ext.grouped_lora_h(x, a, b, off, scaling, rs)[1]
+    return (lambda: torch.ops.mole_ext.grouped_lora_h(x, a, b, off, scaling, rs)[0],
+            lambda: torch.ops.mole_ext.grouped_lora_backward(gy, x, a, b, off, scaling, rs, h))
 
 
 def _mole_ext_with_switch_off(switch: str, name: str):
@@ -146,6 +152,7 @@ def _mole_ext_with_switch_off(switch: str, name: str):
 
 mole_ext_scalar_provider = _mole_ext_with_switch_off("vectorized", "mole_ext_scalar")
 mole_ext_unpipelined_provider = _mole_ext_with_switch_off("pipelined", "mole_ext_unpipelined")
+mole_ext_two_pass_provider = _mole_ext_with_switch_off("fused_dy", "mole_ext_two_pass")
 
 
 def grouped_mm_provider(x, a, b, off, rs, gy, expert, scaling):
@@ -225,6 +232,7 @@ def mask_provider(x, a, b, off, rs, gy, expert, scaling):
 
 PROVIDERS: Dict[str, Callable] = {"mole_ext": mole_ext_provider, "mole_ext_scalar": mole_ext_scalar_provider,
                                   "mole_ext_unpipelined": mole_ext_unpipelined_provider,
+                                  "mole_ext_two_pass": mole_ext_two_pass_provider,
                                   "grouped_mm": grouped_mm_provider,
                                   "loop": loop_provider, "mask": mask_provider}
 
@@ -295,7 +303,8 @@ def main(argv=None):
     if device == "cpu":
         print(f"CPU run ({env['device']}): the CPU kernels at small float32 sizes; the GPU numbers come from "
               "bench/gpu_check.sh on a GPU machine. grouped_mm is CUDA-only.")
-        wanted = [p for p in wanted if p not in ("grouped_mm", "mole_ext_scalar", "mole_ext_unpipelined")]
+        wanted = [p for p in wanted if p not in ("grouped_mm", "mole_ext_scalar", "mole_ext_unpipelined",
+                                                 "mole_ext_two_pass")]
     elif not hasattr(F, "grouped_mm"):
         print(f"torch {torch.__version__} has no torch.nn.functional.grouped_mm: that provider is skipped")
         wanted = [p for p in wanted if p != "grouped_mm"]

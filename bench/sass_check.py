@@ -151,7 +151,8 @@ def reg_limit(threads: int, blocks: int) -> int:
     return min(MAX_REGS_PER_THREAD, per_thread // REG_GRANULARITY * REG_GRANULARITY)
 
 
-_TC_KERNEL = re.compile(r"^void (row_gemm_kernel|wgrad_kernel)<(__half|__nv_bfloat16), float, true\b")
+_TC_KERNEL = re.compile(r"^void (?:(row_gemm_kernel|wgrad_kernel)<(__half|__nv_bfloat16), float, true\b"
+                        r"|dy_pass_kernel<(__half|__nv_bfloat16)\b)")
 
 
 def is_tensor_core_kernel(k: Kernel) -> bool:
@@ -213,7 +214,7 @@ def check(kernels: dict[tuple[str, str], Kernel], arch: str, threads: int, block
         rows.append((k, bad))
         failures += [f"{k.name} [{arch}]: {b}" for b in bad]
     tc = [k for k, _ in rows if is_tensor_core_kernel(k)]
-    for kind in ("row_gemm_kernel", "wgrad_kernel"):
+    for kind in ("row_gemm_kernel", "wgrad_kernel", "dy_pass_kernel"):
         for dtype in ("__half", "__nv_bfloat16"):
             if not any(f"{kind}<{dtype}," in k.name for k in tc):
                 failures.append(f"no tensor-core {kind} for {dtype} at {arch}: the check has nothing to check")

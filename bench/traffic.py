@@ -16,7 +16,17 @@ these rules, which the GPU check's ncu stage (dram__bytes) can confirm or refute
     PyTorch's own ops around them (dtype casts, autograd sums) move what their inputs and outputs
     are.
 The minimum of an op reads each input once and writes each output once (an output that is
-accumulated into is read once too). Compute time is not modelled: the FLOPs are reported so the
+accumulated into is read once too).
+
+Bytes per element of the large activations (bf16, 2 bytes an element; rank-r and weight traffic
+aside), implemented vs minimum:
+  forward   x: 2 vs 2 (one read), y: 2 vs 2 (one write; add_out 4 vs 4: read, write);
+  backward  x: 4 vs 4 with the forward's saved H (x read once, by dA; dX written once; add_out
+            6 vs 6: dX read and written) and 6 vs 4 without it (the plain ops recompute the
+            shrink: x read twice);
+            dY: 2 vs 2 for bf16 / fp16 at r <= 32 (G = dY B and dB = dY^T Hs in one pass, plus
+            fp32 partials of about 8 r / 256 + 8 r / rows-per-chunk bytes per element), else 4 vs
+            2 (two passes). See csrc/cuda/grouped_lora.cu. Compute time is not modelled: the FLOPs are reported so the
 arithmetic intensity is visible (at r = 128 the tensor cores may bind before DRAM).
 
     python bench/traffic.py             # the table of the benchmark shapes, predictions at 3000 GB/s
@@ -31,9 +41,12 @@ from typing import Dict, List, Tuple
 # the kernels' constants (csrc/cuda/grouped_lora.cu)
 BM = BN = 64
 BK = 32
+DY_PASS_COLS = 256      # columns of dY per block of the fused dY pass (kDyPassCols)
+DY_PASS_RANK = 32       # the largest rank it serves (kDyPassRank)
 MIN_SPLIT_CHUNK = 256
 MAX_SPLITS = 16
-WGRAD_CHUNKS = 8
+WGRAD_CHUNKS = 8        # fewest row chunks of the weight-gradient partials
+MAX_WGRAD_CHUNKS = 64
 # H100 SXM / H200: 132 SMs, 50 MiB L2 (the GPU check passes the device's own numbers)
 DEFAULT_SMS = 132
 DEFAULT_L2 = 50 << 20
@@ -68,6 +81,13 @@ def wgrad_chunk_rows(n: int, target_chunks: int = WGRAD_CHUNKS, align: int = BK,
     return max(cdiv(cdiv(n, max(target_chunks, 1)), align) * align, min_rows)
 
 
+def wgrad_target_chunks(tiles: int, wave: int, k: int, min_chunks: int = WGRAD_CHUNKS,
+                        max_chunks: int = MAX_WGRAD_CHUNKS) -> int:
+    tiles, wave, min_chunks = max(tiles, 1), max(wave, 1), max(min_chunks, 1)
+    waves = cdiv((min_chunks + k) * tiles, wave)
+    return max(min(max(waves * wave // tiles - k, min_chunks), max_chunks), 1)
+
+
 # ---- the model -------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -86,11 +106,19 @@ class Shape:
 
 @dataclasses.dataclass
 class Traffic:
-    """One op: the minimum, the kernels' bytes (name -> bytes), the FLOPs."""
+    """One op: the minimum, the kernels' bytes (name -> bytes), the FLOPs. `streams`: for the large
+    activations, name -> (elements, implemented bytes, minimum bytes) of the DRAM traffic on that
+    tensor and its gradient ("x": x read, dX written / read; "dY" or "y"): per_element() divides."""
     op: str
     minimum: int
     kernels: List[Tuple[str, int]]
     flops: int = 0
+    streams: Dict[str, Tuple[int, int, int]] = dataclasses.field(default_factory=dict)
+
+    def per_element(self, name: str) -> Tuple[float, float]:
+        """(implemented, minimum) DRAM bytes per element of the large activation `name`."""
+        elems, impl, least = self.streams[name]
+        return impl / elems, least / elems
 
     @property
     def implementation(self) -> int:
@@ -111,9 +139,20 @@ def _reads(nbytes: int, readers: int, s: Shape) -> int:
     return nbytes if nbytes <= s.l2 // 2 else nbytes * readers
 
 
-def grouped_lora(s: Shape, mode: str, accumulate: bool = False) -> Traffic:
+def grouped_lora(s: Shape, mode: str, accumulate: bool = False, saved_h: bool = True,
+                 fused_dy: bool = True) -> Traffic:
     """grouped_lora (mode "fwd"; accumulate: grouped_lora_add_out) or grouped_lora_backward
-    ("bwd"; accumulate: grouped_lora_backward_add_out, dX added onto its buffer)."""
+    ("bwd"; accumulate: grouped_lora_backward_add_out, dX added onto its buffer).
+
+    saved_h (what autograd runs: grouped_lora_h / lora_linear_h, then the backward's `h`): the
+    forward also writes the unscaled shrink H ([N, r] fp32) and the backward reads it instead of
+    recomputing it from x; without it (the plain ops) the backward runs the shrink again. Either
+    way the op's minimum counts what it must read and write, H included when it is an output or
+    an input.
+
+    fused_dy (the default switch of the CUDA kernels): for 16-bit types and r <= 32 the backward
+    computes G = dY B and dB = dY^T Hs in one pass over dY (dy_pass_kernel), which writes fp32
+    partials of G per 256 columns of dY and of dB per row chunk; else two passes read dY twice."""
     if mode not in ("fwd", "bwd"):
         raise ValueError(f"mode must be 'fwd' or 'bwd', got {mode!r}")
     e, n, i, o, r, k = s.elem, s.n, s.d_in, s.d_out, s.r, s.k
@@ -130,37 +169,60 @@ def grouped_lora(s: Shape, mode: str, accumulate: bool = False) -> Traffic:
         return (f"{name} (x A^T, {col_tiles_r} column tile(s), {splits} split(s))",
                 X + A + splits * n * r * s.acc), splits
 
+    H32 = n * r * s.acc if saved_h else 0  # the saved unscaled shrink (fp32)
+    y_rw = 2 if accumulate else 1        # y / dX written, and read first when accumulated into
     kernels = [("prepare_offsets", off)]
     if mode == "fwd":
         (name, nb), splits = shrink("shrink")
         kernels.append((name, nb))
-        kernels.append(("finish_h (sum splits, scale)", splits * n * r * s.acc + rs + H))
+        kernels.append(("finish_h (sum splits, scale" + (", keep H" if saved_h else "") + ")",
+                        splits * n * r * s.acc + rs + H + H32))
         kernels.append(("expand (Hs B^T" + (", add" if accumulate else "") + ")",
-                        _reads(H, cdiv(o, BN), s) + B + Y * (2 if accumulate else 1)))
-        minimum = X + A + B + rs + off + Y * (2 if accumulate else 1)
+                        _reads(H, cdiv(o, BN), s) + B + Y * y_rw))
+        minimum = X + A + B + rs + off + Y * y_rw + H32
         flops = 2 * n * r * (i + o)
-        return Traffic("grouped_lora fwd" + (" (add_out)" if accumulate else ""), minimum, kernels, flops)
-    (name, nb), h_splits = shrink("shrink again")
-    kernels.append((name, nb))
-    _, g_splits = split_plan(o, want_splits(row_tiles * col_tiles_r, target, o, MIN_SPLIT_CHUNK, MAX_SPLITS), BK)
-    kernels.append((f"G = dY B ({col_tiles_r} column tile(s), {g_splits} split(s))",
-                    Y + B + g_splits * n * r * s.acc))
-    kernels.append(("finish_bwd (dH, Hs, d row_scale)", (h_splits + g_splits) * n * r * s.acc + rs + 2 * H + rs))
-    chunk_rows = wgrad_chunk_rows(n)
-    chunks = seg_tile_grid(n, k, chunk_rows)
+        streams = {"x": (n * i, X, X), "y": (n * o, Y * y_rw, Y * y_rw)}
+        return Traffic("grouped_lora fwd" + (" (add_out)" if accumulate else ""), minimum, kernels, flops, streams)
+    if saved_h:
+        h_splits = 1  # finish_bwd reads the saved H as one piece
+    else:
+        (name, nb), h_splits = shrink("shrink again")
+        kernels.append((name, nb))
+    fused = fused_dy and e == 2 and r <= DY_PASS_RANK and o > 0
+    if fused:
+        col_chunks = cdiv(o, DY_PASS_COLS)
+        chunks_b = seg_tile_grid(n, k, wgrad_chunk_rows(n, wgrad_target_chunks(col_chunks, target, k)))
+        g_splits = col_chunks
+        kernels.append(("finish_h (Hs for the dY pass)", h_splits * n * r * s.acc + rs + H))
+        kernels.append((f"dY pass (G and dB partials, {col_chunks} column chunk(s), {chunks_b} row chunks)",
+                        Y + H + B + col_chunks * n * r * s.acc + chunks_b * o * r * s.acc))
+    else:
+        _, g_splits = split_plan(o, want_splits(row_tiles * col_tiles_r, target, o, MIN_SPLIT_CHUNK, MAX_SPLITS), BK)
+        kernels.append((f"G = dY B ({col_tiles_r} column tile(s), {g_splits} split(s))",
+                        Y + B + g_splits * n * r * s.acc))
+    kernels.append(("finish_bwd (" + ("saved H, " if saved_h else "") + "dH, Hs, d row_scale)",
+                    (h_splits + g_splits) * n * r * s.acc + rs + 2 * H + rs))
+    # row chunks: whole waves of the occupancy (2 blocks per SM assumed here) over the gradient's tiles
     m_tiles_r = cdiv(r, BM)
-    kernels.append((f"dA partials (dH^T x, {m_tiles_r} adjacent r-tile(s), {chunks} chunks)",
-                    _reads(H, cdiv(i, BN), s) + X + chunks * r * i * s.acc))
-    kernels.append(("dA reduce", chunks * r * i * s.acc + A))
-    kernels.append((f"dB partials (dY^T Hs, {col_tiles_r} adjacent r-tile(s))",
-                    Y + _reads(H, cdiv(o, BM), s) + chunks * o * r * s.acc))
-    kernels.append(("dB reduce", chunks * o * r * s.acc + B))
+    chunks_a = seg_tile_grid(n, k, wgrad_chunk_rows(n, wgrad_target_chunks(m_tiles_r * cdiv(i, BN), target, k)))
+    kernels.append((f"dA partials (dH^T x, {m_tiles_r} adjacent r-tile(s), {chunks_a} chunks)",
+                    _reads(H, cdiv(i, BN), s) + X + chunks_a * r * i * s.acc))
+    kernels.append(("dA reduce", chunks_a * r * i * s.acc + A))
+    if not fused:
+        chunks_b = seg_tile_grid(n, k, wgrad_chunk_rows(n, wgrad_target_chunks(cdiv(o, BM) * col_tiles_r, target, k)))
+        kernels.append((f"dB partials (dY^T Hs, {col_tiles_r} adjacent r-tile(s), {chunks_b} chunks)",
+                        Y + _reads(H, cdiv(o, BM), s) + chunks_b * o * r * s.acc))
+    kernels.append(("dB reduce", chunks_b * o * r * s.acc + B))
     kernels.append(("dX (dH A" + (", add" if accumulate else "") + ")",
-                    _reads(H, cdiv(i, BN), s) + A + X * (2 if accumulate else 1)))
-    # dY, x, A, B (and row_scale) in; dX (read too when accumulating), dA, dB, d row_scale out
-    minimum = Y + X + A + B + rs + off + X * (2 if accumulate else 1) + A + B + rs
-    flops = 2 * n * r * (2 * i + 2 * o + i)  # H, dX, dA (in) and G, dB (out)
-    return Traffic("grouped_lora bwd" + (" (add_out)" if accumulate else ""), minimum, kernels, flops)
+                    _reads(H, cdiv(i, BN), s) + A + X * y_rw))
+    # dY, x, A, B, the saved H (and row_scale) in; dX (read too when accumulating), dA, dB, d row_scale out
+    minimum = Y + X + A + B + rs + off + X * y_rw + A + B + rs + H32
+    flops = 2 * n * r * ((0 if saved_h else i) + 2 * i + 2 * o)  # H (recomputed), dX, dA and G, dB
+    # x: read by the shrink (without saved H) and by dA, dX written (and read); dY: read once by the
+    # fused pass, else by G and by dB
+    streams = {"x": (n * i, X * (1 if saved_h else 2) + X * y_rw, X + X * y_rw),
+               "dY": (n * o, (1 if fused else 2) * Y, Y)}
+    return Traffic("grouped_lora bwd" + (" (add_out)" if accumulate else ""), minimum, kernels, flops, streams)
 
 
 def mole_ffn(n: int, d: int, m: int, r: int, k: int, elem: int = 2, sms: int = DEFAULT_SMS,
@@ -236,6 +298,16 @@ def readme_table() -> str:
     for mode, ops in mole_ffn(16384, 4096, 11008, 32, 4).items():
         s = summary(ops)
         out.append(f"| MoLE FFN {mode}: mole_ext's ops (r = 32) | | {s.fraction:.2f} | | | |")
+    out += ["", "| bytes per element (bf16; implemented / minimum) | x (and dX) | y or dY |", "|---|---|---|"]
+    for mode, acc in (("fwd", False), ("fwd", True), ("bwd", False), ("bwd", True)):
+        t = grouped_lora(Shape(16384, 4096, 11008, 32, 4), mode, accumulate=acc)
+        cells = [f"{a:.0f} / {b:.0f}" for a, b in (t.per_element(name) for name in t.streams)]
+        out.append(f"| {t.op} | " + " | ".join(cells) + " |")
+    for label, kw in (("plain op (no saved H)", dict(saved_h=False)), ("two dY passes (r > 32 or fp32)",
+                                                                      dict(fused_dy=False))):
+        t = grouped_lora(Shape(16384, 4096, 11008, 32, 4), "bwd", **kw)
+        out.append(f"| grouped_lora bwd, {label} | " + " | ".join(
+            f"{a:.0f} / {b:.0f}" for a, b in (t.per_element(name) for name in t.streams)) + " |")
     out += ["", "| kernel (N = 16384, 4096 -> 11008, r = 32, K = 4, bf16) | MB | share |", "|---|---|---|"]
     for mode in ("fwd", "bwd"):
         t = grouped_lora(Shape(16384, 4096, 11008, 32, 4), mode)

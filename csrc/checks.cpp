@@ -109,6 +109,16 @@ void check_grouped_lora(const at::Tensor& x, const at::Tensor& lora_a, const at:
 
 void mark_written(const at::Tensor& t) { t.unsafeGetTensorImpl()->bump_version(); }
 
+void check_saved_h(const at::Tensor& h, const at::Tensor& x, const at::Tensor& lora_a) {
+  const int64_t n = x.size(0), r = lora_a.size(1);
+  const at::ScalarType acc = acc_type_for(x.scalar_type());
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == n && h.size(1) == r, "h (the forward's saved X A_k^T) must be [", n,
+              ", ", r, "] (rows of x, LoRA rank), got ", h.sizes());
+  TORCH_CHECK(h.scalar_type() == acc, "h (the forward's saved X A_k^T) must be ", acc,
+              " (the accumulation dtype of x), got ", h.scalar_type());
+  check_same_device(x, "x", h, "h");
+}
+
 void check_grouped_lora_add_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
                                 const at::Tensor& lora_b, const at::Tensor& offsets,
                                 const std::optional<at::Tensor>& row_scale) {

@@ -8,14 +8,15 @@ namespace mole_ext {
 at::Tensor lora_linear_with(GroupedLoraAddOut add_out, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_a, const at::Tensor& lora_b,
                             const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale,
-                            const std::optional<at::Tensor>& lora_x) {
+                            const std::optional<at::Tensor>& lora_x, at::Tensor* h_out) {
   const BelowAutograd below_autograd;
   check_lora_linear(x, weight, bias, lora_a, lora_b, lora_x);
   // Under autocast the caller passes x in its own dtype and the weights in the compute dtype; the
   // cast copy lives only inside this op (autograd keeps x, not the copy).
   const at::Tensor xc = x.to(weight.scalar_type());
   at::Tensor y = at::linear(xc, weight, bias);  // [N, out], contiguous
-  add_out(y, lora_x.has_value() ? lora_x->to(weight.scalar_type()) : xc, lora_a, lora_b, offsets, scaling, row_scale);
+  add_out(y, lora_x.has_value() ? lora_x->to(weight.scalar_type()) : xc, lora_a, lora_b, offsets, scaling, row_scale,
+          h_out);
   return y;
 }
 

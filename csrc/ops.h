@@ -34,6 +34,9 @@ void check_grouped_lora(const at::Tensor& x, const at::Tensor& lora_a, const at:
 void check_grouped_lora_add_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
                                 const at::Tensor& lora_b, const at::Tensor& offsets,
                                 const std::optional<at::Tensor>& row_scale);
+// h [N, r] in x's accumulation dtype on x's device: the forward's unscaled shrink X A_k^T
+// (grouped_lora_h / lora_linear_h), which the backward ops take instead of recomputing it.
+void check_saved_h(const at::Tensor& h, const at::Tensor& x, const at::Tensor& lora_a);
 // Bumps the version counter of a tensor an op writes in place (the Tensor(a!) argument of the
 // *_add_out ops), as ATen's in-place ops do: autograd then refuses a backward through a saved
 // tensor that changed. PyTorch's autograd fallback for custom ops skips the ADInplaceOrView key
@@ -72,11 +75,18 @@ at::Tensor unpermute_cpu(const at::Tensor& y_sorted, const at::Tensor& sorted_to
 at::Tensor grouped_lora_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                             const at::Tensor& offsets, double scaling,
                             const std::optional<at::Tensor>& row_scale);
+// -> (y, h): y as grouped_lora, h [N, r] = X A_k^T unscaled, in the accumulation dtype (float32;
+// float64 for float64 x): what the backward ops take as `h` instead of recomputing it.
+std::tuple<at::Tensor, at::Tensor> grouped_lora_h_cpu(const at::Tensor& x, const at::Tensor& lora_a,
+                                                      const at::Tensor& lora_b, const at::Tensor& offsets,
+                                                      double scaling, const std::optional<at::Tensor>& row_scale);
 // -> grad_x [N, in], grad_a [K, r, in], grad_b [K, out, r], grad_row_scale [N] (empty [0] when
-// row_scale is None)
+// row_scale is None). h: the forward's saved shrink (grouped_lora_h) or None (recomputed from x);
+// the results are the same bit for bit either way.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
-    const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale);
+    const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale,
+    const std::optional<at::Tensor>& h);
 
 // out [N, out] (x's dtype) += grouped_lora(x, ...), rounded once from the accumulation type
 void grouped_lora_add_out_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
@@ -87,19 +97,22 @@ void grouped_lora_add_out_cpu(at::Tensor& out, const at::Tensor& x, const at::Te
 // accumulation type -> grad_a, grad_b, grad_row_scale as grouped_lora_backward
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward_add_out_cpu(
     at::Tensor& grad_x, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale);
+    const at::Tensor& lora_b, const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale,
+    const std::optional<at::Tensor>& h);
 
-// The backend's grouped_lora_add_out, for the device-generic lora_linear below.
+// The backend's grouped_lora_add_out, for the device-generic lora_linear below; with a non-null
+// last argument it also returns the unscaled shrink X A_k^T there ([N, r], accumulation dtype).
 using GroupedLoraAddOut = void (*)(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, double, const std::optional<at::Tensor>&);
+                                   const at::Tensor&, double, const std::optional<at::Tensor>&, at::Tensor*);
 // x [N, in] (cast to weight's dtype), weight [out, in], bias [out] or None, lora_x [N, in] (the LoRA's
 // input when it differs from x, e.g. after dropout) or None -> [N, out] in weight's dtype:
 // at::linear (the backend's BLAS) and then `add_out` of the grouped LoRA delta into its output, so
-// the delta never exists as a second [N, out] tensor (lora_linear.cpp).
+// the delta never exists as a second [N, out] tensor (lora_linear.cpp). With `h_out` it also
+// returns the LoRA's unscaled shrink there (lora_linear_h, for the backward's `h`).
 at::Tensor lora_linear_with(GroupedLoraAddOut add_out, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_a, const at::Tensor& lora_b,
                             const at::Tensor& offsets, double scaling, const std::optional<at::Tensor>& row_scale,
-                            const std::optional<at::Tensor>& lora_x);
+                            const std::optional<at::Tensor>& lora_x, at::Tensor* h_out = nullptr);
 
 // probs [N, K] float, expert [N] int, mask [N] bool or None -> scalar (float32; float64 for float64 probs)
 at::Tensor load_balance_loss_cpu(const at::Tensor& probs, const at::Tensor& expert,

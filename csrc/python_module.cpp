@@ -79,4 +79,19 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   });
+  m.def("set_grouped_lora_fused_dy", [](bool on) {
+#ifdef MOLE_EXT_WITH_CUDA
+    mole_ext::tuning::set_grouped_lora_fused_dy(on);
+#else
+    (void)on;
+#endif
+  }, "CUDA grouped_lora_backward*, bf16 / fp16, r <= 32: G = dY B and dB = dY^T Hs in one pass over dY "
+     "(default) or two; the results agree within rounding (other summation order).");
+  m.def("grouped_lora_fused_dy", []() {
+#ifdef MOLE_EXT_WITH_CUDA
+    return mole_ext::tuning::grouped_lora_fused_dy();
+#else
+    return false;
+#endif
+  });
 }

@@ -18,15 +18,21 @@ TORCH_LIBRARY(mole_ext, m) {
   m.def("grouped_lora(Tensor x, Tensor lora_a, Tensor lora_b, Tensor offsets, float scaling, Tensor? row_scale) -> Tensor");
   // In place out += grouped_lora(x, ...) (the LoRA delta lands on the base GEMM's output), rounded once.
   m.def("grouped_lora_add_out(Tensor(a!) out, Tensor x, Tensor lora_a, Tensor lora_b, Tensor offsets, float scaling, Tensor? row_scale) -> ()");
-  // Gradients of grouped_lora: (grad_x, grad_a, grad_b, grad_row_scale; the last is empty without row_scale).
-  m.def("grouped_lora_backward(Tensor grad_y, Tensor x, Tensor lora_a, Tensor lora_b, Tensor offsets, float scaling, Tensor? row_scale) -> (Tensor grad_x, Tensor grad_a, Tensor grad_b, Tensor grad_row_scale)");
+  // The forward's unscaled shrink h = X A_k^T as well ([N, r], float32; float64 for float64 x), for
+  // the backward's `h`: then the backward reads x once (for grad_a) instead of twice.
+  m.def("grouped_lora_h(Tensor x, Tensor lora_a, Tensor lora_b, Tensor offsets, float scaling, Tensor? row_scale) -> (Tensor y, Tensor h)");
+  // Gradients of grouped_lora: (grad_x, grad_a, grad_b, grad_row_scale; the last is empty without
+  // row_scale). h: grouped_lora_h's second output or None (recomputed from x); the same bits either way.
+  m.def("grouped_lora_backward(Tensor grad_y, Tensor x, Tensor lora_a, Tensor lora_b, Tensor offsets, float scaling, Tensor? row_scale, Tensor? h=None) -> (Tensor grad_x, Tensor grad_a, Tensor grad_b, Tensor grad_row_scale)");
   // Gradients of grouped_lora with grad_x accumulated in place onto an existing gradient (the base
   // path's dX), rounded once: (grad_a, grad_b, grad_row_scale; the last is empty without row_scale).
-  m.def("grouped_lora_backward_add_out(Tensor(a!) grad_x, Tensor grad_y, Tensor x, Tensor lora_a, Tensor lora_b, Tensor offsets, float scaling, Tensor? row_scale) -> (Tensor grad_a, Tensor grad_b, Tensor grad_row_scale)");
+  m.def("grouped_lora_backward_add_out(Tensor(a!) grad_x, Tensor grad_y, Tensor x, Tensor lora_a, Tensor lora_b, Tensor offsets, float scaling, Tensor? row_scale, Tensor? h=None) -> (Tensor grad_a, Tensor grad_b, Tensor grad_row_scale)");
   // A MoLE projection in one op: x W^T + b with the grouped LoRA delta (of lora_x when given, the
   // dropped-out input, else of x) accumulated into the base GEMM's output; inputs are cast to
   // weight's dtype inside (so callers under autocast keep one copy of x).
   m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor offsets, float scaling, Tensor? row_scale, Tensor? lora_x=None) -> Tensor");
+  // lora_linear and the LoRA's unscaled shrink h (as grouped_lora_h), for the backward's `h`.
+  m.def("lora_linear_h(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor offsets, float scaling, Tensor? row_scale, Tensor? lora_x=None) -> (Tensor y, Tensor h)");
   // Switch-style balance loss K * sum_k f_k P_k over masked tokens.
   m.def("load_balance_loss(Tensor probs, Tensor expert, Tensor? mask) -> Tensor");
   // Gradient of load_balance_loss with respect to probs.

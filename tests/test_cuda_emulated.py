@@ -604,6 +604,21 @@ def run_all(ops, x, a, b, off, rs, gy, scaling=0.75, misalign=0):
     res["ga2"], res["gb2"], res["grs2"] = ops.grouped_lora_backward_add_out(gx, gyp, xp, ap, bp, off, scaling, rsp)
     check_padding(gx, "grouped_lora_backward_add_out: grad_x")
     res["gx2"] = gx.clone()
+    # the forward's saved shrink h (grouped_lora_h): the same y, and both backward ops given h return
+    # what they return recomputing it, bit for bit
+    y_h, h = ops.grouped_lora_h(xp, ap, bp, off, scaling, rsp)
+    assert torch.equal(y_h, res["y"]), "grouped_lora_h's y differs from grouped_lora's"
+    res["h"] = h
+    hp = padded(h, misalign)
+    for key, t in zip(("gx", "ga", "gb", "grs"), ops.grouped_lora_backward(gyp, xp, ap, bp, off, scaling, rsp, hp)):
+        assert torch.equal(t, res[key]), f"grouped_lora_backward with the saved h: {key} differs"
+    gx = padded(gbase, misalign)
+    for key, t in zip(("ga2", "gb2", "grs2"),
+                      ops.grouped_lora_backward_add_out(gx, gyp, xp, ap, bp, off, scaling, rsp, hp)):
+        assert torch.equal(t, res[key]), f"grouped_lora_backward_add_out with the saved h: {key} differs"
+    assert torch.equal(gx, res["gx2"]), "grouped_lora_backward_add_out with the saved h: grad_x differs"
+    check_padding(gx, "grouped_lora_backward_add_out (saved h): grad_x")
+    check_padding(hp, "the saved h")
     for t in (xp, ap, bp, gyp) + (() if rsp is None else (rsp,)):
         check_padding(t, "an input")
     return res
@@ -791,6 +806,82 @@ def test_fewer_sms_change_the_split_not_the_result(emu, dtype):
     emu.ops.configure(132, 0, 0, 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("counts,r,d_in,d_out,misalign", [
+    pytest.param([1], 1, 40, 72, 0, id="N1-r1"),
+    pytest.param([0, 97, 0], 16, 40, 600, 0, id="one-expert-2-column-chunks"),
+    pytest.param([5, 0, 92], 17, 24, 72, 0, id="r17-empty"),
+    pytest.param([40, 33, 1, 0], 32, 40, 1100, 0, id="r32-3-column-chunks"),
+    pytest.param([30, 0, 40], 24, 40, 72, 1, id="misaligned"),
+    pytest.param([0, 0, 0], 8, 40, 72, 0, id="N0"),
+])
+def test_fused_dy_pass(emu, dtype, counts, r, d_in, d_out, misalign):
+    """bf16 / fp16 with r <= 32: G = dY B and dB = dY^T Hs come from one pass over dY
+    (dy_pass_kernel). Its sums run in another order than the two-pass path (row_gemm + wgrad), so
+    both are compared with the CPU kernel within tolerance and with each other; it is bit-identical
+    with and without the saved h, and from rerun to rerun."""
+    x, a, b, off, rs, gy = make(counts, r, d_in, d_out, dtype, seed=11)
+    want = reference(x, a, b, off, rs, gy)
+    runs = {}
+    for fused in (True, False, True):
+        emu.ops.set_fused_dy(fused)
+        emu.ops.reset_stats()
+        try:
+            got = run_all(emu.ops, x, a, b, off, rs, gy, misalign=misalign)
+        finally:
+            emu.ops.set_fused_dy(True)
+        launched = emu.stats()["launch"].get("dy_pass_kernel", 0)
+        assert launched == (4 if fused and sum(counts) > 0 else 0), (fused, launched)  # 4 backward runs
+        compare(got, want, dtype, f"fused={fused}")
+        if fused in runs:
+            for key in got:
+                assert torch.equal(got[key], runs[fused][key]), f"{key}: the fused pass is not reproducible"
+        runs[fused] = got
+    for key in want:
+        close(runs[True][key], runs[False][key], dtype, f"fused vs two passes: {key}")
+    for e, c in enumerate(counts):
+        if c == 0:
+            for key in ("gb", "gb2"):
+                g = runs[True][key][e]
+                assert (g == 0).all() and not torch.signbit(g).any(), f"{key}[{e}] of an empty expert is not +0"
+
+
+def test_fused_dy_pass_only_up_to_rank_32(emu):
+    x, a, b, off, rs, gy = make([20, 13], 33, 40, 72, torch.bfloat16)
+    emu.ops.reset_stats()
+    compare(run_all(emu.ops, x, a, b, off, rs, gy), reference(x, a, b, off, rs, gy), torch.bfloat16, "r = 33")
+    assert "dy_pass_kernel" not in emu.stats()["launch"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_gradient_chunks_follow_the_wave(emu, dtype):
+    """The weight gradients' row chunks fill whole waves of the occupancy (2 blocks per SM here).
+    dA has 1 output tile, dB 2. With 132 SMs both want 64 chunks and get the 64-row minimum:
+    2000 / 64 + 3 segments = 34. With one SM (waves of 2 blocks): dA 11 chunks fill 6 waves (9 wanted,
+    224 rows: 8 + 3), dB 8 wanted (256 rows: 7 + 3 = 10 chunks, 20 blocks in 10 waves). The sums'
+    order changes with the chunks, so the results match the CPU kernel within tolerance either way,
+    and each SM count repeats its own bits."""
+    x, a, b, off, rs, gy = make([1200, 0, 800], 8, 40, 72, dtype, seed=6)
+    want = reference(x, a, b, off, rs, gy)
+    blocks, runs = {}, {}
+    for sms in (1, 132, 1):
+        emu.ops.configure(sms, 0, 0, 1)
+        emu.ops.reset_stats()
+        got = run_all(emu.ops, x, a, b, off, rs, gy)
+        compare(got, want, dtype, f"{sms} SMs")
+        blocks.setdefault(sms, emu.stats()["blocks"])
+        if sms in runs:
+            for key in got:
+                assert torch.equal(got[key], runs[sms][key]), f"{key}: a rerun on {sms} SMs changed the bits"
+        runs[sms] = got
+    emu.ops.configure(132, 0, 0, 1)
+    # run_all runs the backward 4 times (plain and add_out, each without and with the saved h). For
+    # bf16, dB comes from the fused dY pass, whose row chunks follow the same rule over its 1 column
+    # chunk (as dA's 1 tile: 34 or 11 chunks).
+    db_extra = (34 - 11) * 1 if dtype == torch.bfloat16 else (34 - 10) * 2
+    assert blocks[132] - blocks[1] == 4 * ((34 - 11) * 1 + db_extra), blocks
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_no_rows(emu, dtype):
     x, a, b, off, rs, gy = make([0, 0, 0], 8, 40, 72, dtype)
@@ -807,13 +898,15 @@ def test_backward_add_out_into_its_own_input(emu, dtype):
     x, a, b, off, rs, gy = make([30, 0, 40], 8, 40, 40, dtype, seed=2)
     for alias in ("x", "grad_y"):
         results = []
-        for ops in (emu.ops, ops_cpu):
+        for ops, saved_h in ((emu.ops, False), (emu.ops, True), (ops_cpu, False)):
             xc, gyc = x.clone(), gy.clone()
+            h = ops.grouped_lora_h(xc, a, b, off, 0.75, rs)[1] if saved_h else None
             gx = xc if alias == "x" else gyc
-            grads = ops.grouped_lora_backward_add_out(gx, gyc, xc, a, b, off, 0.75, rs)
+            grads = ops.grouped_lora_backward_add_out(gx, gyc, xc, a, b, off, 0.75, rs, h)
             results.append((gx.clone(),) + tuple(grads))
-        for got, want, key in zip(results[0], results[1], ("grad_x", "grad_a", "grad_b", "grad_row_scale")):
+        for got, with_h, want, key in zip(*results, ("grad_x", "grad_a", "grad_b", "grad_row_scale")):
             close(got, want, dtype, f"grad_x aliasing {alias}: {key}")
+            assert torch.equal(with_h, got), f"grad_x aliasing {alias}, saved h: {key} differs from recompute"
 
 
 def test_noncontiguous_outputs(emu):
@@ -851,7 +944,13 @@ def test_lora_linear(emu, dtype):
     x32 = x.float()  # any float dtype, cast to the weight's inside
     lx = torch.randn(x.shape, generator=g)
     for args in ((x32, w, bias, a, b, off, 0.5, rs, None), (x32, w, None, a, b, off, 0.5, None, lx)):
-        close(emu.ops.lora_linear(*args), ops_cpu.lora_linear(*args), dtype, "lora_linear")
+        y = emu.ops.lora_linear(*args)
+        close(y, ops_cpu.lora_linear(*args), dtype, "lora_linear")
+        y_h, h = emu.ops.lora_linear_h(*args)
+        assert torch.equal(y_h, y), "lora_linear_h's y differs from lora_linear's"
+        lora_in = (x32 if args[-1] is None else lx).to(dtype)
+        assert torch.equal(h, emu.ops.grouped_lora_h(lora_in, a, b, off, 0.5, args[7])[1]), "lora_linear_h's h"
+        close(h, ops_cpu.lora_linear_h(*args)[1], torch.float32 if dtype == torch.float32 else dtype, "h")
 
 
 def simt_subprocess(emu) -> set[tuple[str, int]]:

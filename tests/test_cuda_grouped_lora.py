@@ -229,11 +229,14 @@ def test_bit_identical_reruns(device, dtype):
     args = cuda_args(x, a, b, off, rs, up)
     y0 = ops.grouped_lora(*args[:4], 0.5, args[4])
     g0 = torch.ops.mole_ext.grouped_lora_backward(args[5], *args[:4], 0.5, args[4])
+    h0 = torch.ops.mole_ext.grouped_lora_h(*args[:4], 0.5, args[4])[1]
     for _ in range(2):
         assert_equal(ops.grouped_lora(*args[:4], 0.5, args[4]), y0, "forward rerun")
-        for u, v, name in zip(torch.ops.mole_ext.grouped_lora_backward(args[5], *args[:4], 0.5, args[4]), g0,
-                              ("x", "lora_a", "lora_b", "row_scale")):
-            assert_equal(u, v, f"grad {name} rerun")
+        assert_equal(torch.ops.mole_ext.grouped_lora_h(*args[:4], 0.5, args[4])[1], h0, "saved h rerun")
+        for saved in (None, h0):  # recomputing the shrink, and given the forward's
+            for u, v, name in zip(torch.ops.mole_ext.grouped_lora_backward(args[5], *args[:4], 0.5, args[4], saved),
+                                  g0, ("x", "lora_a", "lora_b", "row_scale")):
+                assert_equal(u, v, f"grad {name} rerun" + ("" if saved is None else " (saved h)"))
 
 
 _SIMT_SCRIPT = r"""
@@ -365,14 +368,23 @@ def test_lora_linear_matches_cpu_forward_and_backward(device, n, k, kind, dtype,
 # ---- 16-byte vector accesses against element accesses --------------------------------------------
 
 def _all_grouped_ops(x, a, b, off, rs, up, base, base_dx):
+    """Every grouped op's results; the forward that keeps the shrink h (grouped_lora_h) and both
+    backward ops given h must equal the plain ops (recomputing it) bit for bit, which is checked here."""
     out, gx = base.clone(), base_dx.clone()
     ops.grouped_lora_add_out(out, x, a, b, off, 0.75, rs)
     acc = ops.grouped_lora_backward_add_out(gx, up, x, a, b, off, 0.75, rs)
-    return [ops.grouped_lora(x, a, b, off, 0.75, rs), out, *torch.ops.mole_ext.grouped_lora_backward(
+    res = [ops.grouped_lora(x, a, b, off, 0.75, rs), out, *torch.ops.mole_ext.grouped_lora_backward(
         up, x, a, b, off, 0.75, rs), gx, *acc]
+    y_h, h = torch.ops.mole_ext.grouped_lora_h(x, a, b, off, 0.75, rs)
+    gx_h = base_dx.clone()
+    with_h = [y_h, *torch.ops.mole_ext.grouped_lora_backward(up, x, a, b, off, 0.75, rs, h), gx_h,
+              *ops.grouped_lora_backward_add_out(gx_h, up, x, a, b, off, 0.75, rs, h)]
+    for u, v, name in zip(with_h, [res[0], *res[2:]], [_ALL_OP_RESULTS[0], *_ALL_OP_RESULTS[2:]]):
+        assert_equal(u, v, f"saved h vs recompute: {name}")
+    return res + [h]
 
 
-_ALL_OP_RESULTS = ("y", "add_out", "gx", "ga", "gb", "grs", "gx_acc", "ga_acc", "gb_acc", "grs_acc")
+_ALL_OP_RESULTS = ("y", "add_out", "gx", "ga", "gb", "grs", "gx_acc", "ga_acc", "gb_acc", "grs_acc", "h")
 
 
 def _same_with_switch_off(args, is_on, set_on, what):
@@ -424,7 +436,8 @@ def test_pipelined_and_plain_main_loops_agree_bit_for_bit(device, dtype, d_in, d
     multiplies the same zero-filled tiles in the same order as the plain one: identical results,
     over ragged last k-steps (40, 328, 1000), many steps through the three stages (4096, split
     too), both layouts of the right operand (k-contiguous lora_a / lora_b in the shrink and
-    expand, n-contiguous in G and dX) and r from 1 to 128."""
+    expand, n-contiguous in G and dX), the weight gradients' k-major left operand (dH, dY over a
+    chunk of rows: ragged at every chunk and segment end) and r from 1 to 128."""
     n = 1025
     x, a, b, off, rs = make(n, 4, r, d_in, d_out, dtype, kind=kind)
     g = torch.Generator().manual_seed(8)
@@ -436,6 +449,40 @@ def test_pipelined_and_plain_main_loops_agree_bit_for_bit(device, dtype, d_in, d
     close(piped[0], cpu_op("grouped_lora", x, a, b, off, 0.75, rs), dtype, "pipelined forward vs CPU")
     close(piped[2], cpu_op("grouped_lora_backward", up.cpu(), x, a, b, off, 0.75, rs)[0], dtype,
           "pipelined dX vs CPU")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d_in,d_out,r,kind", [(40, 72, 16, "skewed"), (1000, 1100, 32, "uniform"),
+                                               (136, 4100, 8, "empty"), (328, 24, 1, "skewed"),
+                                               (64, 600, 17, "skewed")])
+def test_fused_dy_pass_agrees_with_two_passes(device, dtype, d_in, d_out, r, kind):
+    """bf16 / fp16 at r <= 32: the backward's G = dY B and dB = dY^T Hs come from one pass over dY
+    (dy_pass_kernel, the default). Its sums run in another order than the two passes (row_gemm +
+    wgrad): every gradient agrees with them and with the CPU kernel within rounding, the forward is
+    untouched (bit for bit), and the fused pass reruns bit for bit."""
+    n = 1025
+    x, a, b, off, rs = make(n, 4, r, d_in, d_out, dtype, kind=kind)
+    g = torch.Generator().manual_seed(9)
+    up, base, base_dx = (torch.randn(n, c, generator=g).to(dtype).cuda() for c in (d_out, d_out, d_in))
+    args = (*cuda_args(x, a, b, off, rs), up, base, base_dx)
+    assert _C.grouped_lora_fused_dy(), "the fused dY pass is on by default"
+    fused = _all_grouped_ops(*args)
+    for u, v, name in zip(_all_grouped_ops(*args), fused, _ALL_OP_RESULTS):
+        assert_equal(u, v, f"fused dY pass rerun: {name}")
+    _C.set_grouped_lora_fused_dy(False)
+    try:
+        two = _all_grouped_ops(*args)
+    finally:
+        _C.set_grouped_lora_fused_dy(True)
+    torch.cuda.synchronize()
+    for u, v, name in zip(fused, two, _ALL_OP_RESULTS):
+        if name in ("y", "add_out", "h"):
+            assert_equal(u, v, f"the forward does not depend on the switch: {name}")
+        else:
+            close(u, v, dtype, f"fused vs two dY passes: {name}")
+    want = cpu_op("grouped_lora_backward", up.cpu(), x, a, b, off, 0.75, rs)
+    for got, w, name in zip(fused[2:6], want, ("grad_x", "grad_a", "grad_b", "grad_row_scale")):
+        close(got, w, dtype, f"fused dY pass vs CPU: {name}")
 
 
 # ---- CUDA graphs: new routing between replays --------------------------------------------------

@@ -24,6 +24,8 @@ ROW_F16 = "_ZN8mole_ext4cuda5glora15row_gemm_kernelI6__halffLb1ELNS1_3EpiE0ELi0E
 WG_BF16 = "_ZN8mole_ext4cuda5glora12wgrad_kernelI13__nv_bfloat16fLb1EEEvNS1_9WgradArgsIT_EE"
 WG_F16 = "_ZN8mole_ext4cuda5glora12wgrad_kernelI6__halffLb1EEEvNS1_9WgradArgsIT_EE"
 SIMT = "_ZN8mole_ext4cuda5glora15row_gemm_kernelIffLb0ELNS1_3EpiE0ELi0EEEvNS1_11RowGemmArgsIT_EE"
+DY_BF16 = "_ZN8mole_ext4cuda5glora14dy_pass_kernelI13__nv_bfloat16Lb1EEEvNS1_10DyPassArgsIT_EE"
+DY_F16 = "_ZN8mole_ext4cuda5glora14dy_pass_kernelI6__halfLb0EEEvNS1_10DyPassArgsIT_EE"
 
 HEADER = """
 Fatbin elf code:
@@ -57,14 +59,14 @@ BAD = ["LD.E R18, desc[UR4][R8.64]", "LD.E R19, desc[UR4][R8.64+0x280]", "HMMA.1
 
 def sass(arch: str = "sm_90a", bad: bool = False) -> str:
     text = HEADER.format(arch=arch) + f"\n\tcode for {arch}\n"
-    for name in (ROW_F16, WG_BF16, WG_F16, SIMT):
+    for name in (ROW_F16, WG_BF16, WG_F16, SIMT, DY_BF16, DY_F16):
         text += function(name, GOOD)
     return text + function(ROW_BF16, BAD if bad else GOOD)
 
 
 def res_usage(arch: str = "sm_90a", regs: int = 76, shared: int = 31744) -> str:
     text = HEADER.format(arch=arch) + "\nResource usage:\n Common:\n  GLOBAL:28 CONSTANT[4]:224\n"
-    for name in (ROW_F16, WG_BF16, WG_F16, SIMT, ROW_BF16):
+    for name in (ROW_F16, WG_BF16, WG_F16, SIMT, DY_BF16, DY_F16, ROW_BF16):
         r = regs if name == ROW_BF16 else 40
         text += (f" Function {name}:\n  REG:{r} STACK:0 SHARED:{shared} LOCAL:0 CONSTANT[0]:648 TEXTURE:0 "
                  f"SURFACE:0 SAMPLER:0\n")
@@ -92,9 +94,10 @@ def test_parser_counts_opcodes_predicates_and_resources():
 def test_good_kernels_pass():
     result = sc.check(parsed(), "sm_90a", 256, 3)
     assert result.failures == []
-    assert sum(sc.is_tensor_core_kernel(k) for k, _ in result.rows) == 4
+    assert sum(sc.is_tensor_core_kernel(k) for k, _ in result.rows) == 6
+    assert parsed()[(DY_BF16, "sm_90a")].name == "void dy_pass_kernel<__nv_bfloat16, true>"
     table = sc.format_table(result, "sm_90a", 256, 3)
-    assert "register limit 80" in table and table.count(" ok") == 4
+    assert "register limit 80" in table and table.count(" ok") == 6
 
 
 def test_the_defects_the_issue_found_fail():
@@ -119,6 +122,9 @@ def test_nothing_to_check_fails_rather_than_passes():
     del kernels[(ROW_BF16, "sm_90a")]
     assert any("no tensor-core row_gemm_kernel for __nv_bfloat16" in f
                for f in sc.check(kernels, "sm_90a", 256, 3).failures)
+    kernels = parsed()
+    del kernels[(DY_F16, "sm_90a")]  # the fused backward pass is checked too
+    assert any("no tensor-core dy_pass_kernel for __half" in f for f in sc.check(kernels, "sm_90a", 256, 3).failures)
     with pytest.raises(sc.CheckError, match="no sm_90a code"):
         sc.check(parsed(arch="sm_80"), "sm_90a", 256, 3)
     with pytest.raises(sc.CheckError, match="no CUDA code at all"):

@@ -43,6 +43,13 @@ def op_runs(dev: str, n: int = 4096, d_in: int = 1024, d_out: int = 2816, r: int
     runs = {
         "grouped_lora": lambda: [ops.grouped_lora(x, a, b, off, 2.0, rs)],
         "grouped_lora_backward": lambda: list(torch.ops.mole_ext.grouped_lora_backward(gy, x, a, b, off, 2.0, rs)),
+        "grouped_lora_h": lambda: list(torch.ops.mole_ext.grouped_lora_h(x, a, b, off, 2.0, rs)),
+        # r = 32: G and dB from the fused pass over dY (dy_pass_kernel; r = 64 above takes two passes)
+        "grouped_lora_backward r=32 (fused dY pass)": lambda: list(torch.ops.mole_ext.grouped_lora_backward(
+            gy, x, a[:, :32].contiguous(), b[:, :, :32].contiguous(), off, 2.0, rs)),
+        # the backward autograd runs: given the forward's shrink (must equal the recomputing one)
+        "grouped_lora_backward (saved h)": lambda: list(torch.ops.mole_ext.grouped_lora_backward(
+            gy, x, a, b, off, 2.0, rs, torch.ops.mole_ext.grouped_lora_h(x, a, b, off, 2.0, rs)[1])),
         "router_top1": lambda: list(ops.router_top1(logits)),
         "permute": lambda: list(ops.permute(x, expert, k)),
         "unpermute": lambda: [ops.unpermute(x, torch.argsort(expert, stable=True))],
@@ -52,10 +59,12 @@ def op_runs(dev: str, n: int = 4096, d_in: int = 1024, d_out: int = 2816, r: int
 
 
 def test_every_op_reruns_bit_identically():
-    for name, run in op_runs("cuda").items():
+    runs = op_runs("cuda")
+    for name, run in runs.items():
         first = [t.clone() for t in run()]
         torch.cuda.synchronize()
         _same(first, run(), name)
+    _same(runs["grouped_lora_backward (saved h)"](), runs["grouped_lora_backward"](), "saved h vs recompute")
 
 
 def test_mole_ffn_forward_backward_reruns_bit_identically():

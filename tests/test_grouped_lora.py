@@ -458,8 +458,11 @@ def test_lora_linear_casts_x_to_the_compute_dtype():
         y = ops.lora_linear(x, w16, b16, a16, bb16, off, 0.5, rs)
     assert y.dtype == torch.bfloat16
     assert_equal(y, ops.lora_linear(x.detach().bfloat16(), w16, b16, a16.detach(), bb16, off, 0.5, rs))
-    big = [t for t in saved if t.dim() == 2 and t.shape[0] == 40]
+    big = [t for t in saved if t.dim() == 2 and t.shape[0] == 40 and t.shape[1] == 16]
     assert len(big) == 1 and big[0].dtype == torch.float32 and big[0].data_ptr() == x.data_ptr()
+    # besides x, only the LoRA's rank-r shrink (float32 [N, r], for the backward instead of x A^T)
+    small = [t for t in saved if t.dim() == 2 and t.shape[0] == 40 and t.shape[1] != 16]
+    assert [(tuple(t.shape), t.dtype) for t in small] == [((40, a.shape[1]), torch.float32)]
     gx, ga = torch.autograd.grad(y.float().sum(), (x, a16))
     assert gx.dtype == torch.float32 and ga.dtype == torch.bfloat16
 
@@ -518,3 +521,100 @@ def test_lora_linear_bad_input(kw, match):
     args.update(kw)
     with pytest.raises(RuntimeError, match=match):
         ops.lora_linear(**args)
+
+
+# ---- the forward's saved shrink h (grouped_lora_h, lora_linear_h): the backward reads x once --------
+
+def _grads(gx_ga_gb_grs):
+    return [t.clone() for t in gx_ga_gb_grs]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("n,k,r,d_in,d_out,kind", [(0, 3, 8, 16, 24, "uniform"), (1, 1, 1, 5, 3, "uniform"),
+                                                   (97, 3, 17, 33, 40, "missing"), (64, 4, 8, 24, 40, "one"),
+                                                   (1025, 8, 8, 48, 40, "skewed")])
+def test_saved_h_backward_is_bit_identical_to_recompute(device, dtype, n, k, r, d_in, d_out, kind):
+    """grouped_lora_h returns grouped_lora's y bit for bit and the unscaled shrink X A_k^T in the
+    accumulation dtype; both backward ops given that h return what they return recomputing it, bit
+    for bit (empty experts, one token, all tokens on one expert, r not a multiple of 16, N = 0)."""
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 is a CPU-only (gradcheck) dtype")
+    x, a, b, off, rs = make(n, k, r, d_in, d_out, dtype, device, kind=kind)
+    y, h = torch.ops.mole_ext.grouped_lora_h(x, a, b, off, 0.75, rs)
+    assert h.shape == (n, r) and h.dtype == ref.acc_dtype(dtype) and h.is_contiguous()
+    assert_equal(y, ops.grouped_lora(x, a, b, off, 0.75, rs))
+    assert_close(h, ref.grouped_lora_h(x, a, b, off, 0.75, rs)[1], dtype=torch.float32 if dtype != torch.float64
+                 else dtype)
+    up = torch.randn(n, d_out, generator=torch.Generator().manual_seed(5)).to(dtype).to(device)
+    for rsv in (rs, None):
+        plain = torch.ops.mole_ext.grouped_lora_backward(up, x, a, b, off, 0.75, rsv)
+        saved = torch.ops.mole_ext.grouped_lora_backward(up, x, a, b, off, 0.75, rsv, h)
+        for p, s in zip(plain, saved):
+            assert_equal(s, p)
+        base = torch.randn(n, d_in, generator=torch.Generator().manual_seed(6)).to(dtype).to(device)
+        gx_plain, gx_saved = base.clone(), base.clone()
+        plain = torch.ops.mole_ext.grouped_lora_backward_add_out(gx_plain, up, x, a, b, off, 0.75, rsv)
+        saved = torch.ops.mole_ext.grouped_lora_backward_add_out(gx_saved, up, x, a, b, off, 0.75, rsv, h)
+        assert_equal(gx_saved, gx_plain)
+        for p, s in zip(plain, saved):
+            assert_equal(s, p)
+    # the reference given h agrees with itself recomputing
+    for p, s in zip(ref.grouped_lora_backward(up, x, a, b, off, 0.75, rs),
+                    ref.grouped_lora_backward(up, x, a, b, off, 0.75, rs, h)):
+        assert_close(s, p, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autograd_saves_h_and_matches_the_recomputing_ops(device, dtype):
+    """ops.grouped_lora / ops.lora_linear under autograd run the *_h ops (the shrink saved, x read
+    once in the backward); their gradients equal those of the plain ops (which recompute) bit for bit.
+    Without autograd they run the plain ops."""
+    n, k, r, d_in, d_out = 97, 4, 8, 24, 40
+    x, w, bb, a, b, off, rs = make_linear(n, k, r, d_in, d_out, dtype, device, kind="missing")
+    up = torch.randn(n, d_out, generator=torch.Generator().manual_seed(2)).to(dtype).to(device)
+    fns = {"grouped_lora": (lambda t: ops.grouped_lora(t[0], t[2], t[3], off, 0.5, t[4]),
+                            lambda t: torch.ops.mole_ext.grouped_lora(t[0], t[2], t[3], off, 0.5, t[4])),
+           "lora_linear": (lambda t: ops.lora_linear(t[0], t[1], bb, t[2], t[3], off, 0.5, t[4]),
+                           lambda t: torch.ops.mole_ext.lora_linear(t[0], t[1], bb, t[2], t[3], off, 0.5, t[4]))}
+    for name, (with_h, plain) in fns.items():
+        results = []
+        for fn in (with_h, plain):
+            leaves = [t.detach().clone().requires_grad_() for t in (x, w, a, b, rs)]
+            y = fn(leaves)
+            results.append([y.detach()] + list(torch.autograd.grad(y, [leaves[0], *leaves[2:]] + (
+                [leaves[1]] if name == "lora_linear" else []), up)))
+        for got, want in zip(*results):
+            assert_equal(got, want)
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    with prof:
+        ops.grouped_lora(x, a, b, off, 0.5, rs)
+        ops.lora_linear(x, w, bb, a, b, off, 0.5, rs)
+    names = {e.name for e in prof.events()}
+    assert "mole_ext::grouped_lora" in names and "mole_ext::grouped_lora_h" not in names
+    assert "mole_ext::lora_linear" in names and "mole_ext::lora_linear_h" not in names
+
+
+def test_saved_h_opcheck_and_bad_h():
+    x, w, bb, a, b, off, rs = make_linear(17, 3, 4, 8, 6, torch.float32, "cpu")
+    torch.library.opcheck(torch.ops.mole_ext.grouped_lora_h, (x, a, b, off, 0.5, rs))
+    torch.library.opcheck(torch.ops.mole_ext.lora_linear_h, (x, w, bb, a, b, off, 0.5, rs))
+    torch.library.opcheck(torch.ops.mole_ext.lora_linear_h, (x, w, None, a, b, off, 0.5, None, x * 0.5))
+    for t in (x, a, b, rs):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.mole_ext.grouped_lora_h, (x, a, b, off, 0.5, rs))
+    plain = [t.detach() for t in (x, a, b, rs)]
+    h = torch.ops.mole_ext.grouped_lora_h(*plain[:3], off, 0.5, plain[3])[1]
+    up = torch.randn(17, 6)
+    torch.library.opcheck(torch.ops.mole_ext.grouped_lora_backward, (up, *plain[:3], off, 0.5, plain[3], h))
+    torch.library.opcheck(torch.ops.mole_ext.grouped_lora_backward_add_out,
+                          (torch.randn(17, 8), up, *plain[:3], off, 0.5, plain[3], h))
+    for bad, match in ((h[:, :3], r"h \(the forward's saved X A_k\^T\) must be \[17, 4\]"),
+                       (h.double(), r"h \(the forward's saved X A_k\^T\) must be Float"),
+                       (h[:16], r"must be \[17, 4\]")):
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.mole_ext.grouped_lora_backward(up, *plain[:3], off, 0.5, plain[3], bad)
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.mole_ext.grouped_lora_backward_add_out(torch.randn(17, 8), up, *plain[:3], off, 0.5, plain[3],
+                                                            bad)

@@ -25,27 +25,64 @@ def test_lora_tiles_rules():
     assert traffic.want_splits(18, 264, 256, 256, 16) == 1
     assert traffic.want_splits(4, 264, 11008, 256, 16) == 16
     assert traffic.wgrad_chunk_rows(16384) == 2048 and traffic.wgrad_chunk_rows(100) == 64
+    # csrc/tests/test_lora_tiles.cpp's cases of the same rule
+    assert [traffic.wgrad_target_chunks(t, 264, k) for t, k in ((64, 4), (1, 4), (10, 1), (172, 4), (1000, 0))] \
+        == [8, 64, 25, 8, 8]
 
 
 def test_forward_bytes_by_hand():
-    t = traffic.grouped_lora(SMALL, "fwd")
+    t = traffic.grouped_lora(SMALL, "fwd", saved_h=False)
     assert t.minimum == X + A + B + RS + OFF + Y
     # offsets; shrink (x once, A, one split of fp32 partials); finish_h; expand (Hs, B, y)
     assert [b for _, b in t.kernels] == [OFF, X + A + HP, HP + RS + H, H + B + Y]
+    # what autograd runs (grouped_lora_h): finish_h also writes the unscaled H in fp32, an output
+    saved = traffic.grouped_lora(SMALL, "fwd")
+    assert saved.minimum == t.minimum + HP and [b for _, b in saved.kernels] == [OFF, X + A + HP, HP + RS + H + HP,
+                                                                                 H + B + Y]
+    assert saved.per_element("x") == (2, 2) and saved.per_element("y") == (2, 2)
     assert t.flops == 2 * 1024 * 16 * (256 + 512)
-    acc = traffic.grouped_lora(SMALL, "fwd", accumulate=True)
+    acc = traffic.grouped_lora(SMALL, "fwd", accumulate=True, saved_h=False)
     assert acc.minimum - t.minimum == Y and acc.implementation - t.implementation == Y  # y read, then written
 
 
 def test_backward_bytes_by_hand():
-    t = traffic.grouped_lora(SMALL, "bwd")
+    # the plain op (the shrink runs again), two passes over dY (fp32, r > 32 or the switch off)
+    t = traffic.grouped_lora(SMALL, "bwd", saved_h=False, fused_dy=False)
     assert t.minimum == Y + X + A + B + RS + OFF + X + A + B + RS
-    chunks = 1024 // 128 + 2  # wgrad_chunk_rows(1024) = 128
+    # weight-gradient chunks fill a wave of 264 blocks: dA's 4 tiles want 64 chunks, dB's 8 tiles
+    # 264 / 8 - 2 = 31; either way the chunks are the 64-row minimum: 1024 / 64 + 2 segments
+    chunks = 1024 // 64 + 2
     g_splits = 2  # 512 // 256 pieces of `out`
-    want = [OFF, X + A + HP, Y + B + g_splits * HP, (1 + g_splits) * HP + RS + 2 * H + RS,
-            H + X + chunks * 16 * 256 * 4, chunks * 16 * 256 * 4 + A,
+    rest = [H + X + chunks * 16 * 256 * 4, chunks * 16 * 256 * 4 + A,
             Y + H + chunks * 512 * 16 * 4, chunks * 512 * 16 * 4 + B, H + A + X]
+    want = [OFF, X + A + HP, Y + B + g_splits * HP, (1 + g_splits) * HP + RS + 2 * H + RS] + rest
     assert [b for _, b in t.kernels] == want
+    # x read twice (shrink, dA), dX written once; dY read twice (G, dB): per element 6 / 4 and 4 / 2
+    assert t.per_element("x") == (6, 4) and t.per_element("dY") == (4, 2)
+    # with the forward's saved H (what autograd runs): no shrink; finish_bwd reads H (fp32) instead
+    saved = traffic.grouped_lora(SMALL, "bwd", fused_dy=False)
+    assert saved.minimum == t.minimum + HP
+    assert [b for _, b in saved.kernels] == [OFF, Y + B + g_splits * HP, (1 + g_splits) * HP + RS + 2 * H + RS] + rest
+    assert saved.per_element("x") == (4, 4) and saved.per_element("dY") == (4, 2)
+    acc = traffic.grouped_lora(SMALL, "bwd", accumulate=True)
+    assert acc.per_element("x") == (6, 6)  # dX read and written
+
+
+def test_fused_dy_pass_bytes_by_hand():
+    """bf16, r <= 32 (the default): Hs first, then one pass over dY writes G partials per 256
+    columns (2 here) and dB partials per row chunk (the pass's 2 column chunks want 64 chunks of a
+    wave: the 64-row minimum, 1024 / 64 + 2 = 18), which dB's reduction sums."""
+    t = traffic.grouped_lora(SMALL, "bwd")
+    two = traffic.grouped_lora(SMALL, "bwd", fused_dy=False)
+    assert t.minimum == two.minimum
+    dbp = 18 * 512 * 16 * 4
+    want = [OFF, HP + RS + H, Y + H + B + 2 * HP + dbp, (1 + 2) * HP + RS + 2 * H + RS,
+            H + X + 18 * 16 * 256 * 4, 18 * 16 * 256 * 4 + A, dbp + B, H + A + X]
+    assert [b for _, b in t.kernels] == want
+    assert t.per_element("dY") == (2, 2) and two.per_element("dY") == (4, 2)
+    # r > 32 or a 4-byte dtype: two passes
+    for shape in (traffic.Shape(1024, 256, 512, 33, 2), traffic.Shape(1024, 256, 512, 16, 2, elem=4)):
+        assert traffic.grouped_lora(shape, "bwd").per_element("dY") == (4 * shape.elem // 2, shape.elem)
 
 
 def test_adjacent_column_tiles_read_x_and_dy_once_even_past_the_l2():
@@ -74,11 +111,15 @@ def test_implementation_never_below_minimum(n, r, mode):
 
 def test_benchmark_shape_predictions():
     # N = 16384, 4096 -> 11008, r = 32, K = 4, bf16: the forward is within 3% of its minimum; the
-    # backward reads x and dY twice (shrink + dA, G + dB) and moves fp32 partials
+    # plain backward reads x and dY twice (shrink + dA, G + dB) and moves fp32 partials; with the
+    # forward's saved H it reads x once, dY still twice
     fwd = traffic.grouped_lora(traffic.Shape(16384, 4096, 11008, 32, 4), "fwd")
+    plain = traffic.grouped_lora(traffic.Shape(16384, 4096, 11008, 32, 4), "bwd", saved_h=False, fused_dy=False)
+    two = traffic.grouped_lora(traffic.Shape(16384, 4096, 11008, 32, 4), "bwd", fused_dy=False)
     bwd = traffic.grouped_lora(traffic.Shape(16384, 4096, 11008, 32, 4), "bwd")
     assert fwd.fraction > 0.97
-    assert 0.45 < bwd.fraction < 0.6
+    assert 0.45 < plain.fraction < 0.56 < two.fraction < 0.65
+    assert bwd.fraction > 0.70  # one pass over dY: the backward target (0.70) is within reach
     assert fwd.predicted_s(1e12) == pytest.approx(fwd.implementation / 1e12)
 
 
@@ -108,7 +149,9 @@ def test_model_constants_match_the_kernels():
     text = "".join(open(f).read() for f in glob.glob(os.path.join(root, "csrc", "cuda", "**", "*.*"), recursive=True)
                    if f.endswith((".cu", ".cuh", ".h")))
     want = {"BM": traffic.BM, "BN": traffic.BN, "BK": traffic.BK, "kMinSplitChunk": traffic.MIN_SPLIT_CHUNK,
-            "kMaxSplits": traffic.MAX_SPLITS, "kWgradChunks": traffic.WGRAD_CHUNKS}
+            "kMaxSplits": traffic.MAX_SPLITS, "kWgradChunks": traffic.WGRAD_CHUNKS,
+            "kMaxWgradChunks": traffic.MAX_WGRAD_CHUNKS, "kDyPassCols": traffic.DY_PASS_COLS,
+            "kDyPassRank": traffic.DY_PASS_RANK}
     found = {name: int(m.group(1)) for name in want
              for m in [re.search(rf"constexpr\s+int(?:64_t)?\s+{name}\s*=\s*(\d+)\s*;", text)] if m}
     if not found:

@@ -120,6 +120,22 @@ MOLE_HD int64_t wgrad_chunk_rows(int64_t n, int64_t target_chunks, int64_t align
   return c < min_rows ? min_rows : c;
 }
 
+// How many row chunks of N to ask wgrad_chunk_rows for, so that the weight-gradient grid, which
+// has (chunks + k) * tiles blocks (seg_tile_grid: at most one more chunk per segment; `tiles` =
+// output tiles of the gradient), ends in whole waves of `wave` blocks (the occupancy API's resident
+// blocks times the SMs): the fewest waves that hold min_chunks chunks, filled with as many chunks
+// as they take, at most max_chunks (each chunk costs a partial of the gradient in fp32).
+MOLE_HD int64_t wgrad_target_chunks(int64_t tiles, int64_t wave, int64_t k, int64_t min_chunks, int64_t max_chunks) {
+  if (tiles < 1) tiles = 1;
+  if (wave < 1) wave = 1;
+  if (min_chunks < 1) min_chunks = 1;
+  const int64_t waves = index_math::ceil_div((min_chunks + k) * tiles, wave);
+  int64_t c = waves * wave / tiles - k;
+  if (c < min_chunks) c = min_chunks;
+  if (c > max_chunks) c = max_chunks;
+  return c < 1 ? 1 : c;
+}
+
 // ---- the operand layouts of each product (what the CUDA host code passes to its kernels) ----
 // Tensors are contiguous: x [N, in], A [K, r, in], B [K, out, r], dY [N, out], H / dH [N, r].
 

@@ -36,7 +36,8 @@ struct RowGemmArgs {
   int pipe;                    // Pipe: the cp.async main loop and b's layout for it, or kPipeNone
 };
 
-// Shared memory of a row_gemm block (PipeSmem is instantiated for the pipelined 16-bit kernels only).
+// Shared memory of a row_gemm or wgrad block (PipeSmem is instantiated for the pipelined 16-bit
+// kernels only).
 template <typename S, typename Acc, int PIPE>
 constexpr size_t row_gemm_smem() {
   if constexpr (PIPE == kPipeNone) {
@@ -145,9 +146,12 @@ struct WgradArgs {
   double* out_d;
 };
 
-template <typename S, typename Acc, bool TC>
+// PIPE: kPipeBRow runs the cp.async main loop (16-bit types on tensor cores, sm_80+; both operands
+// in 16-byte row chunks: the host's a_vec and b_vec), the same products in the same order as
+// block_mma, so the same bits; kPipeNone the plain one.
+template <typename S, typename Acc, bool TC, int PIPE = kPipeNone>
 __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradArgs<S> p) {
-  __shared__ __align__(128) unsigned char smem[TileSmem<S, Acc>::kBytes];
+  __shared__ __align__(128) unsigned char smem[row_gemm_smem<S, Acc, PIPE>()];
   // blockIdx.x = chunk * (m_tiles * n_tiles) + tile, the tiles of a chunk consecutive and within
   // them the narrower side fastest (m_fast; in real shapes the rank side: m for dA = dH^T X, n for
   // dB = dY^T Hs): the blocks that read the same rows of the wide operand (X for dA, dY for dB)
@@ -165,7 +169,16 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradArgs<S> p) {
   const int64_t rows = st.row_end - st.row_begin;  // 0 for an idle chunk: its partial is zeros
   const Operand<S> A{p.a + st.row_begin * p.lda + m0, 1, p.lda, /*j_fast=*/false, p.a_vec};
   const Operand<S> B{p.b + st.row_begin * p.ldb + n0, p.ldb, 1, /*j_fast=*/true, p.b_vec};
-  block_mma<S, Acc, TC, /*AT=*/true>(smem, A, B, mv, nv, rows > 0 ? rows : 0);
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  constexpr bool kPipelined = PIPE == kPipeBRow && TC && kIs16Bit<S> && std::is_same_v<Acc, float>;
+#else
+  constexpr bool kPipelined = false;  // no cp.async before sm_80 (the host never asks for it there)
+#endif
+  if constexpr (kPipelined) {
+    block_mma_pipelined<S, kPipeBRow, /*AT=*/true>(smem, A, B, mv, nv, rows > 0 ? rows : 0);
+  } else {
+    block_mma<S, Acc, TC, /*AT=*/true>(smem, A, B, mv, nv, rows > 0 ? rows : 0);
+  }
   const Acc* sC = reinterpret_cast<const Acc*>(smem);
   Acc* out = nullptr;
   if constexpr (std::is_same_v<Acc, double>) {
@@ -197,6 +210,212 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradArgs<S> p) {
   }
 }
 
+// ---- dy_pass: G = dY B_k and dB_k = dY_k^T Hs_k in one pass over dY (16-bit types, r <= 32) ----
+//
+// One block per (row chunk of a segment, chunk of kDyPassCols columns of dY). It walks the chunk's
+// rows in steps of BK and each step's columns in kDyPassSub sub-steps of 64: one dY tile in shared
+// memory feeds both products. dB's accumulators (64 columns x 32 per sub-step) stay in registers
+// over all of the chunk's rows and are written once as an fp32 partial per row chunk (reduced by
+// wgrad_reduce, as wgrad's); G's (BK rows x 32) accumulate over the block's columns and are written
+// per row step as an fp32 partial per column chunk (summed by finish_bwd, as the split G's). The
+// rank is padded to 32 with zero-filled columns of Hs and B_k. Fixed partition, fixed order, no
+// atomics: every run gives the same bits.
+constexpr int kDyPassSub = 4;                  // 64-column sub-steps per block
+constexpr int kDyPassCols = 256;               // columns of dY per block
+static_assert(kDyPassCols == 64 * kDyPassSub, "a block's columns are its 64-column sub-steps");
+static_assert(BK == 32, "dy_pass_kernel's row step is two 16-row fragments");
+constexpr int kDyPassRank = 32;                // the largest rank it serves (r padded to it)
+constexpr int kDyPassStages = 2;               // the cp.async pipeline's depth (double buffering)
+
+template <typename S>
+struct DyPassArgs {
+  const S* dy;        // [N, out]
+  const S* hs;        // [N, r]
+  const S* b;         // lora_b [K, out, r]
+  const int64_t* offsets;
+  int64_t k_seg, n, out, r, chunk_rows, col_chunks;
+  float* gp;          // [col_chunks, N, r]: G over each column chunk
+  float* dbp;         // [row chunks, out, r]: dB over each row chunk
+  bool dy_vec, hs_vec, b_vec;  // 16-byte loads (every row 16-byte aligned)
+  bool out_vec;                // 16-byte stores of the partials (r a multiple of 4)
+};
+
+// rows x r of an fp32 tile staged in shared memory (ld DyPassSmem::LDC) to global memory at o
+// (row stride r): 16-byte stores where `vec` (rows 16-byte aligned), else element by element.
+template <int ROWS, int LDC>
+__device__ __forceinline__ void store_rank_tile(float* o, const float* sC, int rows, int r, bool vec) {
+  if (vec) {
+    for (int idx = threadIdx.x; idx < ROWS * (kDyPassRank / 4); idx += kThreads) {
+      const int m = idx / (kDyPassRank / 4), c0 = (idx % (kDyPassRank / 4)) * 4;
+      const int valid = m < rows ? lt::vec_chunk_valid(c0, 4, r) : 0;
+      if (valid == 4) {
+        store16_global(o + static_cast<int64_t>(m) * r + c0, *reinterpret_cast<const uint4*>(sC + m * LDC + c0));
+      } else {
+        for (int i = 0; i < valid; ++i) o[static_cast<int64_t>(m) * r + c0 + i] = sC[m * LDC + c0 + i];
+      }
+    }
+    return;
+  }
+  for (int idx = threadIdx.x; idx < ROWS * kDyPassRank; idx += kThreads) {
+    const int m = idx / kDyPassRank, j = idx % kDyPassRank;
+    if (m < rows && j < r) o[static_cast<int64_t>(m) * r + j] = sC[m * LDC + j];
+  }
+}
+
+template <typename S>
+struct DyPassSmem {
+  static constexpr int LDY = 64 + 8;               // dY tile [BK rows][LDY]
+  static constexpr int LDR = kDyPassRank + 8;      // B_k tile [64 cols][LDR], Hs tile [BK rows][LDR]
+  static constexpr int LDC = kDyPassRank + 4;      // fp32 staging [64][LDC] of the epilogues
+  static constexpr size_t kY = sizeof(S) * BK * LDY;
+  static constexpr size_t kB = sizeof(S) * 64 * LDR;
+  static constexpr size_t kH = sizeof(S) * BK * LDR;
+  static constexpr size_t kStage = kY + kB + kH;   // one step's tiles
+  static constexpr size_t kC = sizeof(float) * 64 * LDC;
+  // kDyPassStages stages with the cp.async pipeline, one without; the epilogues' staging area after them
+  static constexpr size_t bytes(bool pipelined) { return (pipelined ? kDyPassStages : 1) * kStage + kC; }
+  static_assert(kY % 32 == 0 && (kY + kB) % 32 == 0 && kStage % 128 == 0, "tiles start 32-byte aligned");
+  static_assert((sizeof(S) * 16 * LDY) % 32 == 0 && (sizeof(S) * 16 * LDR) % 32 == 0 &&
+                    (sizeof(float) * 16 * LDC) % 32 == 0 && (sizeof(S) * LDY) % 16 == 0 &&
+                    (sizeof(S) * LDR) % 16 == 0,
+                "fragment pointers 32-byte aligned, rows in 16-byte chunks");
+  static_assert(kDyPassStages * kStage + kC <= 48 * 1024, "static shared memory limit");
+  static_assert((LDC * sizeof(float)) % 16 == 0, "staged rows in 16-byte chunks");
+};
+
+// PIPE: the tiles of the next kDyPassStages - 1 steps are in flight (cp.async, sm_80+; dY, Hs and B_k
+// rows 16-byte aligned: the host's dy_vec, hs_vec, b_vec) while a step multiplies; else each step
+// loads, waits at a barrier, multiplies. The same products in the same order: the same bits.
+template <typename S, bool PIPE>
+__global__ void __launch_bounds__(kThreads) dy_pass_kernel(const DyPassArgs<S> p) {
+  __shared__ __align__(128) unsigned char smem[DyPassSmem<S>::bytes(PIPE)];
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using L = DyPassSmem<S>;
+  constexpr int kNumStages = PIPE ? kDyPassStages : 1;
+  float* sC = reinterpret_cast<float*>(smem + kNumStages * L::kStage);
+  // blockIdx.x = row chunk * col_chunks + column chunk (the column chunks of a row chunk adjacent:
+  // its rows of Hs are read from DRAM once)
+  const unsigned col_chunks = static_cast<unsigned>(p.col_chunks);
+  const int64_t chunk = blockIdx.x / col_chunks;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x % col_chunks) * kDyPassCols;
+  const lt::SegTile st = lt::seg_tile(p.offsets, p.k_seg, p.n, p.chunk_rows, chunk);
+  const int rv_all = static_cast<int>(p.r);
+  const S* bseg = p.b + st.segment * p.out * p.r;
+  const int warp = threadIdx.x / kWarp;
+  const int mf = warp % 4, nf = warp / 4;  // dB fragment of this warp in a sub-step: 4 x 2 of 16 x 16
+  const int gm = warp % 2, gn = warp / 2;  // G fragment (warps 0-3): 2 x 2 of 16 x 16
+  // step t: rows [row_begin + (t / kDyPassSub) * BK, + BK), columns c0 + 64 * (t % kDyPassSub)
+  const int64_t nrows = st.row_end > st.row_begin ? st.row_end - st.row_begin : 0;
+  // (32-bit step numbers: a row chunk holds far fewer than 2^31 / kDyPassSub * BK rows, and 64-bit
+  // division or modulo by 3 would be a called subroutine with a stack frame, local memory)
+  const int steps = static_cast<int>(index_math::ceil_div(nrows, static_cast<int64_t>(BK))) * kDyPassSub;
+  auto stage = [&](int t) { return smem + (PIPE ? static_cast<unsigned>(t) % kDyPassStages : 0u) * L::kStage; };
+  // Loads step t's tiles (dY [rows x 64], B_k [64 x r], Hs [rows x r]) into its stage, zero-filled;
+  // pipelined, commits a group either way (nothing past the last step).
+  auto load = [&](int t) {
+    if (t < steps) {
+      const int64_t row0 = st.row_begin + static_cast<int64_t>(t / kDyPassSub) * BK;
+      const int rows = static_cast<int>(st.row_end - row0 < BK ? st.row_end - row0 : BK);
+      const int64_t col = c0 + 64 * (t % kDyPassSub);
+      const int cols = static_cast<int>(p.out - col < 64 ? (p.out - col > 0 ? p.out - col : 0) : 64);
+      S* y = reinterpret_cast<S*>(stage(t));
+      S* b = reinterpret_cast<S*>(stage(t) + L::kY);
+      S* h = reinterpret_cast<S*>(stage(t) + L::kY + L::kB);
+      const S* ysrc = p.dy + row0 * p.out + (cols > 0 ? col : 0);
+      const S* bsrc = bseg + (cols > 0 ? col : 0) * p.r;
+      const S* hsrc = p.hs + row0 * p.r;
+      if constexpr (PIPE) {
+        async_tile<S, BK, 64, L::LDY>(y, ysrc, p.out, rows, cols);
+        async_tile<S, 64, kDyPassRank, L::LDR>(b, bsrc, p.r, cols, rv_all);
+        async_tile<S, BK, kDyPassRank, L::LDR>(h, hsrc, p.r, rows, rv_all);
+      } else {
+        load_tile<S, BK, 64, L::LDY>(y, ysrc, p.out, 1, rows, cols, true, p.dy_vec);
+        load_tile<S, 64, kDyPassRank, L::LDR>(b, bsrc, p.r, 1, cols, rv_all, true, p.b_vec);
+        load_tile<S, BK, kDyPassRank, L::LDR>(h, hsrc, p.r, 1, rows, rv_all, true, p.hs_vec);
+      }
+    }
+    if constexpr (PIPE) cp_async_commit();
+  };
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> db[kDyPassSub];
+#pragma unroll
+  for (int s = 0; s < kDyPassSub; ++s) wmma::fill_fragment(db[s], 0.0f);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> g;
+  if constexpr (PIPE) {
+#pragma unroll
+    for (int t = 0; t < kDyPassStages - 1; ++t) load(t);
+  }
+  // Not unrolled over the sub-steps (an unrolled loop of loads kept up to 240 registers live): the
+  // sub-step's dB accumulator is picked by the predicated, unrolled selection below, so db[] keeps
+  // static indices (registers, no local memory).
+  for (int t = 0; t < steps; ++t) {
+    if constexpr (PIPE) {
+      cp_async_wait<kDyPassStages - 2>();
+      __syncthreads();  // step t's tiles landed for every thread; every thread is done with t - 1
+      load(t + kDyPassStages - 1);
+    } else {
+      load(t);
+      __syncthreads();
+    }
+    const int s = t % kDyPassSub;
+    const S* sY = reinterpret_cast<const S*>(stage(t));
+    const S* sB = reinterpret_cast<const S*>(stage(t) + L::kY);
+    const S* sH = reinterpret_cast<const S*>(stage(t) + L::kY + L::kB);
+    if (s == 0) wmma::fill_fragment(g, 0.0f);
+    {  // dB[cols, :] += dY^T Hs over this step's rows (k = 0, then 16)
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, S, wmma::col_major> fa0, fa1;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, S, wmma::row_major> fb0, fb1;
+      load_frag_shared(fa0, sY + mf * 16, L::LDY);
+      load_frag_shared(fb0, sH + nf * 16, L::LDR);
+      load_frag_shared(fa1, sY + 16 * L::LDY + mf * 16, L::LDY);
+      load_frag_shared(fb1, sH + 16 * L::LDR + nf * 16, L::LDR);
+#pragma unroll
+      for (int si = 0; si < kDyPassSub; ++si) {
+        if (si == s) {
+          wmma::mma_sync(db[si], fa0, fb0, db[si]);
+          wmma::mma_sync(db[si], fa1, fb1, db[si]);
+        }
+      }
+    }
+    if (warp < 4) {
+      // (two k-steps at a time: fully unrolled, the pipelined fp16 variant spilled 8 bytes at 128
+      // registers)
+#pragma unroll 2
+      for (int kk = 0; kk < 64; kk += 16) {  // G[rows, :] += dY B_k over this sub-step's columns
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, S, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, S, wmma::row_major> fb;
+        load_frag_shared(fa, sY + gm * 16 * L::LDY + kk, L::LDY);
+        load_frag_shared(fb, sB + kk * L::LDR + gn * 16, L::LDR);
+        wmma::mma_sync(g, fa, fb, g);
+      }
+    }
+    if (s == kDyPassSub - 1) {  // the row step's G over this block's columns: an fp32 partial
+      const int64_t row0 = st.row_begin + static_cast<int64_t>(t / kDyPassSub) * BK;
+      const int rows = static_cast<int>(st.row_end - row0 < BK ? st.row_end - row0 : BK);
+      if (warp < 4) wmma::store_matrix_sync(sC + gm * 16 * L::LDC + gn * 16, g, L::LDC, wmma::mem_row_major);
+      __syncthreads();
+      store_rank_tile<BK, L::LDC>(p.gp + (static_cast<int64_t>(blockIdx.x % col_chunks) * p.n + row0) * p.r, sC,
+                                  rows, rv_all, p.out_vec);
+      // sC is written again kDyPassSub steps later, past their barriers
+    }
+    if constexpr (!PIPE) __syncthreads();  // the stage is loaded again next step
+  }
+  if constexpr (PIPE) cp_async_wait<0>();  // only empty groups are left; none may outlive the block
+  __syncthreads();  // the last G partial is read out of sC before the dB epilogue overwrites it
+  // dB partial of this row chunk (zeros for an idle chunk: an empty segment's gradient is +0)
+  float* dout = p.dbp + chunk * p.out * p.r;
+#pragma unroll
+  for (int s = 0; s < kDyPassSub; ++s) {
+    const int64_t col = c0 + 64 * s;
+    wmma::store_matrix_sync(sC + mf * 16 * L::LDC + nf * 16, db[s], L::LDC, wmma::mem_row_major);
+    __syncthreads();
+    const int cols = static_cast<int>(p.out - col < 64 ? (p.out - col > 0 ? p.out - col : 0) : 64);
+    store_rank_tile<64, L::LDC>(dout + (cols > 0 ? col : 0) * p.r, sC, cols, rv_all, p.out_vec);
+    __syncthreads();
+  }
+#endif
+}
+
 // grad[s, e] = sum of the partials of segment s's chunks, in chunk order (deterministic); an
 // empty segment owns one idle chunk of zeros, so its gradient is exactly zero.
 template <typename S, typename Acc>
@@ -217,21 +436,26 @@ __global__ void __launch_bounds__(kEltThreads) wgrad_reduce_kernel(const Acc* __
 
 // ---- elementwise steps ----
 
-// Hs[i, j] = dtype(m_i * sum_split Hp[split, i, j]), m_i = scaling * row_scale[i].
+// Hs[i, j] = dtype(m_i * sum_split Hp[split, i, j]), m_i = scaling * row_scale[i]. With h_out
+// (grouped_lora_h, lora_linear_h) the unscaled sum h is stored there too: the value finish_bwd
+// would recompute from the same partials in the same order, so a backward given it is bit-identical.
 template <typename S, typename Acc>
 __global__ void __launch_bounds__(kEltThreads) finish_h_kernel(const Acc* __restrict__ hp, int64_t splits, int64_t n,
                                                                int64_t r, const Acc* __restrict__ row_scale,
-                                                               Acc scaling, S* __restrict__ hs) {
+                                                               Acc scaling, S* __restrict__ hs,
+                                                               Acc* __restrict__ h_out) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * kEltThreads + threadIdx.x;
   if (idx >= n * r) return;
   Acc h = Acc(0);
   for (int64_t sp = 0; sp < splits; ++sp) h += hp[sp * n * r + idx];
+  if (h_out != nullptr) h_out[idx] = h;
   const Acc m = row_scale ? scaling * row_scale[idx / r] : scaling;
   hs[idx] = from_acc<S, Acc>(m * h);
 }
 
 // One warp per row: h = sum Hp, g = sum Gp; dH = m g, Hs = m h (in the input dtype) and
-// d row_scale[i] = scaling * <g, h> (fixed lane order, then warp_sum: deterministic).
+// d row_scale[i] = scaling * <g, h> (fixed lane order, then warp_sum: deterministic). With the
+// forward's saved h, hp is that [N, r] tensor and h_splits 1: h = 0 + h, the same value.
 template <typename S, typename Acc>
 __global__ void __launch_bounds__(kEltThreads) finish_bwd_kernel(const Acc* __restrict__ hp, int64_t h_splits,
                                                                  const Acc* __restrict__ gp, int64_t g_splits,

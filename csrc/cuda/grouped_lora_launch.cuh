@@ -199,8 +199,9 @@ void expand(const Prepared& p, const at::Tensor& hs, at::Tensor& y, bool tc) {
   launch_row_gemm<S, Acc, EPI>(a, 1, tc, p.stream);
 }
 
+// h_out: an [N, r] tensor in Acc (contiguous) for the unscaled shrink, or undefined.
 template <typename S, typename Acc>
-void forward_typed(const Prepared& p, double scaling, at::Tensor& y, bool accumulate) {
+void forward_typed(const Prepared& p, double scaling, at::Tensor& y, bool accumulate, at::Tensor& h_out) {
   const bool tc = kIs16Bit<S> && !force_simt();
   int64_t splits = 1;
   const at::Tensor hp = shrink_partials<S, Acc>(p, tc, &splits);
@@ -208,7 +209,8 @@ void forward_typed(const Prepared& p, double scaling, at::Tensor& y, bool accumu
   const int64_t elems = p.n * p.r;
   finish_h_kernel<S, Acc><<<grid_dim(index_math::ceil_div(elems, kEltThreads), "x"), kEltThreads, 0, p.stream>>>(
       hp.const_data_ptr<Acc>(), splits, p.n, p.r, p.row_scale.defined() ? p.row_scale.const_data_ptr<Acc>() : nullptr,
-      static_cast<Acc>(scaling), reinterpret_cast<S*>(hs.mutable_data_ptr()));
+      static_cast<Acc>(scaling), reinterpret_cast<S*>(hs.mutable_data_ptr()),
+      h_out.defined() ? h_out.mutable_data_ptr<Acc>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (accumulate) {
     expand<S, Acc, Epi::kAdd>(p, hs, y, tc);
@@ -217,24 +219,45 @@ void forward_typed(const Prepared& p, double scaling, at::Tensor& y, bool accumu
   }
 }
 
-inline void run_forward(const Prepared& p, double scaling, at::Tensor& y, bool accumulate) {
+// y (+)= the grouped LoRA; h_out (undefined, or [N, r] contiguous in x's accumulation type) gets
+// the unscaled shrink X A_k^T. N > 0.
+inline void run_forward(const Prepared& p, double scaling, at::Tensor& y, bool accumulate, at::Tensor& h_out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "grouped_lora_cuda", [&] {
     using S = typename Native<scalar_t>::type;
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    forward_typed<S, Acc>(p, scaling, y, accumulate);
+    forward_typed<S, Acc>(p, scaling, y, accumulate, h_out);
   });
 }
 
+// The wgrad_kernel variant for `a`: tensor cores (tc), and the cp.async main loop where both
+// operands come in 16-byte row chunks and the switch is on (16-bit types only).
+enum class WgradVariant { kSimt, kTc, kTcPipelined };
+
+template <typename S>
+WgradVariant wgrad_variant(const WgradArgs<S>& a, bool tc) {
+  if (!kIs16Bit<S> || !tc) return WgradVariant::kSimt;
+  return a.a_vec && a.b_vec && tuning::grouped_lora_pipelined() ? WgradVariant::kTcPipelined : WgradVariant::kTc;
+}
+
+template <typename S, typename Acc>
+int wgrad_resident_blocks(WgradVariant v) {
+  if constexpr (kIs16Bit<S>) {
+    if (v == WgradVariant::kTcPipelined) return resident_blocks<&wgrad_kernel<S, Acc, true, kPipeBRow>>();
+    if (v == WgradVariant::kTc) return resident_blocks<&wgrad_kernel<S, Acc, true>>();
+  }
+  return resident_blocks<&wgrad_kernel<S, Acc, false>>();
+}
+
 // Partials of a weight gradient over row chunks, then the per-segment reduction into grad [K, M, ncols].
+// The chunk count fills whole waves of the kernel's occupancy (lt::wgrad_target_chunks, at least
+// kWgradChunks): the chunk boundaries, and so the order of the fp32 sums, follow the device's SM
+// count and the kernel's occupancy; on one device every run gives the same bits.
 template <typename S, typename Acc>
 void weight_grad(const Prepared& p, const lt::WgradShape& sh, const at::Tensor& left, const at::Tensor& right,
                  at::Tensor& grad, bool tc) {
   const int64_t lda = sh.lda, m_rows = sh.m_rows, ldb = sh.ldb, ncols = sh.ncols;
-  const int64_t chunk_rows = lt::wgrad_chunk_rows(p.n, kWgradChunks, BK, BM);
-  const int64_t chunks = lt::seg_tile_grid(p.n, p.k, chunk_rows);
   const int64_t elems = m_rows * ncols;
   if (elems == 0) return;
-  at::Tensor part = at::empty({chunks, m_rows, ncols}, p.x.options().dtype(c10::CppTypeToScalarType<Acc>::value));
   WgradArgs<S> a{};
   a.a = reinterpret_cast<const S*>(left.const_data_ptr());
   a.lda = lda;
@@ -243,7 +266,6 @@ void weight_grad(const Prepared& p, const lt::WgradShape& sh, const at::Tensor& 
   a.offsets = p.offsets.const_data_ptr<int64_t>();
   a.k_seg = p.k;
   a.n = p.n;
-  a.chunk_rows = chunk_rows;
   a.m_rows = m_rows;
   a.ncols = ncols;
   a.m_tiles = index_math::ceil_div(m_rows, BM);
@@ -251,6 +273,14 @@ void weight_grad(const Prepared& p, const lt::WgradShape& sh, const at::Tensor& 
   a.m_fast = m_rows <= ncols;  // the narrower side fastest (wgrad_kernel says why)
   a.a_vec = vec_rows<S>(a.a, a.lda);
   a.b_vec = vec_rows<S>(a.b, a.ldb);
+  const WgradVariant variant = wgrad_variant(a, tc);
+  const int64_t target =
+      lt::wgrad_target_chunks(a.m_tiles * a.n_tiles, wave_blocks(wgrad_resident_blocks<S, Acc>(variant)), p.k,
+                              kWgradChunks, kMaxWgradChunks);
+  const int64_t chunk_rows = lt::wgrad_chunk_rows(p.n, target, BK, BM);
+  const int64_t chunks = lt::seg_tile_grid(p.n, p.k, chunk_rows);
+  a.chunk_rows = chunk_rows;
+  at::Tensor part = at::empty({chunks, m_rows, ncols}, p.x.options().dtype(c10::CppTypeToScalarType<Acc>::value));
   if constexpr (std::is_same_v<Acc, double>) {
     a.out_d = part.mutable_data_ptr<double>();
   } else {
@@ -259,7 +289,9 @@ void weight_grad(const Prepared& p, const lt::WgradShape& sh, const at::Tensor& 
   a.out_vec = vec_rows<Acc>(part.const_data_ptr(), ncols);
   const dim3 grid(grid_dim(chunks * a.m_tiles * a.n_tiles, "x"));
   if constexpr (kIs16Bit<S>) {
-    if (tc) {
+    if (variant == WgradVariant::kTcPipelined) {
+      wgrad_kernel<S, Acc, true, kPipeBRow><<<grid, kThreads, 0, p.stream>>>(a);
+    } else if (variant == WgradVariant::kTc) {
       wgrad_kernel<S, Acc, true><<<grid, kThreads, 0, p.stream>>>(a);
     } else {
       wgrad_kernel<S, Acc, false><<<grid, kThreads, 0, p.stream>>>(a);
@@ -275,21 +307,87 @@ void weight_grad(const Prepared& p, const lt::WgradShape& sh, const at::Tensor& 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Whether the backward runs G and dB in one pass over dY (dy_pass_kernel): bf16 / fp16 on tensor
+// cores, r <= kDyPassRank, a non-empty `out`, sm_80+, and the switch on (tuning.h).
+template <typename S>
+bool use_dy_pass(const Prepared& p, bool tc) {
+  return kIs16Bit<S> && tc && p.r <= kDyPassRank && p.out > 0 && tuning::grouped_lora_fused_dy() &&
+         at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
+// The one pass over dY: *gp = G partials [column chunks, N, r] (fp32), *dbp = dB partials
+// [row chunks, out, r] (fp32) over row chunks of *db_chunk_rows rows. The row chunks fill whole
+// waves of the kernel's occupancy, as the weight gradients' (lt::wgrad_target_chunks).
+template <typename S>
+void dy_pass(const Prepared& p, const at::Tensor& gy, const at::Tensor& hs, at::Tensor* gp, int64_t* g_splits,
+             at::Tensor* dbp, int64_t* db_chunk_rows) {
+  DyPassArgs<S> a{};
+  a.dy = reinterpret_cast<const S*>(gy.const_data_ptr());
+  a.hs = reinterpret_cast<const S*>(hs.const_data_ptr());
+  a.b = reinterpret_cast<const S*>(p.lora_b.const_data_ptr());
+  a.offsets = p.offsets.const_data_ptr<int64_t>();
+  a.k_seg = p.k;
+  a.n = p.n;
+  a.out = p.out;
+  a.r = p.r;
+  a.col_chunks = index_math::ceil_div(p.out, static_cast<int64_t>(kDyPassCols));
+  a.dy_vec = vec_rows<S>(a.dy, p.out);
+  a.hs_vec = vec_rows<S>(a.hs, p.r);
+  a.b_vec = vec_rows<S>(a.b, p.r) && (p.out * p.r * static_cast<int64_t>(sizeof(S))) % 16 == 0;
+  a.out_vec = tuning::grouped_lora_vectorized() && p.r % 4 == 0;  // fp32 rows of r: 16-byte aligned
+  // the cp.async main loop where every operand comes in 16-byte rows (as the GEMMs')
+  const bool pipelined = tuning::grouped_lora_pipelined() && a.dy_vec && a.hs_vec && a.b_vec;
+  const int resident =
+      pipelined ? resident_blocks<&dy_pass_kernel<S, true>>() : resident_blocks<&dy_pass_kernel<S, false>>();
+  const int64_t target =
+      lt::wgrad_target_chunks(a.col_chunks, wave_blocks(resident), p.k, kWgradChunks, kMaxWgradChunks);
+  a.chunk_rows = lt::wgrad_chunk_rows(p.n, target, BK, BM);
+  const int64_t chunks = lt::seg_tile_grid(p.n, p.k, a.chunk_rows);
+  *gp = at::empty({a.col_chunks, p.n, p.r}, p.x.options().dtype(at::kFloat));
+  *dbp = at::empty({chunks, p.out, p.r}, p.x.options().dtype(at::kFloat));
+  a.gp = gp->mutable_data_ptr<float>();
+  a.dbp = dbp->mutable_data_ptr<float>();
+  *g_splits = a.col_chunks;
+  *db_chunk_rows = a.chunk_rows;
+  const dim3 grid(grid_dim(chunks * a.col_chunks, "x"));
+  if (pipelined) {
+    dy_pass_kernel<S, true><<<grid, kThreads, 0, p.stream>>>(a);
+  } else {
+    dy_pass_kernel<S, false><<<grid, kThreads, 0, p.stream>>>(a);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename S, typename Acc>
 void backward_typed(const Prepared& p, const at::Tensor& gy, double scaling, at::Tensor& grad_x, bool accumulate_dx,
-                    at::Tensor& grad_a, at::Tensor& grad_b, at::Tensor& grad_rs) {
+                    at::Tensor& grad_a, at::Tensor& grad_b, at::Tensor& grad_rs, const at::Tensor& h) {
   const bool tc = kIs16Bit<S> && !force_simt();
+  // The unscaled shrink: the forward's (one [N, r] piece, no read of x) or recomputed in pieces
   int64_t h_splits = 1;
-  const at::Tensor hp = shrink_partials<S, Acc>(p, tc, &h_splits);
-  // G = dY B_k, split over `out` (as the shrink: one wave of the kernel's occupancy)
-  RowGemmArgs<S> ga = row_args<S>(lt::dy_b_shape(p.out, p.r), gy, p.lora_b, p.offsets, p.k, p.n);
-  const int64_t blocks = lt::seg_tile_grid(p.n, p.k, BM) * index_math::ceil_div(p.r, BN);
-  const int64_t target = wave_blocks(row_gemm_resident_blocks<S, Acc, Epi::kPartial>(ga, tc));
-  const lt::SplitPlan plan =
-      lt::split_plan(p.out, lt::want_splits(blocks, target, p.out, kMinSplitChunk, kMaxSplits), BK);
-  at::Tensor gp = at::empty({plan.splits, p.n, p.r}, hp.options());
-  {
-    RowGemmArgs<S>& a = ga;
+  const at::Tensor hp = h.defined() ? h : shrink_partials<S, Acc>(p, tc, &h_splits);
+  at::Tensor dh = at::empty({p.n, p.r}, p.x.options());
+  at::Tensor hs = at::empty({p.n, p.r}, p.x.options());
+  const Acc* rs = p.row_scale.defined() ? p.row_scale.const_data_ptr<Acc>() : nullptr;
+  at::Tensor gp;     // G partials [g_splits, N, r]
+  int64_t g_splits = 1;
+  at::Tensor dbp;    // with the fused pass: dB partials [row chunks, out, r], over db_chunk_rows
+  int64_t db_chunk_rows = 0;
+  if (use_dy_pass<S>(p, tc)) {
+    // Hs first: the one pass over dY needs it for dB
+    finish_h_kernel<S, Acc><<<grid_dim(index_math::ceil_div(p.n * p.r, kEltThreads), "x"), kEltThreads, 0,
+                              p.stream>>>(hp.const_data_ptr<Acc>(), h_splits, p.n, p.r, rs, static_cast<Acc>(scaling),
+                                          reinterpret_cast<S*>(hs.mutable_data_ptr()), nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if constexpr (kIs16Bit<S>) dy_pass<S>(p, gy, hs, &gp, &g_splits, &dbp, &db_chunk_rows);
+  } else {
+    // G = dY B_k, split over `out` (as the shrink: one wave of the kernel's occupancy)
+    RowGemmArgs<S> a = row_args<S>(lt::dy_b_shape(p.out, p.r), gy, p.lora_b, p.offsets, p.k, p.n);
+    const int64_t blocks = lt::seg_tile_grid(p.n, p.k, BM) * index_math::ceil_div(p.r, BN);
+    const int64_t target = wave_blocks(row_gemm_resident_blocks<S, Acc, Epi::kPartial>(a, tc));
+    const lt::SplitPlan plan =
+        lt::split_plan(p.out, lt::want_splits(blocks, target, p.out, kMinSplitChunk, kMaxSplits), BK);
+    g_splits = plan.splits;
+    gp = at::empty({plan.splits, p.n, p.r}, hp.options());
     a.kchunk = plan.chunk;
     a.out = gp.mutable_data_ptr();
     a.out_vec = vec_rows<Acc>(a.out, a.ncols);
@@ -299,19 +397,26 @@ void backward_typed(const Prepared& p, const at::Tensor& gy, double scaling, at:
       launch_row_gemm<S, Acc, Epi::kPartial>(a, plan.splits, tc, p.stream);
     }
   }
-  at::Tensor dh = at::empty({p.n, p.r}, p.x.options());
-  at::Tensor hs = at::empty({p.n, p.r}, p.x.options());
   const int rows_per_block = kEltThreads / kWarp;
   finish_bwd_kernel<S, Acc><<<grid_dim(index_math::ceil_div(p.n, rows_per_block), "x"), kEltThreads, 0, p.stream>>>(
-      hp.const_data_ptr<Acc>(), h_splits, gp.const_data_ptr<Acc>(), plan.splits, p.n, p.r,
-      p.row_scale.defined() ? p.row_scale.const_data_ptr<Acc>() : nullptr, static_cast<Acc>(scaling),
-      reinterpret_cast<S*>(dh.mutable_data_ptr()), reinterpret_cast<S*>(hs.mutable_data_ptr()),
-      grad_rs.numel() ? grad_rs.mutable_data_ptr<Acc>() : nullptr);
+      hp.const_data_ptr<Acc>(), h_splits, gp.const_data_ptr<Acc>(), g_splits, p.n, p.r, rs,
+      static_cast<Acc>(scaling), reinterpret_cast<S*>(dh.mutable_data_ptr()),
+      reinterpret_cast<S*>(hs.mutable_data_ptr()), grad_rs.numel() ? grad_rs.mutable_data_ptr<Acc>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // dA_k = dH_k^T X_k  [r, in];  dB_k = dY_k^T Hs_k  [out, r]. Before dX: grad_x may share
-  // memory with x or grad_y (the CPU kernel allows it), and these read both.
+  // dA_k = dH_k^T X_k  [r, in];  dB_k = dY_k^T Hs_k  [out, r] (summed from the fused pass's partials,
+  // or its own pass over dY). Before dX: grad_x may share memory with x or grad_y (the CPU kernel
+  // allows it), and these read both.
   weight_grad<S, Acc>(p, lt::grad_a_shape(p.r, p.in), dh, p.x, grad_a, tc);
-  weight_grad<S, Acc>(p, lt::grad_b_shape(p.out, p.r), gy, hs, grad_b, tc);
+  if (dbp.defined()) {
+    const int64_t elems = p.out * p.r;
+    wgrad_reduce_kernel<S, Acc><<<grid_dim(index_math::ceil_div(elems, kEltThreads) * p.k, "x"), kEltThreads, 0,
+                                  p.stream>>>(dbp.const_data_ptr<Acc>(), p.offsets.const_data_ptr<int64_t>(), p.k,
+                                              p.n, db_chunk_rows, elems,
+                                              reinterpret_cast<S*>(grad_b.mutable_data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    weight_grad<S, Acc>(p, lt::grad_b_shape(p.out, p.r), gy, hs, grad_b, tc);
+  }
   // dX (+)= dH A_k; accumulating, the sum with the base path's dX is rounded once in the epilogue
   {
     RowGemmArgs<S> a = row_args<S>(lt::dx_shape(p.r, p.in), dh, p.lora_a, p.offsets, p.k, p.n);
@@ -327,13 +432,15 @@ void backward_typed(const Prepared& p, const at::Tensor& gy, double scaling, at:
 }
 
 // grad_x (contiguous, x's dtype) gets dX (stored, or added with accumulate_dx); grad_a, grad_b
-// (contiguous, x's dtype) get dA, dB; grad_rs ([N] in Acc, or empty) d row_scale. N > 0.
+// (contiguous, x's dtype) get dA, dB; grad_rs ([N] in Acc, or empty) d row_scale; h: the forward's
+// unscaled shrink ([N, r] contiguous in Acc) or undefined (recomputed). N > 0.
 inline void run_backward(const Prepared& p, const at::Tensor& gy, double scaling, at::Tensor& grad_x,
-                         bool accumulate_dx, at::Tensor& grad_a, at::Tensor& grad_b, at::Tensor& grad_rs) {
+                         bool accumulate_dx, at::Tensor& grad_a, at::Tensor& grad_b, at::Tensor& grad_rs,
+                         const at::Tensor& h) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "grouped_lora_backward_cuda", [&] {
     using S = typename Native<scalar_t>::type;
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    backward_typed<S, Acc>(p, gy, scaling, grad_x, accumulate_dx, grad_a, grad_b, grad_rs);
+    backward_typed<S, Acc>(p, gy, scaling, grad_x, accumulate_dx, grad_a, grad_b, grad_rs, h);
   });
 }
 

@@ -38,7 +38,8 @@ constexpr int BN = 64;  // output tile columns
 constexpr int BK = 32;  // reduction step
 constexpr int kMinSplitChunk = 256;   // shortest piece of a split reduction
 constexpr int kMaxSplits = 16;
-constexpr int kWgradChunks = 8;       // target row chunks of the weight-gradient partials
+constexpr int kWgradChunks = 8;       // fewest row chunks of the weight-gradient partials
+constexpr int kMaxWgradChunks = 64;   // most (each costs an fp32 partial of the gradient)
 constexpr int kOffsetThreads = 256;
 constexpr int kEltThreads = 256;
 
@@ -332,7 +333,9 @@ __device__ __forceinline__ void block_mma(unsigned char* smem, const Operand<S>&
 // takes the right operand in its stored layout: n-major rows ("B col": element (k, n) at
 // p[n * s_j + k], k contiguous; lora_a in the shrink, lora_b in the expand) through wmma's
 // col_major fragments, or k-major rows ("B row": k * s_i + n, n contiguous; lora_b in G, lora_a in
-// dX) through row_major ones. The multiplications are block_mma's, in the same order, on the
+// dX; the weight gradients' right operand, x or Hs) through row_major ones. With AT the left operand
+// is m-contiguous (the weight gradients' dH / dY, A.s_i == 1) and staged k-major, as block_mma's AT.
+// The multiplications are block_mma's, in the same order, on the
 // same zero-filled tiles: the results are identical bit for bit (a CUDA test checks it).
 
 constexpr int kStages = 3;
@@ -340,7 +343,8 @@ enum Pipe : int { kPipeNone = 0, kPipeBRow = 1, kPipeBCol = 2 };
 
 template <typename S>
 struct PipeSmem {
-  static constexpr int LDA = BK + 8;                 // A stage [BM][LDA]
+  static constexpr int LDA = BK + 8;                 // A stage [BM][LDA], or with AT [BK][LDAT]
+  static constexpr int LDAT = BM + 8;
   static constexpr int LDB_ROW = BN + 8;             // B row stage [BK][LDB_ROW]
   static constexpr int LDB_COL = BK + 8;             // B col stage [BN][LDB_COL]
   static constexpr size_t kA = sizeof(S) * BM * LDA;
@@ -349,6 +353,8 @@ struct PipeSmem {
   static constexpr size_t kC = sizeof(float) * BM * (BN + 4);  // the epilogue's tile (TileSmem's LDC)
   static constexpr size_t kBytes = kStages * kStage > kC ? kStages * kStage : kC;
   static_assert(kA % 128 == 0 && kStage % 128 == 0, "stages keep 128-byte alignment");
+  static_assert(BK * LDAT <= BM * LDA && (sizeof(S) * LDAT) % 16 == 0 && (sizeof(S) * 16 * LDAT) % 32 == 0,
+                "the k-major A stage fits the A stage, in 16-byte chunks, fragment pointers 32-byte aligned");
   static_assert((sizeof(S) * LDA) % 16 == 0 && (sizeof(S) * LDB_ROW) % 16 == 0 && (sizeof(S) * LDB_COL) % 16 == 0,
                 "16-byte chunks land 16-byte aligned");
   static_assert((sizeof(S) * 16 * LDA) % 32 == 0 && (sizeof(S) * 16 * LDB_ROW) % 32 == 0 &&
@@ -399,11 +405,11 @@ __device__ __forceinline__ void async_tile(S* __restrict__ dst, const S* __restr
   }
 }
 
-// block_mma<S, float, true> with the kStages cp.async pipeline. A: element (m, k) at
-// A.p[m * A.s_i + k]; B as PIPE says (B row: B.p[k * B.s_i + n]; B col: B.p[n * B.s_j + k]).
-// Leaves C in shared memory (ld TileSmem<S, float>::LDC) like block_mma. Every thread of the
-// block must call it.
-template <typename S, int PIPE>
+// block_mma<S, float, true, AT> with the kStages cp.async pipeline. A: element (m, k) at
+// A.p[m * A.s_i + k], or with AT at A.p[m + k * A.s_j]; B as PIPE says (B row: B.p[k * B.s_i + n];
+// B col: B.p[n * B.s_j + k]). Leaves C in shared memory (ld TileSmem<S, float>::LDC) like block_mma.
+// Every thread of the block must call it.
+template <typename S, int PIPE, bool AT = false>
 __device__ __forceinline__ void block_mma_pipelined(unsigned char* smem, const Operand<S>& A, const Operand<S>& B,
                                                     int mv, int nv, int64_t klen) {
   using P = PipeSmem<S>;
@@ -411,6 +417,7 @@ __device__ __forceinline__ void block_mma_pipelined(unsigned char* smem, const O
   namespace wmma = nvcuda::wmma;
   constexpr bool kBCol = PIPE == kPipeBCol;
   using BLayout = std::conditional_t<kBCol, wmma::col_major, wmma::row_major>;
+  using ALayout = std::conditional_t<AT, wmma::col_major, wmma::row_major>;
   const int warp = threadIdx.x / kWarp;
   const int fm = warp % 4;         // fragment row of this warp (as block_mma)
   const int fn0 = (warp / 4) * 2;  // its two fragment columns
@@ -426,7 +433,11 @@ __device__ __forceinline__ void block_mma_pipelined(unsigned char* smem, const O
     if (t < steps) {
       const int64_t k0 = t * BK;
       const int kv = static_cast<int>(klen - k0 < BK ? klen - k0 : BK);
-      async_tile<S, BM, BK, P::LDA>(stage_a(t), A.p + k0, A.s_i, mv, kv);
+      if constexpr (AT) {
+        async_tile<S, BK, BM, P::LDAT>(stage_a(t), A.p + k0 * A.s_j, A.s_j, kv, mv);
+      } else {
+        async_tile<S, BM, BK, P::LDA>(stage_a(t), A.p + k0, A.s_i, mv, kv);
+      }
       if constexpr (kBCol) {
         async_tile<S, BN, BK, P::LDB_COL>(stage_b(t), B.p + k0, B.s_j, nv, kv);
       } else {
@@ -447,8 +458,12 @@ __device__ __forceinline__ void block_mma_pipelined(unsigned char* smem, const O
     const S* sb = stage_b(t);
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, S, wmma::row_major> fa;
-      load_frag_shared(fa, sa + fm * 16 * P::LDA + kk, P::LDA);
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, S, ALayout> fa;
+      if constexpr (AT) {
+        load_frag_shared(fa, sa + kk * P::LDAT + fm * 16, P::LDAT);
+      } else {
+        load_frag_shared(fa, sa + fm * 16 * P::LDA + kk, P::LDA);
+      }
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, S, BLayout> fb;

@@ -39,6 +39,12 @@ bool grouped_lora_vectorized();
 // turns it off at start-up). Results are identical either way.
 void set_grouped_lora_pipelined(bool on);
 bool grouped_lora_pipelined();
+// grouped_lora_backward*, bf16 / fp16 with r <= 32 on sm_80+: G = dY B and dB = dY^T Hs in one pass
+// over dY (dy_pass_kernel; on by default, MOLE_EXT_GROUPED_LORA_NO_FUSED_DY=1 turns it off at
+// start-up) or in two (row_gemm + wgrad). The sums run in another order: the results agree within
+// rounding, not bit for bit; each is reproducible run to run.
+void set_grouped_lora_fused_dy(bool on);
+bool grouped_lora_fused_dy();
 
 }  // namespace tuning
 }  // namespace mole_ext

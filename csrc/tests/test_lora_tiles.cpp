@@ -122,6 +122,25 @@ static void test_split_plan() {
   EXPECT(lt::wgrad_chunk_rows(0, 8, 32, 64) == 64);
   EXPECT(lt::wgrad_chunk_rows(65536, 8, 32, 64) == 8192);
   EXPECT(lt::wgrad_chunk_rows(1000, 8, 32, 64) == 128);
+  // whole waves of 264 blocks (2 per SM, 132 SMs): 64 tiles, K = 4: (8 + 4) * 64 = 768 blocks need
+  // 3 waves (792), which hold 12 chunks of 64 tiles: 8 + 4, as before; 1 tile: 264 - 4 chunks,
+  // capped at 64; 10 tiles, K = 1: 90 blocks fill one wave at 26 - 1 = 25 chunks
+  EXPECT(lt::wgrad_target_chunks(64, 264, 4, 8, 64) == 8);
+  EXPECT(lt::wgrad_target_chunks(1, 264, 4, 8, 64) == 64);
+  EXPECT(lt::wgrad_target_chunks(10, 264, 1, 8, 64) == 25);
+  EXPECT(lt::wgrad_target_chunks(172, 264, 4, 8, 64) == 8);   // 2112 / 172 = 12 chunks in 8 waves
+  EXPECT(lt::wgrad_target_chunks(1000, 264, 0, 8, 64) == 8);  // never below the minimum
+  EXPECT(lt::wgrad_target_chunks(0, 0, 0, 0, 64) == 1);       // degenerate arguments stay sane
+  for (int64_t tiles = 1; tiles < 300; tiles += 7) {
+    for (int64_t k = 1; k < 9; ++k) {
+      const int64_t c = lt::wgrad_target_chunks(tiles, 264, k, 8, 64);
+      EXPECT(c >= 8 && c <= 64);
+      // the grid stays within the waves the minimum needs (or the cap binds)
+      const int64_t waves = mole_ext::index_math::ceil_div((8 + k) * tiles, int64_t{264});
+      EXPECT(c == 64 || (c == 8 && (c + k) * tiles > waves * 264) || (c + k) * tiles <= waves * 264);
+      EXPECT(c == 64 || c == 8 || (c + k + 1) * tiles > waves * 264);  // and nothing more fits
+    }
+  }
 }
 
 // ---- the kernels' block decomposition, emulated on the host with the same tile map, split plan

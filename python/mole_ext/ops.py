@@ -25,8 +25,9 @@ __all__ = [
 ]
 
 _OPS = ("router_top1", "router_top1_backward", "permute", "permute_rows", "unpermute",
-        "grouped_lora", "grouped_lora_add_out", "grouped_lora_backward", "grouped_lora_backward_add_out",
-        "lora_linear", "load_balance_loss", "load_balance_loss_backward")
+        "grouped_lora", "grouped_lora_h", "grouped_lora_add_out", "grouped_lora_backward",
+        "grouped_lora_backward_add_out", "lora_linear", "lora_linear_h", "load_balance_loss",
+        "load_balance_loss_backward")
 
 _lib = torch.library.Library("mole_ext", "IMPL")  # noqa: TOR901 (fallback kernels only)
 _CUDA_FALLBACK = []
@@ -213,13 +214,30 @@ def grouped_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, of
         row_scale: optional [N] float per-row gate.
     Returns:
         [N, out] in x's dtype; differentiable in x, lora_a, lora_b, row_scale.
+
+    When autograd records the call, it runs ``mole_ext::grouped_lora_h``, which also returns the
+    rank-r shrink ``lora_a[k] @ x[i]`` (float32, [N, r]: small next to x) for the backward to take
+    instead of recomputing it from x: the same gradients bit for bit, one read of x fewer.
     """
+    if _records_grad(x, lora_a, lora_b, row_scale):
+        return torch.ops.mole_ext.grouped_lora_h(x, lora_a, lora_b, offsets, float(scaling), row_scale)[0]
     return torch.ops.mole_ext.grouped_lora(x, lora_a, lora_b, offsets, float(scaling), row_scale)
+
+
+def _records_grad(*tensors) -> bool:
+    """Whether autograd will record an op on these inputs (then the ``*_h`` op's shrink is saved)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 @torch.library.register_fake("mole_ext::grouped_lora")
 def _(x, lora_a, lora_b, offsets, scaling, row_scale):
     return x.new_empty((x.shape[0], lora_b.shape[1]))
+
+
+@torch.library.register_fake("mole_ext::grouped_lora_h")
+def _(x, lora_a, lora_b, offsets, scaling, row_scale):
+    return (x.new_empty((x.shape[0], lora_b.shape[1])),
+            x.new_empty((x.shape[0], lora_a.shape[1]), dtype=_ref.acc_dtype(x.dtype)))
 
 
 def grouped_lora_add_out(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -247,7 +265,7 @@ def _(out, x, lora_a, lora_b, offsets, scaling, row_scale):
 
 
 @torch.library.register_fake("mole_ext::grouped_lora_backward")
-def _(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale):
+def _(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale, h=None):
     grad_rs = (row_scale.new_empty(row_scale.shape) if row_scale is not None else x.new_empty((0,)))
     c = torch.contiguous_format  # the kernels return contiguous gradients whatever the inputs' strides
     return (torch.empty_like(x, memory_format=c), torch.empty_like(lora_a, memory_format=c),
@@ -258,24 +276,31 @@ def _grouped_setup(ctx, inputs, output):
     x, lora_a, lora_b, offsets, scaling, row_scale = inputs
     ctx.scaling = scaling
     ctx.has_row_scale = row_scale is not None
-    ctx.save_for_backward(x, lora_a, lora_b, offsets, row_scale)
+    # grouped_lora_h: its shrink h (not differentiable) replaces the backward's recomputation
+    h = output[1] if isinstance(output, (tuple, list)) else None
+    if h is not None:
+        ctx.mark_non_differentiable(h)
+    ctx.has_h = h is not None
+    ctx.save_for_backward(x, lora_a, lora_b, offsets, row_scale, h)
 
 
-def _grouped_backward(ctx, grad_y):
-    x, lora_a, lora_b, offsets, row_scale = ctx.saved_tensors
+def _grouped_backward(ctx, grad_y, grad_h=None):
+    x, lora_a, lora_b, offsets, row_scale, h = ctx.saved_tensors
     gx, ga, gb, grs = torch.ops.mole_ext.grouped_lora_backward(
-        grad_y, x, lora_a, lora_b, offsets, ctx.scaling, row_scale if ctx.has_row_scale else None)
+        grad_y, x, lora_a, lora_b, offsets, ctx.scaling, row_scale if ctx.has_row_scale else None,
+        h if ctx.has_h else None)
     need = ctx.needs_input_grad
     return (gx if need[0] else None, ga if need[1] else None, gb if need[2] else None, None, None,
             grs if (ctx.has_row_scale and need[5]) else None)
 
 
 torch.library.register_autograd("mole_ext::grouped_lora", _grouped_backward, setup_context=_grouped_setup)
+torch.library.register_autograd("mole_ext::grouped_lora_h", _grouped_backward, setup_context=_grouped_setup)
 
 
 def grouped_lora_backward_add_out(grad_x: torch.Tensor, grad_y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
                                   lora_b: torch.Tensor, offsets: torch.Tensor, scaling: float,
-                                  row_scale: Optional[torch.Tensor] = None):
+                                  row_scale: Optional[torch.Tensor] = None, h: Optional[torch.Tensor] = None):
     """The gradients of ``grouped_lora`` with the input gradient accumulated in place onto
     ``grad_x`` (the base projection's dX), summed in the accumulation dtype and rounded once, so
     the LoRA's dX never exists as a second [N, in] tensor.
@@ -283,16 +308,18 @@ def grouped_lora_backward_add_out(grad_x: torch.Tensor, grad_y: torch.Tensor, x:
     Args:
         grad_x: [N, in] with x's dtype and device, updated in place (any strides).
         grad_y: [N, out] float; x, lora_a, lora_b, offsets, scaling, row_scale: as for ``grouped_lora``.
+        h: the forward's rank-r shrink (second output of ``mole_ext::grouped_lora_h`` /
+            ``lora_linear_h``) or None: then it is recomputed from x (same results, bit for bit).
     Returns:
         grad_a [K, r, in], grad_b [K, out, r] (x's dtype; exactly zero for an empty expert), and
         grad_row_scale [N] in row_scale's dtype (empty [0] without row_scale).
     """
     return torch.ops.mole_ext.grouped_lora_backward_add_out(grad_x, grad_y, x, lora_a, lora_b, offsets,
-                                                           float(scaling), row_scale)
+                                                           float(scaling), row_scale, h)
 
 
 @torch.library.register_fake("mole_ext::grouped_lora_backward_add_out")
-def _(grad_x, grad_y, x, lora_a, lora_b, offsets, scaling, row_scale):
+def _(grad_x, grad_y, x, lora_a, lora_b, offsets, scaling, row_scale, h=None):
     grad_rs = (row_scale.new_empty(row_scale.shape) if row_scale is not None else x.new_empty((0,)))
     c = torch.contiguous_format
     return torch.empty_like(lora_a, memory_format=c), torch.empty_like(lora_b, memory_format=c), grad_rs
@@ -319,13 +346,25 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         lora_x: [N, in] float or None, the LoRA's input when it differs from x (LoRA dropout).
     Returns:
         [N, out] in weight's dtype; differentiable in every tensor argument but offsets.
+
+    When autograd records the call, it runs ``mole_ext::lora_linear_h``, which also returns the
+    LoRA's rank-r shrink (float32 [N, r]) for the backward, as ``grouped_lora`` does.
     """
+    if _records_grad(x, weight, bias, lora_a, lora_b, row_scale, lora_x):
+        return torch.ops.mole_ext.lora_linear_h(x, weight, bias, lora_a, lora_b, offsets, float(scaling), row_scale,
+                                                lora_x)[0]
     return torch.ops.mole_ext.lora_linear(x, weight, bias, lora_a, lora_b, offsets, float(scaling), row_scale, lora_x)
 
 
 @torch.library.register_fake("mole_ext::lora_linear")
 def _(x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale, lora_x=None):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=weight.dtype)
+
+
+@torch.library.register_fake("mole_ext::lora_linear_h")
+def _(x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale, lora_x=None):
+    return (x.new_empty((x.shape[0], weight.shape[0]), dtype=weight.dtype),
+            x.new_empty((x.shape[0], lora_a.shape[1]), dtype=_ref.acc_dtype(weight.dtype)))
 
 
 def _lora_linear_setup(ctx, inputs, output):
@@ -338,11 +377,15 @@ def _lora_linear_setup(ctx, inputs, output):
     # One [N, in] activation: x as the caller passed it (not the compute-dtype copy), or lora_x
     # instead when the LoRA runs on that and the (frozen) weight needs no gradient.
     keep_x = lora_x is None or weight.requires_grad
-    ctx.save_for_backward(x if keep_x else None, weight, lora_a, lora_b, offsets, row_scale, lora_x)
+    # lora_linear_h: its shrink h (not differentiable) replaces the backward's recomputation
+    h = output[1] if isinstance(output, (tuple, list)) else None
+    if h is not None:
+        ctx.mark_non_differentiable(h)
+    ctx.save_for_backward(x if keep_x else None, weight, lora_a, lora_b, offsets, row_scale, lora_x, h)
 
 
-def _lora_linear_backward(ctx, grad_y):
-    x, weight, lora_a, lora_b, offsets, row_scale, lora_x = ctx.saved_tensors
+def _lora_linear_backward(ctx, grad_y, grad_h=None):
+    x, weight, lora_a, lora_b, offsets, row_scale, lora_x, h = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: the in-place dX accumulation is not recorded
         raise RuntimeError("mole_ext::lora_linear is not twice differentiable (double backward through mole_ext "
                            "ops is not supported)")
@@ -356,17 +399,17 @@ def _lora_linear_backward(ctx, grad_y):
         if need[0]:
             grad_x = grad_y.mm(weight)  # the base GEMM's dX; the LoRA's lands on it in place
             ga, gb, grs = torch.ops.mole_ext.grouped_lora_backward_add_out(grad_x, grad_y, xc, lora_a, lora_b, offsets,
-                                                                          ctx.scaling, rs)
+                                                                          ctx.scaling, rs, h)
             grad_x = grad_x.to(ctx.x_dtype)
         elif need_lora:
             _, ga, gb, grs = torch.ops.mole_ext.grouped_lora_backward(grad_y, xc, lora_a, lora_b, offsets, ctx.scaling,
-                                                                      rs)
+                                                                      rs, h)
     else:  # the LoRA's input is another tensor: its dX goes there
         if need[0]:
             grad_x = grad_y.mm(weight).to(ctx.x_dtype)
         if need[8] or need_lora:
             glx, ga, gb, grs = torch.ops.mole_ext.grouped_lora_backward(grad_y, lora_x.to(weight.dtype), lora_a,
-                                                                        lora_b, offsets, ctx.scaling, rs)
+                                                                        lora_b, offsets, ctx.scaling, rs, h)
             grad_lora_x = glx.to(lora_x.dtype) if need[8] else None
     grad_w = grad_y.t().mm(x.to(weight.dtype)) if need[1] else None
     grad_bias = grad_y.sum(0) if (ctx.has_bias and need[2]) else None
@@ -375,6 +418,7 @@ def _lora_linear_backward(ctx, grad_y):
 
 
 torch.library.register_autograd("mole_ext::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup)
+torch.library.register_autograd("mole_ext::lora_linear_h", _lora_linear_backward, setup_context=_lora_linear_setup)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "acc_dtype", "router_top1", "router_top1_backward", "permute", "permute_rows", "unpermute",
-    "grouped_lora", "grouped_lora_add_out", "grouped_lora_backward", "grouped_lora_backward_add_out", "lora_linear",
+    "grouped_lora", "grouped_lora_h", "grouped_lora_add_out", "grouped_lora_backward", "grouped_lora_backward_add_out",
+    "lora_linear", "lora_linear_h",
     "load_balance_loss", "load_balance_loss_backward",
     "Projection", "mole_ffn", "base_ffn",
 ]
@@ -71,6 +72,17 @@ def grouped_lora(x, lora_a, lora_b, offsets, scaling, row_scale=None):
     return _grouped_lora_acc(x, lora_a, lora_b, offsets, scaling, row_scale).to(x.dtype)
 
 
+def grouped_lora_h(x, lora_a, lora_b, offsets, scaling, row_scale=None):
+    """(grouped_lora(x, ...), h): h [N, r] = lora_a[k] @ x[i] unscaled, in the accumulation dtype."""
+    return grouped_lora(x, lora_a, lora_b, offsets, scaling, row_scale), _shrink(x, lora_a, offsets)
+
+
+def _shrink(x, lora_a, offsets):
+    acc = acc_dtype(x.dtype)
+    bounds = [int(v) for v in offsets.tolist()]
+    return torch.cat([x[s:e].to(acc) @ lora_a[k].to(acc).T for k, (s, e) in enumerate(zip(bounds, bounds[1:]))])
+
+
 def grouped_lora_add_out(out, x, lora_a, lora_b, offsets, scaling, row_scale=None):
     """out += grouped_lora(x, ...) in place: the sum is taken in the accumulation dtype and rounded once."""
     if out.shape != (x.shape[0], lora_b.shape[1]) or out.dtype != x.dtype:
@@ -95,20 +107,22 @@ def _grouped_lora_acc(x, lora_a, lora_b, offsets, scaling, row_scale=None):
     return torch.cat(pieces)  # K >= 1 pieces, empty segments included
 
 
-def grouped_lora_backward(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale=None):
-    """(grad_x, grad_a, grad_b, grad_row_scale) of grouped_lora; grad_row_scale is empty [0] without row_scale."""
-    grad_x, grad_a, grad_b, grad_rs = _grouped_lora_backward_acc(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale)
+def grouped_lora_backward(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale=None, h=None):
+    """(grad_x, grad_a, grad_b, grad_row_scale) of grouped_lora; grad_row_scale is empty [0] without row_scale.
+    h: grouped_lora_h's saved shrink, or None (recomputed from x)."""
+    grad_x, grad_a, grad_b, grad_rs = _grouped_lora_backward_acc(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale,
+                                                                 h)
     rs_dtype = row_scale.dtype if row_scale is not None else x.dtype
     return grad_x.to(x.dtype), grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), grad_rs.to(rs_dtype)
 
 
-def grouped_lora_backward_add_out(grad_x, grad_y, x, lora_a, lora_b, offsets, scaling, row_scale=None):
+def grouped_lora_backward_add_out(grad_x, grad_y, x, lora_a, lora_b, offsets, scaling, row_scale=None, h=None):
     """grad_x += the grad_x of grouped_lora_backward in place (summed in the accumulation dtype,
     rounded once) -> (grad_a, grad_b, grad_row_scale)."""
     if grad_x.shape != x.shape or grad_x.dtype != x.dtype:
         raise RuntimeError(f"grad_x must be {tuple(x.shape)} of dtype {x.dtype}, got {tuple(grad_x.shape)} "
                            f"{grad_x.dtype}")
-    gx, grad_a, grad_b, grad_rs = _grouped_lora_backward_acc(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale)
+    gx, grad_a, grad_b, grad_rs = _grouped_lora_backward_acc(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale, h)
     grad_x.copy_((grad_x.to(gx.dtype) + gx).to(grad_x.dtype))
     rs_dtype = row_scale.dtype if row_scale is not None else x.dtype
     return grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), grad_rs.to(rs_dtype)
@@ -124,7 +138,13 @@ def lora_linear(x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale=Non
     return out
 
 
-def _grouped_lora_backward_acc(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale=None):
+def lora_linear_h(x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale=None, lora_x=None):
+    """(lora_linear(...), h): h the LoRA's unscaled shrink of (lora_x or x) in weight's dtype, as grouped_lora_h."""
+    y = lora_linear(x, weight, bias, lora_a, lora_b, offsets, scaling, row_scale, lora_x)
+    return y, _shrink((x if lora_x is None else lora_x).to(weight.dtype), lora_a, offsets)
+
+
+def _grouped_lora_backward_acc(grad_y, x, lora_a, lora_b, offsets, scaling, row_scale=None, h=None):
     acc = acc_dtype(x.dtype)
     bounds = [int(v) for v in offsets.tolist()]
     gy, xa = grad_y.to(acc), x.to(acc)
@@ -135,13 +155,13 @@ def _grouped_lora_backward_acc(grad_y, x, lora_a, lora_b, offsets, scaling, row_
         s, e = bounds[k], bounds[k + 1]
         if s == e:
             continue
-        h = xa[s:e] @ a[k].T
+        h_k = xa[s:e] @ a[k].T if h is None else h[s:e].to(acc)
         gb = gy[s:e] @ b[k]
         mult = scaling * (row_scale[s:e].to(acc)[:, None] if row_scale is not None else 1.0)
         if row_scale is not None:
-            grad_rs[s:e] = scaling * (gb * h).sum(1)
+            grad_rs[s:e] = scaling * (gb * h_k).sum(1)
         dh = gb * mult
-        grad_b[k] = gy[s:e].T @ (h * mult)
+        grad_b[k] = gy[s:e].T @ (h_k * mult)
         grad_a[k] = dh.T @ xa[s:e]
         grad_x[s:e] = dh @ a[k]
     return grad_x, grad_a, grad_b, grad_rs
