@@ -151,3 +151,36 @@ def test_smoke_run_on_the_tiny_model_and_reuse(tmp_path):
     done = {p: p.read_text() for p in (out / "runs").glob("s*/*/done.json")}
     v2.run_experiment(cfg, over)  # every run reused
     assert {p: p.read_text() for p in (out / "runs").glob("s*/*/done.json")} == done
+
+
+def test_gpu_recipe_is_faithful_and_parses_with_the_real_loaders(tmp_path):
+    """conflict_gpu.json (issue 15 point 3): CLIP + Vicuna with a stage-1 projector (source
+    separate), >= 1000 test records per domain, 3 seeds, fp32 adapters over a bf16 base, a router
+    lr of its own, the tower frozen in stage 2 (and in stage 1: a pretrained CLIP)."""
+    from training.trainer import precision
+
+    path = ROOT / "training" / "experiments" / "conflict_gpu.json"
+    cfg = v2.V2Config.load(str(path))
+    m = cfg.model
+    assert m["source"] == "separate" and "clip" in m["vision_path"].lower() and "vicuna" in m["lm_path"].lower()
+    assert cfg.stage1_steps > 0  # the projector is trained in stage 1, not taken from a LLaVA checkpoint
+    assert cfg.test_per_domain >= 1000 and len(cfg.seeds) == 3 and cfg.neutral_share == pytest.approx(0.3)
+    assert m["adapter_dtype"] == "float32" and m["dtype"] == "bfloat16" and m["train_vision"] is False
+    assert cfg.router_lr is not None and cfg.router_lr != cfg.lr
+    data = tmp_path / "data"
+    s1 = v2._run_config(cfg, 1, tmp_path / "s1", [{"path": str(data / "captions.json"), "domain": "captions"}],
+                        cfg.data_seed, None, {}, steps=cfg.stage1_steps)
+    arm = v2.arms(cfg)[-1]
+    s2 = v2._run_config(cfg, 2, tmp_path / "s2", [{"path": str(data / f"{d}_train.json"), "domain": d}
+                                                  for d in arm.domains], 1, str(tmp_path / "s1" / "adapter"),
+                        {"num_experts": arm.experts, "rank": cfg.rank, "alpha": cfg.alpha})
+    from training.config import RunConfig
+
+    for rc in (s1, s2):
+        assert RunConfig.from_dict(rc.to_dict()).to_dict() == rc.to_dict()  # the real loader takes it
+        assert rc.model.train_vision is False and rc.model.adapter_dtype == "float32"
+        p = precision(rc, on_gpu=True)  # raises for a bf16 base with fp32 adapters and no autocast
+        assert p["bf16"] and not p["fp16"]
+    assert s2.model.num_experts == cfg.experts and s2.train.router_lr == cfg.router_lr
+    assert s2.train.num_epochs == cfg.epochs and s2.data.sampling == "once" and s2.train.seed == 1
+    assert s1.train.stage == 1 and s1.train.max_steps == cfg.stage1_steps

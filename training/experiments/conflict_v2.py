@@ -125,6 +125,7 @@ class V2Config:
         d = dict(base or {})
         if path:
             d.update(json.loads(Path(path).read_text()))
+        d = {k: v for k, v in d.items() if not k.startswith("_")}  # "_comment" keys document a config file
         d = apply_overrides(d, overrides, example="epochs=2")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
@@ -210,7 +211,9 @@ def _run_config(cfg: V2Config, stage: int, out: Path, datasets: list[dict], seed
     if steps is not None:  # stage 1
         train.update(max_steps=steps, lr=cfg.stage1_lr, projector_lr=cfg.stage1_lr)
         data = {"builtin": None, "datasets": datasets, "max_length": cfg.max_length}
-        model = {**cfg.model, "train_vision": True}  # stage 1 trains the random tower with the projector
+        # stage 1 trains a random tower (sources tiny, smollm2) with the projector; a pretrained CLIP
+        # tower stays frozen, as in LLaVA's stage 1
+        model = {**cfg.model, "train_vision": cfg.model.get("source", "smollm2") in ("tiny", "smollm2")}
     else:
         train.update(num_epochs=cfg.epochs, lr=cfg.lr, projector_lr=cfg.projector_lr, router_lr=cfg.router_lr)
         data = {"builtin": None, "datasets": datasets, "max_length": cfg.max_length, "sampling": "once"}
