@@ -593,7 +593,7 @@ def figures(cfg: V2Config, an: dict, out: Path) -> list[str]:
         ax.set_xticks(np.arange(len(rows)), list(rows))
         ax.set_ylabel({"e1": "closed-set accuracy", "e2": "convention accuracy", "nll": "answer NLL"}[endpoint])
         ax.set_title(ENDPOINT_NAMES[endpoint], fontsize=9)
-        ax.legend(fontsize=7, ncol=len(armlist))
+        ax.legend(fontsize=7, ncol=len(armlist), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
         fig.tight_layout()
         p = out / f"{endpoint}.png"
         fig.savefig(p, dpi=120)
