@@ -153,7 +153,7 @@ def test_preregistered_verdict():
     same = [s.copy() for s in single]
     v = stats.preregistered_verdict(single, same, same, n_boot=500)
     assert not v["conflict"] and not v["recovers"]
-    assert v["mde"] == 0.0 and "no effect larger than 0.000" in v["text"]
+    assert v["mde"] == 0.0 and "no effect larger than 0.000" in v["text"] and "zero-width" in v["text"]
     noisy = [(rng.random(n) < 0.8).astype(float) for _ in range(seeds)]  # same rate, independent draws
     v = stats.preregistered_verdict(single, noisy, noisy, n_boot=500)
     assert not v["conflict"] and 0.05 < v["mde"] < 0.2 and f"{v['mde']:.3f}" in v["text"]
