@@ -166,7 +166,7 @@ def test_upcast_is_a_no_op_on_fp32_and_reset_adapters_follows_the_seed():
 
 
 def test_shipped_gpu_configs_train_fp32_adapters_under_bf16():
-    from training.experiments.conflict import ConflictConfig
+    from training.experiments.conflict_v2 import V2Config
     from training.trainer import precision
 
     cfgs = sorted((ROOT / "training" / "configs").glob("*.json"))
@@ -177,7 +177,7 @@ def test_shipped_gpu_configs_train_fp32_adapters_under_bf16():
         assert cfg.model.adapter_dtype == "float32"
         if cfg.model.dtype == "bfloat16":
             assert p["bf16"] and not p["fp16"], f
-    exp = ConflictConfig.load(str(ROOT / "training" / "experiments" / "conflict_gpu.json"))
+    exp = V2Config.load(str(ROOT / "training" / "experiments" / "conflict_gpu.json"))
     assert exp.model["dtype"] == "bfloat16" and exp.train.get("bf16") is True
     s1 = load_config(ROOT / "training" / "configs" / "stage1_llava15_pretrain_558k.json")
     assert s1.data.template == "plain" and s1.train.projector_lr is None and s1.train.lr == 1e-3

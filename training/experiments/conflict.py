@@ -21,7 +21,8 @@ score differences (both runs answer the same test records).
 
 The built-in default is CPU-sized (39 minutes measured on a quiet 2-core machine):
 SmolLM2-135M-Instruct with a 64 px random CLIP tower trained in a shared stage 1.
-``training/experiments/conflict_gpu.json`` is the GPU-sized configuration (a local LLaVA-1.5-7B, 336 px, full-size data).
+Its successor, ``conflict_v2.py`` (issue 15), has the GPU-sized configuration
+(``training/experiments/conflict_gpu.json``: CLIP + Vicuna-7B with a stage-1 projector).
 """
 from __future__ import annotations
 

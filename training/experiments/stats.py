@@ -270,7 +270,9 @@ def preregistered_verdict(single: Sequence[Sequence[float]], mix: Sequence[Seque
     else:
         text = (f"No conflict established (single - mixture {conflict.fmt()}; the criterion needs every "
                 f"seed's interval above 0): no effect larger than {mde:.3f} (the smallest effect detectable "
-                f"at {power:.0%} power).")
+                f"at {power:.0%} power)" + (
+                    "; X is 0 because the two arms agree on every record of every seed (a zero-width "
+                    "interval), not because the test is sensitive" if conflict.se == 0 else "") + ".")
     return {"conflict": conflict_found, "recovers": recovers, "mde": mde, "text": text,
             "single_minus_mix": conflict.as_dict(), "per_seed_single_minus_mix": [iv.as_dict() for iv in per_seed],
             "mole_minus_mix": gain.as_dict(), "mole_minus_single": vs_single.as_dict()}

@@ -1,0 +1,712 @@
+"""``python -m training.experiments.conflict_v2 [--config FILE] [--out DIR] [--quick] [key=value ...]``
+
+conflict-cpu-v2 (issue 15, point 2): the data-conflict experiment on the offline domains
+(general, charts, medical), redesigned to be able to answer the question. Per seed it trains
+
+  single_<d>  one plain LoRA per domain, on that domain's training records, ``epochs`` epochs;
+  mix         one plain LoRA on the union of those records, the same ``epochs`` epochs
+              (own-data matched: the mixture sees every record a single-domain run sees, as
+              often; its step count is the sum of the single-domain runs');
+  mole        MoLE with ``experts`` experts on the same union, same epochs,
+
+after one shared stage 1 (projector and the random vision tower on the captions; the tower is
+frozen in stage 2: ``model.train_vision=false``). A seed (``train.seed``) draws the adapter and
+router initialisation and the data order; the data and stage 1 are the same in every seed, so arms
+are paired within a seed on the same test records.
+
+The designed conflict only the image resolves: on about ``neutral_share`` of the general and charts
+records (train and test) the question is replaced by one object-neutral counting question
+("How many things are in this picture?") about the record's image (shapes in a scene, bars /
+slices / points of a chart, items of a receipt); general answers in words, charts in digits
+(``training/data/conflict.py``). The old template knob is off (every other count is digits).
+
+Scoring is teacher-forced, no generation (a 135M model at 64 px does not generate readable
+answers): per test record the answer NLL (mean over answer tokens) and the closed-set first-token
+answer: the argmax of the next-token distribution over the first tokens of every training answer
+of the record's question type (pooled over domains, so the neutral count's candidates hold both
+"3" and "three"); correct when it is the gold answer's first token. On the neutral-count records
+the convention score asks only whether that argmax is in the domain's convention (a word or a
+digit). A prior-only row answers every record with its (domain, question type)'s most common
+training first token. Statistics (``stats.py``): 95 % intervals from a seeds x records bootstrap with
+records clustered by image; the learnability gate; the preregistered verdict (``PREREGISTRATION``,
+written to ``preregistration.md`` and committed before the full run).
+
+Output in ``--out``: ``results.md``, ``results.json``, ``figures/``, ``preregistration.md``,
+``data/``, ``stage1/`` and ``runs/s<seed>/<arm>/`` (each with ``done.json``; a run whose
+fingerprint matches is reused, so a crashed experiment continues where it stopped).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+PREREGISTRATION = """\
+# conflict-cpu-v2: endpoints and criteria, fixed before the full run
+
+Arms per seed: `single` (one LoRA per domain, own records), `mix` (one LoRA on the union of
+the same records, same epochs), `mole` (MoLE, K experts, same data as `mix`); `prior` (no training:
+each (domain, question type)'s most common training answer). Seeds change adapter and router
+initialisation and data order; data and stage 1 are shared.
+
+**Primary endpoint E1, per domain:** closed-set first-token accuracy over all of the domain's
+test records (the argmax over the first tokens of the training answers of the record's question
+type, pooled over domains; 1 when it is the gold answer's first token).
+
+**Endpoint E2, the designed conflict (general and charts):** convention accuracy on the
+neutral-count records: 1 when that argmax lies in the domain's convention (general: a number word,
+charts: a digit), over the pooled candidates of both conventions.
+
+**Secondary (reported, not in the verdict):** answer NLL per record (mean over answer tokens);
+routing mutual information between domain and expert.
+
+**Learnability gate (decides which endpoints enter the verdict):** E1 of a domain enters when the
+single-domain run beats the prior-only answer on it: lower end of the 95 % seeds x records
+bootstrap interval of (single - prior) above 0.05. E2 of a domain enters when the single-domain
+run's convention accuracy is above a domain-blind coin flip: lower end of the interval of
+(single - 0.5) above 0.05. The gate is also reported per question type (not used for the verdict).
+
+**Intervals:** 95 % percentile intervals of a two-stage bootstrap, seeds then records (records
+that share an image are resampled together), 2000 replicates (`stats.bootstrap_seeds_records`).
+
+**Criteria (`stats.preregistered_verdict`), for each endpoint that passed its gate:**
+- *conflict*: single - mix > 0 with the records-bootstrap interval excluding 0 in **every** seed;
+- *MoLE recovers*: conflict, and mole - mix with its seeds x records interval above 0, and
+  mole - single with its interval above -(single - mix) / 2 (non-inferior within half the conflict);
+- otherwise the table says "no effect larger than X", X the minimum detectable effect at 80 %
+  power of the pooled single - mix estimate (1.96 + 0.84 standard errors).
+No correction for the several endpoints (at most five); each verdict is stated per endpoint.
+"""
+
+
+@dataclass
+class V2Config:
+    out: str = "runs/conflict-v2"
+    data_seed: int = 0  # data and stage 1
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # stage-2 seeds (adapter/router init, order)
+    domains: list[str] = field(default_factory=lambda: ["general", "charts", "medical"])
+    per_domain: int = 128  # training records per domain (sized from a measured step: see the README)
+    test_per_domain: int = 120
+    image_px: int = 336
+    neutral_share: float = 0.3
+    # SmolLM2-135M's first 10 of 30 decoder layers (6x cheaper a step on the shared 2-core machine)
+    model: dict = field(default_factory=lambda: {"source": "smollm2", "lm_layers": 10, "image_size": 64,
+                                                 "train_vision": False, "adapter_dtype": "float32"})
+    rank: int = 8
+    alpha: float = 16.0
+    experts: int = 3
+    stage1_steps: int = 48
+    stage1_lr: float = 1e-3
+    epochs: float = 1.0
+    batch: int = 8
+    lr: float = 2e-3
+    router_lr: float = 1e-2
+    projector_lr: float = 2e-4
+    max_length: int = 128
+    train: dict = field(default_factory=dict)
+    eval_batch: int = 16
+    gate_margin: float = 0.05
+    n_boot: int = 2000
+
+    @classmethod
+    def load(cls, path: str | None, overrides=(), base: dict | None = None) -> "V2Config":
+        from training.config import apply_overrides
+
+        d = dict(base or {})
+        if path:
+            d.update(json.loads(Path(path).read_text()))
+        d = {k: v for k, v in d.items() if not k.startswith("_")}  # "_comment" keys document a config file
+        d = apply_overrides(d, overrides, example="epochs=2")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown conflict-v2 keys {unknown}; known: {sorted(names)}")
+        cfg = cls(**d)
+        if not cfg.domains or len(set(cfg.domains)) != len(cfg.domains):
+            raise ValueError(f"domains must be distinct and non-empty, got {cfg.domains}")
+        if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+            raise ValueError(f"seeds must be distinct and non-empty, got {cfg.seeds}")
+        if not 0.0 <= cfg.neutral_share <= 1.0:
+            raise ValueError(f"neutral_share must be in [0, 1], got {cfg.neutral_share}")
+        if cfg.epochs <= 0 or cfg.batch < 1 or cfg.test_per_domain < 2:
+            raise ValueError(f"epochs must be > 0, batch >= 1 and test_per_domain >= 2, got {cfg.epochs}, "
+                             f"{cfg.batch}, {cfg.test_per_domain}")
+        return cfg
+
+
+QUICK = {"out": "runs/conflict-v2-quick", "seeds": [0, 1], "per_domain": 16, "test_per_domain": 8, "image_px": 64,
+         "model": {"source": "tiny", "image_size": 32, "train_vision": False, "adapter_dtype": "float32"},
+         "rank": 2, "alpha": 4.0, "stage1_steps": 2, "epochs": 1.0, "batch": 8, "max_length": 96, "n_boot": 200}
+
+
+@dataclass
+class Arm:
+    name: str  # single_<d>, mix, mole
+    label: str
+    domains: list[str]
+    experts: int
+
+
+def arms(cfg: V2Config) -> list[Arm]:
+    out = [Arm(f"single_{d}", f"LoRA r={cfg.rank}, {d} only", [d], 1) for d in cfg.domains]
+    out.append(Arm("mix", f"LoRA r={cfg.rank}, mixture", list(cfg.domains), 1))
+    out.append(Arm("mole", f"MoLE K={cfg.experts} r={cfg.rank}, mixture", list(cfg.domains), cfg.experts))
+    return out
+
+
+def _fp(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+def build_data(cfg: V2Config) -> Path:
+    """The offline domains at knob 0, with the neutral count on ``neutral_share`` of general and
+    charts (reused when its manifest matches)."""
+    from training.data.build import build
+    from training.data.conflict import NEUTRAL_TASK, add_neutral_count
+
+    out = Path(cfg.out) / "data"
+    want = {"seed": cfg.data_seed, "per_domain": cfg.per_domain, "test_per_domain": cfg.test_per_domain,
+            "size": cfg.image_px, "domains": cfg.domains, "neutral_share": cfg.neutral_share, "version": 1}
+    mf = out / "manifest_v2.json"
+    if mf.exists() and json.loads(mf.read_text()).get("want") == want:
+        return out
+    build(out, seed=cfg.data_seed, per_domain=cfg.per_domain, test_per_domain=cfg.test_per_domain, conflict=0.0,
+          size=cfg.image_px, domains=tuple(cfg.domains))
+    counts = {}
+    for d in cfg.domains:
+        for split in ("train", "test"):
+            p = out / f"{d}_{split}.json"
+            recs = add_neutral_count(json.loads(p.read_text()), d, cfg.neutral_share, cfg.data_seed, split)
+            p.write_text(json.dumps(recs, indent=1))
+            counts[f"{d}_{split}"] = {"records": len(recs), "neutral": sum(r["task"] == NEUTRAL_TASK for r in recs)}
+    mf.write_text(json.dumps({"want": want, "counts": counts}, indent=1))
+    return out
+
+
+def load_records(data: Path, domain: str, split: str) -> list[dict]:
+    return json.loads((data / f"{domain}_{split}.json").read_text())
+
+
+# ---- runs --------------------------------------------------------------------------------------
+
+def _run_config(cfg: V2Config, stage: int, out: Path, datasets: list[dict], seed: int, init_adapter, model_extra,
+                steps: int | None = None):
+    from training.config import RunConfig
+
+    train = {"stage": stage, "output_dir": str(out), "per_device_batch_size": cfg.batch, "seed": seed,
+             "logging_steps": 5, "warmup_ratio": 0.1, "save_total_limit": 1, "init_adapter": init_adapter,
+             "report_to": "none", **cfg.train}
+    if steps is not None:  # stage 1
+        train.update(max_steps=steps, lr=cfg.stage1_lr, projector_lr=cfg.stage1_lr)
+        data = {"builtin": None, "datasets": datasets, "max_length": cfg.max_length}
+        # stage 1 trains a random tower (sources tiny, smollm2) with the projector; a pretrained CLIP
+        # tower stays frozen, as in LLaVA's stage 1
+        model = {**cfg.model, "train_vision": cfg.model.get("source", "smollm2") in ("tiny", "smollm2")}
+    else:
+        train.update(num_epochs=cfg.epochs, lr=cfg.lr, projector_lr=cfg.projector_lr, router_lr=cfg.router_lr)
+        data = {"builtin": None, "datasets": datasets, "max_length": cfg.max_length, "sampling": "once"}
+        model = {**cfg.model, **model_extra}
+    return RunConfig.from_dict({"model": model, "data": data, "train": train})
+
+
+def _done(run_dir: Path, fp: str) -> dict | None:
+    p = run_dir / "done.json"
+    if p.exists():
+        d = json.loads(p.read_text())
+        if d.get("fingerprint") == fp:
+            return d
+    return None
+
+
+def _data_fp(data: Path) -> str:
+    return _fp(json.loads((data / "manifest_v2.json").read_text()))
+
+
+def stage1(cfg: V2Config, data: Path) -> str | None:
+    if cfg.stage1_steps <= 0:
+        return None
+    from training.run import run_training
+
+    out = Path(cfg.out) / "stage1"
+    rc = _run_config(cfg, 1, out, [{"path": str(data / "captions.json"), "domain": "captions"}], cfg.data_seed,
+                     None, {}, steps=cfg.stage1_steps)
+    fp = _fp({"run": rc.to_dict(), "data": _data_fp(data)})
+    if _done(out, fp) is None:
+        t, c = time.time(), time.process_time()
+        print(f"[v2] stage 1: projector + vision tower on the captions, {cfg.stage1_steps} steps", flush=True)
+        s = run_training(rc)
+        (out / "done.json").write_text(json.dumps({"fingerprint": fp, "train_loss": s["train_loss"],
+                                                   "seconds": round(time.time() - t, 1),
+                                                   "cpu_seconds": round(time.process_time() - c, 1)}, indent=1))
+    return str(out / "adapter")
+
+
+def run_one(cfg: V2Config, arm: Arm, seed: int, data: Path, adapter: str | None, ctx: dict) -> dict:
+    """Train one stage-2 run and score it on its test domains (single: its own; mixtures: all)."""
+    from training.model import build_model, reset_adapters
+    from training.run import run_training
+
+    out = Path(cfg.out) / "runs" / f"s{seed}" / arm.name
+    datasets = [{"path": str(data / f"{d}_train.json"), "domain": d} for d in arm.domains]
+    rc = _run_config(cfg, 2, out, datasets, seed, adapter,
+                     {"num_experts": arm.experts, "rank": cfg.rank, "alpha": cfg.alpha})
+    s1 = Path(adapter).parent / "done.json" if adapter else None
+    fp = _fp({"run": rc.to_dict(), "arm": dataclasses.asdict(arm), "data": _data_fp(data),
+              "stage1": json.loads(s1.read_text())["fingerprint"] if s1 and s1.exists() else None,
+              "score": [cfg.eval_batch, 1]})
+    done = _done(out, fp)
+    if done is not None:
+        print(f"[v2] s{seed}/{arm.name}: reused", flush=True)
+        return done
+    t0, c0 = time.time(), time.process_time()
+    built = build_model(rc.model, stage=2)
+    reset_adapters(built.model, seed)  # the seed draws the adapter and router initialisation
+    s = run_training(rc, built=built)
+    steps = s["trainer"].state.global_step
+    s.pop("trainer")
+    t1, c1 = time.time(), time.process_time()
+    test_doms = arm.domains if len(arm.domains) == 1 else cfg.domains
+    scores, routing = score_run(built, rc, data, test_doms, ctx, batch=cfg.eval_batch)
+    done = {"fingerprint": fp, "arm": arm.name, "seed": seed, "steps": steps, "train_loss": s["train_loss"],
+            "records": scores, "routing": routing,
+            "seconds": {"train": round(t1 - t0, 1), "score": round(time.time() - t1, 1)},
+            "cpu_seconds": {"train": round(c1 - c0, 1), "score": round(time.process_time() - c1, 1)}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "done.json").write_text(json.dumps(done))
+    for ck in out.glob("checkpoint-*"):  # the adapter is kept; optimizer checkpoints are not needed
+        shutil.rmtree(ck, ignore_errors=True)
+    acc = {d: np.mean([r["first_ok"] for r in scores.values() if r["domain"] == d]) for d in test_doms}
+    print(f"[v2] s{seed}/{arm.name}: {steps} steps, closed-set " + " ".join(f"{d}={v:.3f}" for d, v in acc.items())
+          + f" (train {done['seconds']['train']:.0f}s, score {done['seconds']['score']:.0f}s)", flush=True)
+    return done
+
+
+# ---- scoring -----------------------------------------------------------------------------------
+
+def first_token(tok, answer: str) -> int:
+    """The first token of an answer as the data pipeline encodes it (``" " + answer``)."""
+    ids = tok(" " + answer.strip(), add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f"answer {answer!r} encodes to no tokens")
+    return ids[0]
+
+
+def answer_of(rec: dict) -> str:
+    return next(t["value"] for t in rec["conversations"] if t["from"] == "gpt")
+
+
+def scoring_context(tok, data: Path, domains: list[str]) -> dict:
+    """Candidates (first tokens of every training answer per question type, pooled over domains),
+    the prior's answer per (domain, type), and the word / digit token classes of the neutral count."""
+    from training.data.common import NUMBER_WORDS
+
+    cands: dict[str, set] = collections.defaultdict(set)
+    freq: dict[tuple, collections.Counter] = collections.defaultdict(collections.Counter)
+    for d in domains:
+        for r in load_records(data, d, "train"):
+            t = first_token(tok, answer_of(r))
+            cands[r["task"]].add(t)
+            freq[(d, r["task"])][t] += 1
+    prior = {f"{d}|{task}": c.most_common(1)[0][0] for (d, task), c in freq.items()}
+    words = {first_token(tok, w) for w in NUMBER_WORDS}
+    digits = {first_token(tok, str(i)) for i in range(len(NUMBER_WORDS))}
+    if words & digits:
+        raise ValueError("number words and digits share a first token: the convention score cannot see them")
+    return {"candidates": {k: sorted(v) for k, v in cands.items()}, "prior": prior,
+            "convention_tokens": {"words": sorted(words), "digits": sorted(digits)}}
+
+
+def convention_of(token: int, ctx: dict) -> str | None:
+    for conv, toks in ctx["convention_tokens"].items():
+        if token in toks:
+            return conv
+    return None
+
+
+def score_run(built, rc, data: Path, domains: list[str], ctx: dict, batch: int = 24) -> tuple[dict, dict | None]:
+    """Teacher-forced scoring of every test record of ``domains``: answer NLL, closed-set first
+    token, convention (neutral count); for MoLE the domain x expert counts per layer at image,
+    text and answer-predicting tokens and their mutual information."""
+    import torch
+    import torch.nn.functional as F
+
+    from training.config import DatasetSpec
+    from training.data import Collator, LlavaData
+    from training.model import mole_modules
+
+    from .stats import mutual_information
+
+    model = built.model.eval()
+    with torch.no_grad():
+        return _score(model, built, rc, data, domains, ctx, batch, Collator, LlavaData, DatasetSpec, mole_modules,
+                      mutual_information, F)
+
+
+def _score(model, built, rc, data, domains, ctx, batch, Collator, LlavaData, DatasetSpec, mole_modules,
+           mutual_information, F):
+    import torch
+
+    specs = [DatasetSpec(path=str(data / f"{d}_test.json"), domain=d) for d in domains]
+    ds = LlavaData(rc.data, built.tokenizer, built.image_processor, built.num_image_tokens, specs)
+    recs = {d: load_records(data, d, "test") for d in domains}
+    flat = [(d, r) for d in domains for r in recs[d]]
+    if len(flat) != len(ds):
+        raise RuntimeError(f"scoring: {len(ds)} encoded records for {len(flat)} test records")
+    moles = mole_modules(model)
+    K = moles[0][1].num_experts if moles else 1
+    joint = {kind: np.zeros((len(moles), len(domains), K)) for kind in ("image", "text", "answer")}
+    coll = Collator(built.tokenizer.pad_token_id)
+    img_id = model.config.image_token_id
+    out = {}
+    for s in range(0, len(ds), batch):
+        b = coll([ds[i] for i in range(s, min(s + batch, len(ds)))])
+        labels, dom = b.pop("labels"), b.pop("domain")
+        if "pixel_values" in b:
+            b["pixel_values"] = b["pixel_values"].to(model.dtype)
+        b = {k: v.to(model.device) for k, v in b.items()}
+        logits = model(**b, use_cache=False).logits.float().cpu()
+        ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+        valid = labels[:, 1:] != -100
+        ans_pos = []
+        for j in range(labels.shape[0]):
+            d, r = flat[s + j]
+            pos = int((labels[j] != -100).nonzero()[0])  # the first answer token
+            ans_pos.append(pos - 1)
+            gold = int(labels[j, pos])
+            if gold != first_token(built.tokenizer, answer_of(r)):
+                raise RuntimeError(f"record {r['id']}: the encoded answer's first token differs from the scorer's")
+            cand = ctx["candidates"].get(r["task"], [])
+            lp = torch.log_softmax(logits[j, pos - 1], -1)
+            pred = max(cand, key=lambda t: float(lp[t])) if cand else -1
+            row = {"domain": d, "task": r["task"], "image": r.get("image"),
+                   "nll": float((ce[j] * valid[j]).sum() / valid[j].sum()),
+                   "first_ok": float(pred == gold), "pred": pred,
+                   "prior_ok": float(ctx["prior"].get(f"{d}|{r['task']}") == gold)}
+            neutral = (r.get("meta") or {}).get("neutral")
+            if neutral:
+                pc = convention_of(int(ctx["prior"].get(f"{d}|{r['task']}", -1)), ctx)
+                row.update(convention=neutral["convention"], conv_ok=float(convention_of(pred, ctx) == neutral["convention"]),
+                           prior_conv_ok=float(pc == neutral["convention"]))
+            out[r["id"]] = row
+        if moles:
+            ids = b["input_ids"].cpu()
+            mask = b["attention_mask"].cpu().bool()
+            is_img = ids == img_id
+            kinds = {"image": mask & is_img, "text": mask & ~is_img, "answer": torch.zeros_like(mask)}
+            for j, p in enumerate(ans_pos):
+                kinds["answer"][j, p] = True
+            tok_dom = dom[:, None].expand_as(ids)
+            for li, (_, m) in enumerate(moles):
+                e = m.last_routing.expert.reshape(ids.shape).cpu()
+                for kind, sel in kinds.items():
+                    np.add.at(joint[kind][li], (tok_dom[sel].numpy(), e[sel].numpy()), 1.0)
+    routing = None
+    if moles and K > 1:
+        routing = {"joint": {k: v.tolist() for k, v in joint.items()},
+                   "mi_bits": {k: float(np.mean([mutual_information(v[li]) if v[li].sum() else 0.0
+                                                 for li in range(len(moles))])) for k, v in joint.items()}}
+    return out, routing
+
+
+# ---- analysis ----------------------------------------------------------------------------------
+
+def _clusters(ids: list[str], rows: dict) -> list[int]:
+    images = {}
+    return [images.setdefault(rows[i]["image"] or i, len(images)) for i in ids]
+
+
+def endpoint_vectors(results: dict, cfg: V2Config, domain: str, endpoint: str) -> dict:
+    """Per-seed, per-record vectors of one endpoint on one domain, aligned on the same record ids.
+
+    ``endpoint``: ``e1`` (closed-set first-token accuracy, all records), ``e2`` (convention accuracy,
+    neutral-count records) or ``nll``. Returns {arm: [[per-record] per seed]}, ``ids`` and
+    ``clusters`` (image ids, the same in every seed)."""
+    key = {"e1": ("first_ok", "prior_ok"), "e2": ("conv_ok", "prior_conv_ok"), "nll": ("nll", None)}[endpoint]
+    seeds = [s for s in cfg.seeds if all(f"s{s}/{a}" in results for a in (f"single_{domain}", "mix", "mole"))]
+    if not seeds:
+        return {}
+    ref = results[f"s{seeds[0]}/single_{domain}"]["records"]
+    ids = sorted(i for i, r in ref.items() if r["domain"] == domain and (endpoint != "e2" or "conv_ok" in r))
+    if not ids:
+        return {}
+    vec = {"single": [], "mix": [], "mole": [], "prior": []}
+    for s in seeds:
+        for arm, run in (("single", f"single_{domain}"), ("mix", "mix"), ("mole", "mole")):
+            rec = results[f"s{s}/{run}"]["records"]
+            vec[arm].append([rec[i][key[0]] for i in ids])
+        if key[1]:
+            vec["prior"].append([ref[i][key[1]] for i in ids])
+    if not key[1]:
+        vec.pop("prior")
+    return {"seeds": seeds, "ids": ids, "clusters": _clusters(ids, ref), "arms": vec}
+
+
+def analyse(cfg: V2Config, results: dict) -> dict:
+    """Arm means with intervals, the learnability gate, the preregistered verdicts, routing."""
+    from .stats import bootstrap_seeds_records, learnability_gate, preregistered_verdict
+
+    nb = cfg.n_boot
+    out = {"endpoints": {}, "gate_by_type": {}, "routing": {}}
+    for endpoint in ("e1", "e2", "nll"):
+        for d in cfg.domains:
+            v = endpoint_vectors(results, cfg, d, endpoint)
+            if not v:
+                continue
+            cl = [v["clusters"]] * len(v["seeds"])
+            arms_iv = {a: bootstrap_seeds_records(x, n_boot=nb, clusters=cl).as_dict() for a, x in v["arms"].items()}
+            arms_iv = {a: {**iv, "per_seed": [float(np.mean(s)) for s in v["arms"][a]]} for a, iv in arms_iv.items()}
+            e = {"n_records": len(v["ids"]), "seeds": v["seeds"], "arms": arms_iv}
+            if endpoint != "nll":
+                prior = v["arms"]["prior"] if endpoint == "e1" else [[0.5] * len(v["ids"])] * len(v["seeds"])
+                e["gate"] = learnability_gate(v["arms"]["single"], prior, margin=cfg.gate_margin, n_boot=nb,
+                                              clusters=cl)
+                e["gate"]["against"] = "prior-only answer" if endpoint == "e1" else "a coin flip (0.5)"
+                e["verdict"] = preregistered_verdict(v["arms"]["single"], v["arms"]["mix"], v["arms"]["mole"],
+                                                     n_boot=nb, clusters=cl)
+                e["in_verdict"] = e["gate"]["passed"]
+            out["endpoints"][f"{endpoint}:{d}"] = e
+        if endpoint == "e1":
+            for d in cfg.domains:
+                v = endpoint_vectors(results, cfg, d, "e1")
+                if not v:
+                    continue
+                ref = results[f"s{v['seeds'][0]}/single_{d}"]["records"]
+                for task in sorted({ref[i]["task"] for i in v["ids"]}):
+                    idx = [k for k, i in enumerate(v["ids"]) if ref[i]["task"] == task]
+                    if len(idx) < 2:
+                        continue
+                    pick = lambda arm: [[s[k] for k in idx] for s in v["arms"][arm]]
+                    cl = [[v["clusters"][k] for k in idx]] * len(v["seeds"])
+                    g = learnability_gate(pick("single"), pick("prior"), margin=cfg.gate_margin, n_boot=nb, clusters=cl)
+                    g.update(n=len(idx), single=float(np.mean(pick("single"))), prior=float(np.mean(pick("prior"))),
+                             mix=float(np.mean(pick("mix"))), mole=float(np.mean(pick("mole"))))
+                    out["gate_by_type"][f"{d}:{task}"] = g
+    for name, r in results.items():
+        if r.get("routing"):
+            out["routing"][name] = r["routing"]["mi_bits"]
+    return out
+
+
+def _fmt_iv(iv: dict, d: int = 3) -> str:
+    return f"{iv['mean']:.{d}f} [{iv['lo']:.{d}f}, {iv['hi']:.{d}f}]"
+
+
+def _fmt_div(iv: dict, d: int = 3) -> str:
+    return f"{iv['mean']:+.{d}f} [{iv['lo']:+.{d}f}, {iv['hi']:+.{d}f}]"
+
+
+ENDPOINT_NAMES = {"e1": "E1 closed-set first-token accuracy (all records)",
+                  "e2": "E2 convention accuracy (neutral-count records)",
+                  "nll": "answer NLL per record (lower is better; secondary)"}
+
+
+def report(cfg: V2Config, an: dict) -> str:
+    L = []
+    for endpoint in ("e1", "e2", "nll"):
+        rows = {k.split(":")[1]: v for k, v in an["endpoints"].items() if k.startswith(endpoint + ":")}
+        if not rows:
+            continue
+        L += [f"### {ENDPOINT_NAMES[endpoint]}", "",
+              "Mean over seeds and records, 95 % seeds x records bootstrap interval (records clustered by image).", "",
+              "| arm | " + " | ".join(f"{d} (n={rows[d]['n_records']})" for d in rows) + " |",
+              "|---|" + "---|" * len(rows)]
+        for arm in ("prior", "single", "mix", "mole"):
+            if all(arm in rows[d]["arms"] for d in rows):
+                lab = {"prior": "prior-only (most common training answer per type)", "single": "single-domain LoRA",
+                       "mix": "mixture LoRA", "mole": f"MoLE K={cfg.experts}"}[arm]
+                L.append(f"| {lab} | " + " | ".join(_fmt_iv(rows[d]["arms"][arm]) for d in rows) + " |")
+        if endpoint != "nll":
+            L.append("| *gate: single - " + ("prior" if endpoint == "e1" else "0.5") + " (passes if lower end > "
+                     f"{cfg.gate_margin})* | " + " | ".join(
+                         f"{_fmt_div(rows[d]['gate']['interval'])} {'PASS' if rows[d]['gate']['passed'] else 'fail'}"
+                         for d in rows) + " |")
+            for key, lab in (("single_minus_mix", "single - mix"), ("mole_minus_mix", "MoLE - mix"),
+                             ("mole_minus_single", "MoLE - single")):
+                L.append(f"| *{lab}* | " + " | ".join(_fmt_div(rows[d]["verdict"][key]) for d in rows) + " |")
+            L.append("| *single - mix per seed* | " + " | ".join(
+                ", ".join(f"{iv['mean']:+.3f}{'*' if iv['lo'] > 0 else ''}" for iv in rows[d]["verdict"]["per_seed_single_minus_mix"])
+                for d in rows) + " |")
+            L.append("| *smallest detectable effect (80 % power)* | " + " | ".join(
+                f"{rows[d]['verdict']['mde']:.3f}" for d in rows) + " |")
+        L.append("")
+    L += ["### Learnability gate by question type (E1; reported, not used for the verdict)", "",
+          "| domain:type | n | prior | single | mix | MoLE | single - prior [95%] | gate |", "|---|---|---|---|---|---|---|---|"]
+    for k, g in an["gate_by_type"].items():
+        L.append(f"| {k} | {g['n']} | {g['prior']:.3f} | {g['single']:.3f} | {g['mix']:.3f} | {g['mole']:.3f} | "
+                 f"{_fmt_div(g['interval'])} | {'PASS' if g['passed'] else 'fail'} |")
+    L += ["", "### Verdict per endpoint (preregistered criteria)", ""]
+    for k, e in an["endpoints"].items():
+        if "verdict" not in e:
+            continue
+        ep, d = k.split(":")
+        if not e["in_verdict"]:
+            L.append(f"- **{ep.upper()} {d}**: excluded by the learnability gate (single - "
+                     f"{'prior' if ep == 'e1' else '0.5'} = {_fmt_div(e['gate']['interval'])}). For the record: "
+                     + e["verdict"]["text"])
+        else:
+            L.append(f"- **{ep.upper()} {d}**: " + e["verdict"]["text"])
+    L += ["", "### Routing (MoLE runs): mutual information between domain and expert, bits (log2 3 = 1.585 "
+          "is perfect separation), mean over layers", "", "| run | image tokens | text tokens | answer-predicting token |",
+          "|---|---|---|---|"]
+    for name, mi in sorted(an["routing"].items()):
+        L.append(f"| {name} | {mi['image']:.3f} | {mi['text']:.3f} | {mi['answer']:.3f} |")
+    return "\n".join(L) + "\n"
+
+
+def figures(cfg: V2Config, an: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    colors = {"prior": "0.6", "single": "C0", "mix": "C1", "mole": "C2"}
+    for endpoint in ("e1", "e2", "nll"):
+        rows = {k.split(":")[1]: v for k, v in an["endpoints"].items() if k.startswith(endpoint + ":")}
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(rows), 3.4))
+        armlist = [a for a in ("prior", "single", "mix", "mole") if all(a in rows[d]["arms"] for d in rows)]
+        w = 0.8 / len(armlist)
+        for k, arm in enumerate(armlist):
+            xs = np.arange(len(rows)) + (k - (len(armlist) - 1) / 2) * w
+            ivs = [rows[d]["arms"][arm] for d in rows]
+            m = np.array([iv["mean"] for iv in ivs])
+            err = np.array([[iv["mean"] - iv["lo"] for iv in ivs], [iv["hi"] - iv["mean"] for iv in ivs]])
+            ax.bar(xs, m, w, yerr=err, capsize=3, color=colors[arm], label=arm)
+            for j, d in enumerate(rows):
+                ps = rows[d]["arms"][arm].get("per_seed", [])
+                ax.plot([xs[j]] * len(ps), ps, "k.", ms=3)
+        ax.set_xticks(np.arange(len(rows)), list(rows))
+        ax.set_ylabel({"e1": "closed-set accuracy", "e2": "convention accuracy", "nll": "answer NLL"}[endpoint])
+        ax.set_title(ENDPOINT_NAMES[endpoint], fontsize=9)
+        ax.legend(fontsize=7, ncol=len(armlist), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+        fig.tight_layout()
+        p = out / f"{endpoint}.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        files.append(p.name)
+    # paired differences
+    keys = [k for k, e in an["endpoints"].items() if "verdict" in e]
+    if keys:
+        fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(keys) * 3))
+        y = 0
+        labels = []
+        for k in keys:
+            v = an["endpoints"][k]["verdict"]
+            for key, lab, c in (("single_minus_mix", "single - mix", "C1"), ("mole_minus_mix", "MoLE - mix", "C2"),
+                                ("mole_minus_single", "MoLE - single", "C0")):
+                iv = v[key]
+                ax.errorbar(iv["mean"], y, xerr=[[iv["mean"] - iv["lo"]], [iv["hi"] - iv["mean"]]], fmt="o", color=c, capsize=3)
+                labels.append(f"{k} {lab}")
+                y += 1
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("paired difference, 95 % seeds x records bootstrap")
+        fig.tight_layout()
+        p = out / "differences.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        files.append(p.name)
+    return files
+
+
+# ---- driver ------------------------------------------------------------------------------------
+
+def run_experiment(cfg: V2Config, argv: list[str], report_only: bool = False) -> Path:
+    import platform
+
+    import torch
+
+    from .conflict import _git_commit
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "preregistration.md").write_text(PREREGISTRATION)
+    t0, c0 = time.time(), time.process_time()
+    commit = _git_commit()
+    data = build_data(cfg)
+    t_data = time.time() - t0
+    results = {}
+    if report_only:
+        for p in sorted((out / "runs").glob("s*/*/done.json")):
+            d = json.loads(p.read_text())
+            results[f"s{d['seed']}/{d['arm']}"] = d
+    else:
+        from training.model import load_tokenizer, ModelConfig
+
+        tok = load_tokenizer(ModelConfig(**{k: v for k, v in cfg.model.items() if k in {f.name for f in dataclasses.fields(ModelConfig)}}))
+        ctx = scoring_context(tok, data, cfg.domains)
+        (out / "scoring_context.json").write_text(json.dumps(ctx))
+        adapter = stage1(cfg, data)
+        print(f"[v2] {len(cfg.seeds)} seeds x {len(arms(cfg))} arms into {out}", flush=True)
+        for seed in cfg.seeds:  # a seed's arms together: a run cut short leaves whole seeds
+            for arm in arms(cfg):
+                results[f"s{seed}/{arm.name}"] = run_one(cfg, arm, seed, data, adapter, ctx)
+    an = analyse(cfg, results)
+    md = report(cfg, an)
+    figs = figures(cfg, an, out / "figures")
+    s1 = out / "stage1" / "done.json"
+    s1d = json.loads(s1.read_text()) if s1.exists() else {}
+    compute = sum(r["seconds"]["train"] + r["seconds"]["score"] for r in results.values()) + s1d.get("seconds", 0.0)
+    cpu = sum(r["cpu_seconds"]["train"] + r["cpu_seconds"]["score"] for r in results.values()) + s1d.get("cpu_seconds", 0.0)
+    mf = json.loads((data / "manifest_v2.json").read_text())
+    steps = {n: r["steps"] for n, r in results.items()}
+    command = "python -m training.experiments.conflict_v2 " + " ".join(argv)
+    head = ["# conflict-cpu-v2", "", f"Command: `{command.strip()}`  ", f"Commit: `{commit}`  ",
+            f"Machine: CPU, {torch.get_num_threads()} torch threads ({platform.machine()}); torch {torch.__version__}  ",
+            f"Time: {compute / 60:.1f} min wall and {cpu / 60:.1f} min CPU of stage 1, training and scoring "
+            f"(summed over runs; this invocation {(time.time() - t0) / 60:.1f} min wall, data {t_data:.0f} s)  ",
+            f"Model: {json.dumps(cfg.model)}; rank {cfg.rank}, alpha {cfg.alpha}, K={cfg.experts}; stage 1 "
+            f"{cfg.stage1_steps} steps; stage 2 {cfg.epochs:g} epoch(s) of batch {cfg.batch}, lr {cfg.lr}, router lr "
+            f"{cfg.router_lr}, projector lr {cfg.projector_lr}  ",
+            f"Data: {cfg.per_domain} training and {cfg.test_per_domain} test records per domain; neutral count on "
+            + ", ".join(f"{k} {v['neutral']}/{v['records']}" for k, v in mf["counts"].items() if v["neutral"]) + "  ",
+            f"Seeds: {sorted({r['seed'] for r in results.values()})}; steps per run: "
+            + ", ".join(f"{n} {s}" for n, s in sorted(steps.items()) if n.startswith(f"s{cfg.seeds[0]}/")), "",
+            "Endpoints and criteria: `preregistration.md` (committed before the full run).", "",
+            "Figures: " + ", ".join(f"`figures/{f}`" for f in figs), "", "## Results", ""]
+    (out / "results.md").write_text("\n".join(head) + md)
+    (out / "results.json").write_text(json.dumps({
+        "command": command.strip(), "commit": commit, "config": dataclasses.asdict(cfg),
+        "seconds": round(compute, 1), "cpu_seconds": round(cpu, 1), "steps": steps, "data": mf,
+        "analysis": an, "runs": {n: {k: v for k, v in r.items() if k != "fingerprint"} for n, r in results.items()}},
+        indent=1))
+    print(md)
+    print(f"[v2] done: {compute / 60:.1f} min wall, {cpu / 60:.1f} min CPU (runs summed)", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(prog="python -m training.experiments.conflict_v2", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="JSON file of V2Config keys (default: the CPU-sized experiment)")
+    ap.add_argument("--out", help="output directory")
+    ap.add_argument("--quick", action="store_true", help="a tiny configuration (tiny random model, 2 seeds)")
+    ap.add_argument("--report-only", action="store_true", help="tables and figures from the finished runs in --out")
+    ap.add_argument("overrides", nargs="*", help="key=value, e.g. epochs=2 seeds=[0,1]")
+    a = ap.parse_args(argv)
+    cfg = V2Config.load(a.config, a.overrides, base=QUICK if a.quick else None)
+    if a.out:
+        cfg.out = a.out
+    run_experiment(cfg, argv, report_only=a.report_only)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
