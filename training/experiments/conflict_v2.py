@@ -40,9 +40,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import hashlib
 import json
-import math
 import shutil
 import sys
 import time
@@ -50,6 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+# the run fingerprint and the reuse of a finished run are conflict.py's (same done.json contract)
+from .conflict import _done, _fingerprint as _fp, _git_commit
 
 PREREGISTRATION = """\
 # conflict-cpu-v2: endpoints and criteria, fixed before the full run
@@ -164,10 +165,6 @@ def arms(cfg: V2Config) -> list[Arm]:
     return out
 
 
-def _fp(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 # ---- data --------------------------------------------------------------------------------------
 
 def build_data(cfg: V2Config) -> Path:
@@ -219,15 +216,6 @@ def _run_config(cfg: V2Config, stage: int, out: Path, datasets: list[dict], seed
         data = {"builtin": None, "datasets": datasets, "max_length": cfg.max_length, "sampling": "once"}
         model = {**cfg.model, **model_extra}
     return RunConfig.from_dict({"model": model, "data": data, "train": train})
-
-
-def _done(run_dir: Path, fp: str) -> dict | None:
-    p = run_dir / "done.json"
-    if p.exists():
-        d = json.loads(p.read_text())
-        if d.get("fingerprint") == fp:
-            return d
-    return None
 
 
 def _data_fp(data: Path) -> str:
@@ -632,12 +620,10 @@ def run_experiment(cfg: V2Config, argv: list[str], report_only: bool = False) ->
 
     import torch
 
-    from .conflict import _git_commit
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "preregistration.md").write_text(PREREGISTRATION)
-    t0, c0 = time.time(), time.process_time()
+    t0 = time.time()
     commit = _git_commit()
     data = build_data(cfg)
     t_data = time.time() - t0
