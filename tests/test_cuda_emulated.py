@@ -814,22 +814,30 @@ def test_fewer_sms_change_the_split_not_the_result(emu, dtype):
     pytest.param([40, 33, 1, 0], 32, 40, 1100, 0, id="r32-3-column-chunks"),
     pytest.param([30, 0, 40], 24, 40, 72, 1, id="misaligned"),
     pytest.param([0, 0, 0], 8, 40, 72, 0, id="N0"),
+    # r > 32: rank chunks of 32 (the last one ragged for 40 and 48), adjacent blocks
+    pytest.param([5, 0, 92], 48, 24, 72, 0, id="r48-empty"),
+    pytest.param([0, 61, 0], 40, 24, 300, 0, id="r40-one-expert-2-column-chunks"),
+    pytest.param([1], 64, 24, 40, 0, id="r64-N1"),
+    pytest.param([30, 0, 40], 64, 24, 72, 1, id="r64-misaligned"),
+    pytest.param([20, 0, 13, 30], 128, 24, 72, 0, id="r128-any-rank"),
 ])
 def test_fused_dy_pass(emu, dtype, counts, r, d_in, d_out, misalign):
-    """bf16 / fp16 with r <= 32: G = dY B and dB = dY^T Hs come from one pass over dY
-    (dy_pass_kernel). Its sums run in another order than the two-pass path (row_gemm + wgrad), so
-    both are compared with the CPU kernel within tolerance and with each other; it is bit-identical
-    with and without the saved h, and from rerun to rerun."""
+    """bf16 / fp16: G = dY B and dB = dY^T Hs come from one pass over dY (dy_pass_kernel; r > 32 in
+    rank chunks of 32; r > 64 only with the any-rank switch). Its sums run in another order than
+    the two-pass path (row_gemm + wgrad), so both are compared with the CPU kernel within tolerance
+    and with each other; it is bit-identical with and without the saved h, and from rerun to rerun."""
     x, a, b, off, rs, gy = make(counts, r, d_in, d_out, dtype, seed=11)
     want = reference(x, a, b, off, rs, gy)
     runs = {}
     for fused in (True, False, True):
         emu.ops.set_fused_dy(fused)
+        emu.ops.set_fused_dy_any_rank(r > 64)
         emu.ops.reset_stats()
         try:
             got = run_all(emu.ops, x, a, b, off, rs, gy, misalign=misalign)
         finally:
             emu.ops.set_fused_dy(True)
+            emu.ops.set_fused_dy_any_rank(False)
         launched = emu.stats()["launch"].get("dy_pass_kernel", 0)
         assert launched == (4 if fused and sum(counts) > 0 else 0), (fused, launched)  # 4 backward runs
         compare(got, want, dtype, f"fused={fused}")
@@ -846,11 +854,19 @@ def test_fused_dy_pass(emu, dtype, counts, r, d_in, d_out, misalign):
                 assert (g == 0).all() and not torch.signbit(g).any(), f"{key}[{e}] of an empty expert is not +0"
 
 
-def test_fused_dy_pass_only_up_to_rank_32(emu):
-    x, a, b, off, rs, gy = make([20, 13], 33, 40, 72, torch.bfloat16)
-    emu.ops.reset_stats()
-    compare(run_all(emu.ops, x, a, b, off, rs, gy), reference(x, a, b, off, rs, gy), torch.bfloat16, "r = 33")
-    assert "dy_pass_kernel" not in emu.stats()["launch"]
+def test_fused_dy_pass_by_default_up_to_rank_64(emu):
+    """By default the fused pass runs where its fp32 partials of G cost no more DRAM bytes than a
+    second read of dY (r <= 64 for 16-bit types; bench/traffic.py); the any-rank switch extends it."""
+    for r, any_rank, fused in ((64, False, True), (65, False, False), (65, True, True)):
+        x, a, b, off, rs, gy = make([20, 13], r, 24, 72, torch.bfloat16)
+        emu.ops.set_fused_dy_any_rank(any_rank)
+        emu.ops.reset_stats()
+        try:
+            got = run_all(emu.ops, x, a, b, off, rs, gy)
+        finally:
+            emu.ops.set_fused_dy_any_rank(False)
+        compare(got, reference(x, a, b, off, rs, gy), torch.bfloat16, f"r = {r}, any rank {any_rank}")
+        assert ("dy_pass_kernel" in emu.stats()["launch"]) == fused, (r, any_rank)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -259,6 +259,11 @@ std::atomic<bool>& fused_dy_flag() {
   static std::atomic<bool> on{!env_flag("MOLE_EXT_GROUPED_LORA_NO_FUSED_DY")};
   return on;
 }
+
+std::atomic<bool>& fused_dy_any_rank_flag() {
+  static std::atomic<bool> on{env_flag("MOLE_EXT_GROUPED_LORA_FUSED_DY_ANY_RANK")};
+  return on;
+}
 }  // namespace
 
 void set_grouped_lora_vectorized(bool on) { vectorized_flag().store(on); }
@@ -267,6 +272,8 @@ void set_grouped_lora_pipelined(bool on) { pipelined_flag().store(on); }
 bool grouped_lora_pipelined() { return pipelined_flag().load(); }
 void set_grouped_lora_fused_dy(bool on) { fused_dy_flag().store(on); }
 bool grouped_lora_fused_dy() { return fused_dy_flag().load(); }
+void set_grouped_lora_fused_dy_any_rank(bool on) { fused_dy_any_rank_flag().store(on); }
+bool grouped_lora_fused_dy_any_rank() { return fused_dy_any_rank_flag().load(); }
 }  // namespace tuning
 
 TORCH_LIBRARY_IMPL(mole_ext, CUDA, m) {

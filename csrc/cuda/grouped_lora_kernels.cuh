@@ -210,21 +210,24 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradArgs<S> p) {
   }
 }
 
-// ---- dy_pass: G = dY B_k and dB_k = dY_k^T Hs_k in one pass over dY (16-bit types, r <= 32) ----
+// ---- dy_pass: G = dY B_k and dB_k = dY_k^T Hs_k in one pass over dY (16-bit types) ----
 //
-// One block per (row chunk of a segment, chunk of kDyPassCols columns of dY). It walks the chunk's
+// One block per (row chunk of a segment, chunk of kDyPassCols columns of dY, rank chunk of
+// kDyPassRank columns of B_k and Hs; lt::dy_pass_block: the rank chunks of a dY tile adjacent, so
+// with r > 32 the tile comes from DRAM once and from L2 for the other rank chunks). It walks the chunk's
 // rows in steps of BK and each step's columns in kDyPassSub sub-steps of 64: one dY tile in shared
 // memory feeds both products. dB's accumulators (64 columns x 32 per sub-step) stay in registers
 // over all of the chunk's rows and are written once as an fp32 partial per row chunk (reduced by
 // wgrad_reduce, as wgrad's); G's (BK rows x 32) accumulate over the block's columns and are written
 // per row step as an fp32 partial per column chunk (summed by finish_bwd, as the split G's). The
 // rank is padded to 32 with zero-filled columns of Hs and B_k. Fixed partition, fixed order, no
-// atomics: every run gives the same bits.
+// atomics: every run gives the same bits. A rank chunk reads and writes only its own columns of Hs,
+// B_k and the partials: with r <= 32 (one rank chunk) the kernel is the r <= 32 one, bit for bit.
 constexpr int kDyPassSub = 4;                  // 64-column sub-steps per block
 constexpr int kDyPassCols = 256;               // columns of dY per block
 static_assert(kDyPassCols == 64 * kDyPassSub, "a block's columns are its 64-column sub-steps");
 static_assert(BK == 32, "dy_pass_kernel's row step is two 16-row fragments");
-constexpr int kDyPassRank = 32;                // the largest rank it serves (r padded to it)
+constexpr int kDyPassRank = 32;                // columns of a rank chunk (the last one padded to it)
 constexpr int kDyPassStages = 2;               // the cp.async pipeline's depth (double buffering)
 
 template <typename S>
@@ -234,31 +237,33 @@ struct DyPassArgs {
   const S* b;         // lora_b [K, out, r]
   const int64_t* offsets;
   int64_t k_seg, n, out, r, chunk_rows, col_chunks;
+  int64_t rank_chunks;  // ceil(r / kDyPassRank): blockIdx.x = (row chunk * col_chunks + col chunk) * rank_chunks + rank chunk
   float* gp;          // [col_chunks, N, r]: G over each column chunk
   float* dbp;         // [row chunks, out, r]: dB over each row chunk
   bool dy_vec, hs_vec, b_vec;  // 16-byte loads (every row 16-byte aligned)
-  bool out_vec;                // 16-byte stores of the partials (r a multiple of 4)
+  bool out_vec;                // 16-byte stores of the partials (r a multiple of 4: every row and rank chunk aligned)
 };
 
-// rows x r of an fp32 tile staged in shared memory (ld DyPassSmem::LDC) to global memory at o
-// (row stride r): 16-byte stores where `vec` (rows 16-byte aligned), else element by element.
+// rows x rv of an fp32 tile staged in shared memory (ld DyPassSmem::LDC) to global memory at o
+// (row stride ld = r; rv columns: a rank chunk's): 16-byte stores where `vec` (rows 16-byte aligned),
+// else element by element.
 template <int ROWS, int LDC>
-__device__ __forceinline__ void store_rank_tile(float* o, const float* sC, int rows, int r, bool vec) {
+__device__ __forceinline__ void store_rank_tile(float* o, const float* sC, int rows, int64_t ld, int rv, bool vec) {
   if (vec) {
     for (int idx = threadIdx.x; idx < ROWS * (kDyPassRank / 4); idx += kThreads) {
       const int m = idx / (kDyPassRank / 4), c0 = (idx % (kDyPassRank / 4)) * 4;
-      const int valid = m < rows ? lt::vec_chunk_valid(c0, 4, r) : 0;
+      const int valid = m < rows ? lt::vec_chunk_valid(c0, 4, rv) : 0;
       if (valid == 4) {
-        store16_global(o + static_cast<int64_t>(m) * r + c0, *reinterpret_cast<const uint4*>(sC + m * LDC + c0));
+        store16_global(o + m * ld + c0, *reinterpret_cast<const uint4*>(sC + m * LDC + c0));
       } else {
-        for (int i = 0; i < valid; ++i) o[static_cast<int64_t>(m) * r + c0 + i] = sC[m * LDC + c0 + i];
+        for (int i = 0; i < valid; ++i) o[m * ld + c0 + i] = sC[m * LDC + c0 + i];
       }
     }
     return;
   }
   for (int idx = threadIdx.x; idx < ROWS * kDyPassRank; idx += kThreads) {
     const int m = idx / kDyPassRank, j = idx % kDyPassRank;
-    if (m < rows && j < r) o[static_cast<int64_t>(m) * r + j] = sC[m * LDC + j];
+    if (m < rows && j < rv) o[m * ld + j] = sC[m * LDC + j];
   }
 }
 
@@ -294,14 +299,17 @@ __global__ void __launch_bounds__(kThreads) dy_pass_kernel(const DyPassArgs<S> p
   using L = DyPassSmem<S>;
   constexpr int kNumStages = PIPE ? kDyPassStages : 1;
   float* sC = reinterpret_cast<float*>(smem + kNumStages * L::kStage);
-  // blockIdx.x = row chunk * col_chunks + column chunk (the column chunks of a row chunk adjacent:
-  // its rows of Hs are read from DRAM once)
-  const unsigned col_chunks = static_cast<unsigned>(p.col_chunks);
-  const int64_t chunk = blockIdx.x / col_chunks;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.x % col_chunks) * kDyPassCols;
+  // blockIdx.x = (row chunk * col_chunks + column chunk) * rank_chunks + rank chunk (lt::dy_pass_block:
+  // the rank chunks of a dY tile adjacent, so it comes from DRAM once; the column chunks of a row
+  // chunk adjacent, so its rows of Hs do)
+  const lt::DyPassBlock blk = lt::dy_pass_block(blockIdx.x, static_cast<uint32_t>(p.col_chunks),
+                                                static_cast<uint32_t>(p.rank_chunks));
+  const int64_t chunk = blk.row_chunk;
+  const int64_t c0 = blk.col_chunk * kDyPassCols;
+  const int64_t j0 = blk.rank_chunk * kDyPassRank;  // this block's columns of B_k, Hs, G and dB
   const lt::SegTile st = lt::seg_tile(p.offsets, p.k_seg, p.n, p.chunk_rows, chunk);
-  const int rv_all = static_cast<int>(p.r);
-  const S* bseg = p.b + st.segment * p.out * p.r;
+  const int rv_all = lt::dy_pass_rank_cols(p.r, blk.rank_chunk, kDyPassRank);
+  const S* bseg = p.b + st.segment * p.out * p.r + j0;
   const int warp = threadIdx.x / kWarp;
   const int mf = warp % 4, nf = warp / 4;  // dB fragment of this warp in a sub-step: 4 x 2 of 16 x 16
   const int gm = warp % 2, gn = warp / 2;  // G fragment (warps 0-3): 2 x 2 of 16 x 16
@@ -324,7 +332,7 @@ __global__ void __launch_bounds__(kThreads) dy_pass_kernel(const DyPassArgs<S> p
       S* h = reinterpret_cast<S*>(stage(t) + L::kY + L::kB);
       const S* ysrc = p.dy + row0 * p.out + (cols > 0 ? col : 0);
       const S* bsrc = bseg + (cols > 0 ? col : 0) * p.r;
-      const S* hsrc = p.hs + row0 * p.r;
+      const S* hsrc = p.hs + row0 * p.r + j0;
       if constexpr (PIPE) {
         async_tile<S, BK, 64, L::LDY>(y, ysrc, p.out, rows, cols);
         async_tile<S, 64, kDyPassRank, L::LDR>(b, bsrc, p.r, cols, rv_all);
@@ -394,8 +402,8 @@ __global__ void __launch_bounds__(kThreads) dy_pass_kernel(const DyPassArgs<S> p
       const int rows = static_cast<int>(st.row_end - row0 < BK ? st.row_end - row0 : BK);
       if (warp < 4) wmma::store_matrix_sync(sC + gm * 16 * L::LDC + gn * 16, g, L::LDC, wmma::mem_row_major);
       __syncthreads();
-      store_rank_tile<BK, L::LDC>(p.gp + (static_cast<int64_t>(blockIdx.x % col_chunks) * p.n + row0) * p.r, sC,
-                                  rows, rv_all, p.out_vec);
+      store_rank_tile<BK, L::LDC>(p.gp + (blk.col_chunk * p.n + row0) * p.r + j0, sC, rows, p.r, rv_all,
+                                  p.out_vec);
       // sC is written again kDyPassSub steps later, past their barriers
     }
     if constexpr (!PIPE) __syncthreads();  // the stage is loaded again next step
@@ -403,14 +411,14 @@ __global__ void __launch_bounds__(kThreads) dy_pass_kernel(const DyPassArgs<S> p
   if constexpr (PIPE) cp_async_wait<0>();  // only empty groups are left; none may outlive the block
   __syncthreads();  // the last G partial is read out of sC before the dB epilogue overwrites it
   // dB partial of this row chunk (zeros for an idle chunk: an empty segment's gradient is +0)
-  float* dout = p.dbp + chunk * p.out * p.r;
+  float* dout = p.dbp + chunk * p.out * p.r + j0;
 #pragma unroll
   for (int s = 0; s < kDyPassSub; ++s) {
     const int64_t col = c0 + 64 * s;
     wmma::store_matrix_sync(sC + mf * 16 * L::LDC + nf * 16, db[s], L::LDC, wmma::mem_row_major);
     __syncthreads();
     const int cols = static_cast<int>(p.out - col < 64 ? (p.out - col > 0 ? p.out - col : 0) : 64);
-    store_rank_tile<64, L::LDC>(dout + (cols > 0 ? col : 0) * p.r, sC, cols, rv_all, p.out_vec);
+    store_rank_tile<64, L::LDC>(dout + (cols > 0 ? col : 0) * p.r, sC, cols, p.r, rv_all, p.out_vec);
     __syncthreads();
   }
 #endif

@@ -308,16 +308,21 @@ void weight_grad(const Prepared& p, const lt::WgradShape& sh, const at::Tensor& 
 }
 
 // Whether the backward runs G and dB in one pass over dY (dy_pass_kernel): bf16 / fp16 on tensor
-// cores, r <= kDyPassRank, a non-empty `out`, sm_80+, and the switch on (tuning.h).
+// cores, a non-empty `out`, sm_80+, the switch on (tuning.h), and a rank at which the pass moves no
+// more DRAM bytes than two (lt::dy_pass_pays: r <= 64; any rank with grouped_lora_fused_dy_any_rank,
+// the A/B switch of the benchmarks). r > 32 runs in rank chunks of kDyPassRank.
 template <typename S>
 bool use_dy_pass(const Prepared& p, bool tc) {
-  return kIs16Bit<S> && tc && p.r <= kDyPassRank && p.out > 0 && tuning::grouped_lora_fused_dy() &&
+  const bool rank_ok = lt::dy_pass_pays(p.r, kDyPassCols, static_cast<int64_t>(sizeof(S))) ||
+                       tuning::grouped_lora_fused_dy_any_rank();
+  return kIs16Bit<S> && tc && rank_ok && p.out > 0 && tuning::grouped_lora_fused_dy() &&
          at::cuda::getCurrentDeviceProperties()->major >= 8;
 }
 
 // The one pass over dY: *gp = G partials [column chunks, N, r] (fp32), *dbp = dB partials
-// [row chunks, out, r] (fp32) over row chunks of *db_chunk_rows rows. The row chunks fill whole
-// waves of the kernel's occupancy, as the weight gradients' (lt::wgrad_target_chunks).
+// [row chunks, out, r] (fp32) over row chunks of *db_chunk_rows rows, each block one rank chunk of
+// kDyPassRank columns. The row chunks fill whole waves of the kernel's occupancy over the column and
+// rank chunks' blocks, as the weight gradients' (lt::wgrad_target_chunks).
 template <typename S>
 void dy_pass(const Prepared& p, const at::Tensor& gy, const at::Tensor& hs, at::Tensor* gp, int64_t* g_splits,
              at::Tensor* dbp, int64_t* db_chunk_rows) {
@@ -331,6 +336,7 @@ void dy_pass(const Prepared& p, const at::Tensor& gy, const at::Tensor& hs, at::
   a.out = p.out;
   a.r = p.r;
   a.col_chunks = index_math::ceil_div(p.out, static_cast<int64_t>(kDyPassCols));
+  a.rank_chunks = lt::dy_pass_rank_chunks(p.r, kDyPassRank);
   a.dy_vec = vec_rows<S>(a.dy, p.out);
   a.hs_vec = vec_rows<S>(a.hs, p.r);
   a.b_vec = vec_rows<S>(a.b, p.r) && (p.out * p.r * static_cast<int64_t>(sizeof(S))) % 16 == 0;
@@ -340,7 +346,7 @@ void dy_pass(const Prepared& p, const at::Tensor& gy, const at::Tensor& hs, at::
   const int resident =
       pipelined ? resident_blocks<&dy_pass_kernel<S, true>>() : resident_blocks<&dy_pass_kernel<S, false>>();
   const int64_t target =
-      lt::wgrad_target_chunks(a.col_chunks, wave_blocks(resident), p.k, kWgradChunks, kMaxWgradChunks);
+      lt::wgrad_target_chunks(a.col_chunks * a.rank_chunks, wave_blocks(resident), p.k, kWgradChunks, kMaxWgradChunks);
   a.chunk_rows = lt::wgrad_chunk_rows(p.n, target, BK, BM);
   const int64_t chunks = lt::seg_tile_grid(p.n, p.k, a.chunk_rows);
   *gp = at::empty({a.col_chunks, p.n, p.r}, p.x.options().dtype(at::kFloat));
@@ -349,7 +355,7 @@ void dy_pass(const Prepared& p, const at::Tensor& gy, const at::Tensor& hs, at::
   a.dbp = dbp->mutable_data_ptr<float>();
   *g_splits = a.col_chunks;
   *db_chunk_rows = a.chunk_rows;
-  const dim3 grid(grid_dim(chunks * a.col_chunks, "x"));
+  const dim3 grid(grid_dim(chunks * a.col_chunks * a.rank_chunks, "x"));
   if (pipelined) {
     dy_pass_kernel<S, true><<<grid, kThreads, 0, p.stream>>>(a);
   } else {
