@@ -454,21 +454,30 @@ def test_pipelined_and_plain_main_loops_agree_bit_for_bit(device, dtype, d_in, d
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("d_in,d_out,r,kind", [(40, 72, 16, "skewed"), (1000, 1100, 32, "uniform"),
                                                (136, 4100, 8, "empty"), (328, 24, 1, "skewed"),
-                                               (64, 600, 17, "skewed")])
+                                               (64, 600, 17, "skewed"),
+                                               # rank chunks: 2 (r = 48 ragged, 64), 4 (r = 128, any rank)
+                                               (72, 600, 48, "empty"), (136, 1100, 64, "skewed"),
+                                               (40, 600, 128, "uniform")])
 def test_fused_dy_pass_agrees_with_two_passes(device, dtype, d_in, d_out, r, kind):
-    """bf16 / fp16 at r <= 32: the backward's G = dY B and dB = dY^T Hs come from one pass over dY
-    (dy_pass_kernel, the default). Its sums run in another order than the two passes (row_gemm +
-    wgrad): every gradient agrees with them and with the CPU kernel within rounding, the forward is
-    untouched (bit for bit), and the fused pass reruns bit for bit."""
+    """bf16 / fp16: the backward's G = dY B and dB = dY^T Hs come from one pass over dY
+    (dy_pass_kernel; the default up to r = 64, in rank chunks of 32 above r = 32; r = 128 with the
+    any-rank switch). Its sums run in another order than the two passes (row_gemm + wgrad): every
+    gradient agrees with them and with the CPU kernel within rounding, the forward is untouched (bit
+    for bit), and the fused pass reruns bit for bit."""
     n = 1025
     x, a, b, off, rs = make(n, 4, r, d_in, d_out, dtype, kind=kind)
     g = torch.Generator().manual_seed(9)
     up, base, base_dx = (torch.randn(n, c, generator=g).to(dtype).cuda() for c in (d_out, d_out, d_in))
     args = (*cuda_args(x, a, b, off, rs), up, base, base_dx)
     assert _C.grouped_lora_fused_dy(), "the fused dY pass is on by default"
-    fused = _all_grouped_ops(*args)
-    for u, v, name in zip(_all_grouped_ops(*args), fused, _ALL_OP_RESULTS):
-        assert_equal(u, v, f"fused dY pass rerun: {name}")
+    assert not _C.grouped_lora_fused_dy_any_rank(), "the fused pass serves r <= 64 by default"
+    _C.set_grouped_lora_fused_dy_any_rank(r > 64)
+    try:
+        fused = _all_grouped_ops(*args)
+        for u, v, name in zip(_all_grouped_ops(*args), fused, _ALL_OP_RESULTS):
+            assert_equal(u, v, f"fused dY pass rerun: {name}")
+    finally:
+        _C.set_grouped_lora_fused_dy_any_rank(False)
     _C.set_grouped_lora_fused_dy(False)
     try:
         two = _all_grouped_ops(*args)
