@@ -46,7 +46,7 @@ def test_forward_bytes_by_hand():
 
 
 def test_backward_bytes_by_hand():
-    # the plain op (the shrink runs again), two passes over dY (fp32, r > 32 or the switch off)
+    # the plain op (the shrink runs again), two passes over dY (fp32, r > 64 or the switch off)
     t = traffic.grouped_lora(SMALL, "bwd", saved_h=False, fused_dy=False)
     assert t.minimum == Y + X + A + B + RS + OFF + X + A + B + RS
     # weight-gradient chunks fill a wave of 264 blocks: dA's 4 tiles want 64 chunks, dB's 8 tiles
