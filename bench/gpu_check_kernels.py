@@ -108,9 +108,10 @@ def main() -> int:
     # switch off (mole_ext._C.set_grouped_lora_vectorized(False)); "nopipe": 16-byte accesses but the
     # plain main loop instead of the cp.async pipeline (mole_ext._C.set_grouped_lora_pipelined(False));
     # "twopass": the backward's G and dB in two passes over dY instead of the fused dy_pass (bf16 /
-    # fp16 at r <= 64 by default; mole_ext._C.set_grouped_lora_fused_dy(False)); "r64" / "r128": rank
-    # 64 (the fused pass in 2 rank chunks) and 128 (two passes by default; "anyrank": the fused pass in
-    # 4 rank chunks, mole_ext._C.set_grouped_lora_fused_dy_any_rank(True)). Every case also runs
+    # fp16 at r < 128 by default; mole_ext._C.set_grouped_lora_fused_dy(False)); "r64" / "r128": rank
+    # 64 (the fused pass in 2 rank chunks, blocks of 512 threads) and 128 (two passes by default;
+    # "anyrank": the fused pass in 4 rank chunks, mole_ext._C.set_grouped_lora_fused_dy_any_rank(True)).
+    # Every case also runs
     # the backward given the forward's saved shrink (grouped_lora_h), which must give the same bits.
     def close(a, b, what, tol):
         a, b = a.detach().cpu().double(), b.detach().cpu().double()

@@ -9,10 +9,10 @@ Providers:
                instead of the cp.async pipeline (mole_ext._C.set_grouped_lora_pipelined(False)); CUDA only
   mole_ext_two_pass  the backward's G = dY B and dB = dY^T Hs in two passes over dY instead of the
                fused one (mole_ext._C.set_grouped_lora_fused_dy(False); the fused pass serves bf16 /
-               fp16 at r <= 64 by default, in rank chunks of 32 above r = 32); CUDA only
+               fp16 at r < 128 by default, in rank chunks of 32 above r = 32); CUDA only
   mole_ext_fused_any_rank  the backward with the fused pass at every rank
-               (mole_ext._C.set_grouped_lora_fused_dy_any_rank(True)): the A/B of the r <= 64 rule at
-               r > 64 (its fwd is mole_ext's and is not timed again); CUDA only
+               (mole_ext._C.set_grouped_lora_fused_dy_any_rank(True)): the A/B of the r < 128 rule at
+               r >= 128 (its fwd is mole_ext's and is not timed again); CUDA only
   grouped_mm   torch.nn.functional.grouped_mm (PyTorch's CUTLASS grouped GEMM; CUDA, bf16 only)
   loop         a Python loop over experts (host-synchronising offsets.tolist(), one GEMM pair each)
   mask         all experts then mask: one GEMM against the K stacked LoRA matrices, the rows'
@@ -160,9 +160,9 @@ _fused_any_rank = _mole_ext_with_switch("fused_dy_any_rank", "mole_ext_fused_any
 
 
 def mole_ext_fused_any_rank_provider(x, a, b, off, rs, gy, expert, scaling):
-    """The fused dY pass at every rank: differs from mole_ext only in the backward at r > 64."""
-    if a.shape[1] <= 64 or x.dtype not in (torch.bfloat16, torch.float16):
-        raise NotImplementedError("mole_ext_fused_any_rank: the same kernels as mole_ext here (16-bit, r > 64 only)")
+    """The fused dY pass at every rank: differs from mole_ext only in the backward at r >= 128."""
+    if a.shape[1] < 128 or x.dtype not in (torch.bfloat16, torch.float16):
+        raise NotImplementedError("mole_ext_fused_any_rank: the same kernels as mole_ext here (16-bit, r >= 128 only)")
     _, bwd = _fused_any_rank(x, a, b, off, rs, gy, expert, scaling)
 
     def fwd():

@@ -101,8 +101,8 @@ PYBIND11_MODULE(_C, m) {
     (void)on;
 #endif
   }, "CUDA grouped_lora_backward*, bf16 / fp16 with the fused dY pass on: use it at every rank (an A/B "
-     "switch), not only where its fp32 partials of G cost no more DRAM bytes than a second read of dY "
-     "(r <= 64, the default).");
+     "switch), not only where its fp32 partials of G cost fewer DRAM bytes than a second read of dY "
+     "(r < 128, the default).");
   m.def("grouped_lora_fused_dy_any_rank", []() {
 #ifdef MOLE_EXT_WITH_CUDA
     return mole_ext::tuning::grouped_lora_fused_dy_any_rank();

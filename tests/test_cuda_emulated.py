@@ -814,16 +814,17 @@ def test_fewer_sms_change_the_split_not_the_result(emu, dtype):
     pytest.param([40, 33, 1, 0], 32, 40, 1100, 0, id="r32-3-column-chunks"),
     pytest.param([30, 0, 40], 24, 40, 72, 1, id="misaligned"),
     pytest.param([0, 0, 0], 8, 40, 72, 0, id="N0"),
-    # r > 32: rank chunks of 32 (the last one ragged for 40 and 48), adjacent blocks
+    # r > 32: rank chunks of 32 (the last one ragged for 40 and 48), adjacent blocks of two halves
+    # (512 columns of dY a block)
     pytest.param([5, 0, 92], 48, 24, 72, 0, id="r48-empty"),
-    pytest.param([0, 61, 0], 40, 24, 300, 0, id="r40-one-expert-2-column-chunks"),
+    pytest.param([0, 61, 0], 40, 24, 1100, 0, id="r40-one-expert-3-column-chunks"),
     pytest.param([1], 64, 24, 40, 0, id="r64-N1"),
     pytest.param([30, 0, 40], 64, 24, 72, 1, id="r64-misaligned"),
     pytest.param([20, 0, 13, 30], 128, 24, 72, 0, id="r128-any-rank"),
 ])
 def test_fused_dy_pass(emu, dtype, counts, r, d_in, d_out, misalign):
     """bf16 / fp16: G = dY B and dB = dY^T Hs come from one pass over dY (dy_pass_kernel; r > 32 in
-    rank chunks of 32; r > 64 only with the any-rank switch). Its sums run in another order than
+    rank chunks of 32; r >= 128 only with the any-rank switch). Its sums run in another order than
     the two-pass path (row_gemm + wgrad), so both are compared with the CPU kernel within tolerance
     and with each other; it is bit-identical with and without the saved h, and from rerun to rerun."""
     x, a, b, off, rs, gy = make(counts, r, d_in, d_out, dtype, seed=11)
@@ -831,7 +832,7 @@ def test_fused_dy_pass(emu, dtype, counts, r, d_in, d_out, misalign):
     runs = {}
     for fused in (True, False, True):
         emu.ops.set_fused_dy(fused)
-        emu.ops.set_fused_dy_any_rank(r > 64)
+        emu.ops.set_fused_dy_any_rank(r >= 128)
         emu.ops.reset_stats()
         try:
             got = run_all(emu.ops, x, a, b, off, rs, gy, misalign=misalign)
@@ -854,10 +855,11 @@ def test_fused_dy_pass(emu, dtype, counts, r, d_in, d_out, misalign):
                 assert (g == 0).all() and not torch.signbit(g).any(), f"{key}[{e}] of an empty expert is not +0"
 
 
-def test_fused_dy_pass_by_default_up_to_rank_64(emu):
-    """By default the fused pass runs where its fp32 partials of G cost no more DRAM bytes than a
-    second read of dY (r <= 64 for 16-bit types; bench/traffic.py); the any-rank switch extends it."""
-    for r, any_rank, fused in ((64, False, True), (65, False, False), (65, True, True)):
+def test_fused_dy_pass_by_default_below_rank_128(emu):
+    """By default the fused pass runs where its fp32 partials of G cost fewer DRAM bytes than a
+    second read of dY (r < 128 for 16-bit types: 8 r / 512 < 2; bench/traffic.py); the any-rank
+    switch extends it."""
+    for r, any_rank, fused in ((127, False, True), (128, False, False), (128, True, True)):
         x, a, b, off, rs, gy = make([20, 13], r, 24, 72, torch.bfloat16)
         emu.ops.set_fused_dy_any_rank(any_rank)
         emu.ops.reset_stats()

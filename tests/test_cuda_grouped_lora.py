@@ -460,7 +460,7 @@ def test_pipelined_and_plain_main_loops_agree_bit_for_bit(device, dtype, d_in, d
                                                (40, 600, 128, "uniform")])
 def test_fused_dy_pass_agrees_with_two_passes(device, dtype, d_in, d_out, r, kind):
     """bf16 / fp16: the backward's G = dY B and dB = dY^T Hs come from one pass over dY
-    (dy_pass_kernel; the default up to r = 64, in rank chunks of 32 above r = 32; r = 128 with the
+    (dy_pass_kernel; the default below r = 128, in rank chunks of 32 above r = 32; r = 128 with the
     any-rank switch). Its sums run in another order than the two passes (row_gemm + wgrad): every
     gradient agrees with them and with the CPU kernel within rounding, the forward is untouched (bit
     for bit), and the fused pass reruns bit for bit."""
@@ -470,8 +470,8 @@ def test_fused_dy_pass_agrees_with_two_passes(device, dtype, d_in, d_out, r, kin
     up, base, base_dx = (torch.randn(n, c, generator=g).to(dtype).cuda() for c in (d_out, d_out, d_in))
     args = (*cuda_args(x, a, b, off, rs), up, base, base_dx)
     assert _C.grouped_lora_fused_dy(), "the fused dY pass is on by default"
-    assert not _C.grouped_lora_fused_dy_any_rank(), "the fused pass serves r <= 64 by default"
-    _C.set_grouped_lora_fused_dy_any_rank(r > 64)
+    assert not _C.grouped_lora_fused_dy_any_rank(), "the fused pass serves r < 128 by default"
+    _C.set_grouped_lora_fused_dy_any_rank(r >= 128)
     try:
         fused = _all_grouped_ops(*args)
         for u, v, name in zip(_all_grouped_ops(*args), fused, _ALL_OP_RESULTS):

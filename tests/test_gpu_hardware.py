@@ -47,7 +47,7 @@ def op_runs(dev: str, n: int = 4096, d_in: int = 1024, d_out: int = 2816, r: int
         "grouped_lora_backward": lambda: list(torch.ops.mole_ext.grouped_lora_backward(gy, x, a, b, off, 2.0, rs)),
         "grouped_lora_h": lambda: list(torch.ops.mole_ext.grouped_lora_h(x, a, b, off, 2.0, rs)),
         # r = 32: G and dB from the fused pass over dY (dy_pass_kernel; r = 64 above: the same pass in
-        # 2 rank chunks); r = 128: two passes by default, the fused pass in 4 rank chunks with the
+        # 2 rank chunks, blocks of two halves); r = 128: two passes by default, the fused pass in 4 rank chunks with the
         # any-rank switch; r = 64 with the fused pass off: two passes
         "grouped_lora_backward r=32 (fused dY pass)": lambda: list(torch.ops.mole_ext.grouped_lora_backward(
             gy, x, a[:, :32].contiguous(), b[:, :, :32].contiguous(), off, 2.0, rs)),

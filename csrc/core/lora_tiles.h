@@ -198,11 +198,16 @@ MOLE_HD int dy_pass_rank_cols(int64_t r, int64_t chunk, int64_t width) {
   return static_cast<int>(left < 0 ? 0 : (left < width ? left : width));
 }
 
-// Whether the fused pass moves no more DRAM bytes than two passes: it saves the second read of dY
+// Halves of a dy_pass block: 1 for r <= width (256 threads over 256 columns of dY, the r <= 32
+// kernel), 2 above (rank chunks; 512 threads over 512 columns, so G's partials cost half as much).
+MOLE_HD int dy_pass_halves(int64_t r, int64_t width) { return r <= width ? 1 : 2; }
+
+// Whether the fused pass moves fewer DRAM bytes than two passes: it saves the second read of dY
 // (elem_bytes per element of dY) and writes, then reads back, G in fp32 per column chunk of `cols`
-// columns (8 r / cols bytes per element of dY). For 16-bit types and 256 columns: r <= 64. (Its dB
-// partials cost about what the two-pass weight gradient's do; bench/traffic.py models both.)
-MOLE_HD bool dy_pass_pays(int64_t r, int64_t cols, int64_t elem_bytes) { return 8 * r <= elem_bytes * cols; }
+// columns (8 r / cols bytes per element of dY). For 16-bit types: r < 64 at 256 columns, r < 128 at
+// 512. (Its dB partials cost about what the two-pass weight gradient's do; bench/traffic.py models
+// both: at the break-even, r = 128 over 512 columns, two passes move slightly less.)
+MOLE_HD bool dy_pass_pays(int64_t r, int64_t cols, int64_t elem_bytes) { return 8 * r < elem_bytes * cols; }
 
 // ---- 16-byte vector access (tile loads and epilogues) ----
 // A row of a tile is moved in chunks of v = 16 / element-bytes elements. The chunk at column c0

@@ -45,8 +45,8 @@ bool grouped_lora_pipelined();
 // agree within rounding, not bit for bit; each is reproducible run to run.
 void set_grouped_lora_fused_dy(bool on);
 bool grouped_lora_fused_dy();
-// With the fused pass on: use it at every rank, not only where its fp32 partials of G cost no more
-// DRAM bytes than the second read of dY (r <= 64 for 16-bit types; lora_tiles.h's dy_pass_pays).
+// With the fused pass on: use it at every rank, not only where its fp32 partials of G cost fewer
+// DRAM bytes than the second read of dY (r < 128 for 16-bit types; lora_tiles.h's dy_pass_pays).
 // Off by default (MOLE_EXT_GROUPED_LORA_FUSED_DY_ANY_RANK=1 turns it on at start-up): the A/B switch
 // that lets the benchmarks and GPU tests run the fused pass at r = 128 too.
 void set_grouped_lora_fused_dy_any_rank(bool on);

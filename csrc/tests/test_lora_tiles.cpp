@@ -362,9 +362,11 @@ void test_dy_pass_blocks() {
     EXPECT(lt::dy_pass_rank_cols(r, chunks, 32) == 0);
   }
   EXPECT(lt::dy_pass_rank_cols(40, 1, 32) == 8 && lt::dy_pass_rank_cols(128, 3, 32) == 32);
-  // 16-bit, 256 columns: fused up to r = 64 (G's fp32 partials 8 r / 256 <= 2 bytes an element)
-  EXPECT(lt::dy_pass_pays(32, 256, 2) && lt::dy_pass_pays(64, 256, 2) && !lt::dy_pass_pays(65, 256, 2));
-  EXPECT(!lt::dy_pass_pays(128, 256, 2) && lt::dy_pass_pays(128, 256, 4));
+  // 16-bit: G's fp32 partials (8 r / cols bytes an element) below the 2 bytes of dY's second read
+  EXPECT(lt::dy_pass_pays(32, 256, 2) && lt::dy_pass_pays(63, 256, 2) && !lt::dy_pass_pays(64, 256, 2));
+  EXPECT(lt::dy_pass_pays(64, 512, 2) && lt::dy_pass_pays(127, 512, 2) && !lt::dy_pass_pays(128, 512, 2));
+  EXPECT(lt::dy_pass_pays(128, 512, 4));
+  for (int64_t r = 0; r <= 130; ++r) EXPECT(lt::dy_pass_halves(r, 32) == (r <= 32 ? 1 : 2));
   std::printf("lora_tiles: dy_pass blocks, rank chunks, break-even\n");
 }
 
