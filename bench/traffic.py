@@ -210,7 +210,9 @@ def grouped_lora(s: Shape, mode: str, accumulate: bool = False, saved_h: bool = 
     if fused:
         col_chunks = cdiv(o, dy_cols)
         rank_chunks = max(cdiv(r, DY_PASS_RANK), 1)
-        chunks_b = seg_tile_grid(n, k, wgrad_chunk_rows(n, wgrad_target_chunks(col_chunks * rank_chunks, target, k)))
+        # a wave: 2 blocks of 256 threads per SM, or 1 of 512 (two halves)
+        wave = target // dy_pass_halves(r)
+        chunks_b = seg_tile_grid(n, k, wgrad_chunk_rows(n, wgrad_target_chunks(col_chunks * rank_chunks, wave, k)))
         g_splits = col_chunks
         kernels.append(("finish_h (Hs for the dY pass)", h_splits * n * r * s.acc + rs + H))
         # each rank chunk reads its columns of Hs and B; dY once (the rank chunks of a tile adjacent)
