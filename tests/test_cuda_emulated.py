@@ -754,7 +754,9 @@ def test_vectorized_and_element_paths_are_bit_identical(emu, dtype):
     so does the 16-byte path with the plain main loop instead of the pipelined one (bf16 / fp16)."""
     ops = emu.ops
     for counts, r, d_in, d_out, misalign in (([0, 97, 0, 3], 16, 40, 72, 0), ([2, 1], 8, 1000, 600, 0),
-                                             ([33, 64], 64, 40, 72, 1), ([5, 4], 16, 33, 17, 0)):
+                                             ([33, 64], 64, 40, 72, 1), ([5, 4], 16, 33, 17, 0),
+                                             # 16-bit: the dY pass's two halves, 2 column chunks
+                                             ([30, 0, 70], 64, 40, 600, 0)):
         x, a, b, off, rs, gy = make(counts, r, d_in, d_out, dtype)
         results = {}
         for vec in (True, False):
@@ -779,7 +781,8 @@ def test_vectorized_and_element_paths_are_bit_identical(emu, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("counts,r,d_in,d_out", [([40, 0, 90, 7], 32, 72, 40), ([2, 0, 1], 8, 1000, 600)])
+@pytest.mark.parametrize("counts,r,d_in,d_out", [([40, 0, 90, 7], 32, 72, 40), ([2, 0, 1], 8, 1000, 600),
+                                                 ([40, 0, 90, 7], 64, 24, 600)])  # bf16: dY pass, two halves
 def test_results_do_not_depend_on_block_or_thread_order(emu, dtype, counts, r, d_in, d_out):
     """Blocks in grid / reverse / random order and the threads of a block in forward / reverse /
     random order between barriers: a race between threads or blocks would change the bits."""
