@@ -108,7 +108,10 @@ def main() -> int:
     # switch off (mole_ext._C.set_grouped_lora_vectorized(False)); "nopipe": 16-byte accesses but the
     # plain main loop instead of the cp.async pipeline (mole_ext._C.set_grouped_lora_pipelined(False));
     # "twopass": the backward's G and dB in two passes over dY instead of the fused dy_pass (bf16 /
-    # fp16 at r <= 32 by default; mole_ext._C.set_grouped_lora_fused_dy(False)). Every case also runs
+    # fp16 at r < 128 by default; mole_ext._C.set_grouped_lora_fused_dy(False)); "r64" / "r128": rank
+    # 64 (the fused pass in 2 rank chunks, blocks of 512 threads) and 128 (two passes by default;
+    # "anyrank": the fused pass in 4 rank chunks, mole_ext._C.set_grouped_lora_fused_dy_any_rank(True)).
+    # Every case also runs
     # the backward given the forward's saved shrink (grouped_lora_h), which must give the same bits.
     def close(a, b, what, tol):
         a, b = a.detach().cpu().double(), b.detach().cpu().double()
@@ -129,15 +132,19 @@ def main() -> int:
              (2, torch.float16, 5e-3, 320, ""), (70, torch.float16, 5e-3, 320, "misaligned"),
              (70, torch.bfloat16, 3e-2, 320, "scalar"), (70, torch.bfloat16, 3e-2, 320, "nopipe"),
              (70, torch.bfloat16, 3e-2, 320, "twopass"),
+             (70, torch.bfloat16, 3e-2, 320, "r64"), (70, torch.float16, 5e-3, 320, "r64 twopass"),
+             (70, torch.bfloat16, 3e-2, 320, "r128"), (70, torch.bfloat16, 3e-2, 320, "r128 anyrank"),
              (70, torch.float32, 1e-4, 300, ""),
              (70, torch.float64, 1e-10, 300, "")]
     for n, dt, tol, d_in, variant in cases:
         print(f"-- grouped_lora n={n} {dt} d_in={d_in} {variant}", flush=True)
         _C.set_grouped_lora_vectorized(variant != "scalar")
         _C.set_grouped_lora_pipelined(variant != "nopipe")
-        _C.set_grouped_lora_fused_dy(variant != "twopass")
+        _C.set_grouped_lora_fused_dy("twopass" not in variant)
+        _C.set_grouped_lora_fused_dy_any_rank("anyrank" in variant)
         mis = variant == "misaligned"
-        k, r, d_out = 3, 8, 72
+        k, d_out = 3, 72
+        r = 128 if "r128" in variant else (64 if "r64" in variant else 8)
         tag = f"{dt} d_in={d_in} {variant}"
         off = torch.tensor([0, n // 2, n // 2, n], dtype=torch.int32)  # expert 1 empty
         x = torch.randn(n, d_in, generator=g).to(dt)
@@ -180,6 +187,7 @@ def main() -> int:
     _C.set_grouped_lora_vectorized(True)
     _C.set_grouped_lora_pipelined(True)
     _C.set_grouped_lora_fused_dy(True)
+    _C.set_grouped_lora_fused_dy_any_rank(False)
     bad = torch.tensor([0, 9, 3, 20], dtype=torch.int32, device=dev)  # decreasing: reported, no OOB access
     ops.grouped_lora(torch.randn(20, 16, device=dev), torch.randn(3, 4, 16, device=dev),
                      torch.randn(3, 8, 4, device=dev), bad, 1.0, None)

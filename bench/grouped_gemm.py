@@ -9,7 +9,10 @@ Providers:
                instead of the cp.async pipeline (mole_ext._C.set_grouped_lora_pipelined(False)); CUDA only
   mole_ext_two_pass  the backward's G = dY B and dB = dY^T Hs in two passes over dY instead of the
                fused one (mole_ext._C.set_grouped_lora_fused_dy(False); the fused pass serves bf16 /
-               fp16 at r <= 32); CUDA only
+               fp16 at r < 128 by default, in rank chunks of 32 above r = 32); CUDA only
+  mole_ext_fused_any_rank  the backward with the fused pass at every rank
+               (mole_ext._C.set_grouped_lora_fused_dy_any_rank(True)): the A/B of the r < 128 rule at
+               r >= 128 (its fwd is mole_ext's and is not timed again); CUDA only
   grouped_mm   torch.nn.functional.grouped_mm (PyTorch's CUTLASS grouped GEMM; CUDA, bf16 only)
   loop         a Python loop over experts (host-synchronising offsets.tolist(), one GEMM pair each)
   mask         all experts then mask: one GEMM against the K stacked LoRA matrices, the rows'
@@ -127,32 +130,44 @@ def mole_ext_provider(x, a, b, off, rs, gy, expert, scaling):
             lambda: torch.ops.mole_ext.grouped_lora_backward(gy, x, a, b, off, scaling, rs, h))
 
 
-def _mole_ext_with_switch_off(switch: str, name: str):
+def _mole_ext_with_switch(switch: str, name: str, value: bool = False):
     """mole_ext with one of the CUDA kernels' A/B switches (mole_ext._C.set_grouped_lora_<switch>)
-    off during each call."""
+    set to `value` during each call (off by default) and back to its default after."""
     def provider(x, a, b, off, rs, gy, expert, scaling):
         if x.device.type != "cuda":
             raise NotImplementedError(f"{name}: the {switch} switch exists for the CUDA kernels only")
         from mole_ext import _C
         put = getattr(_C, f"set_grouped_lora_{switch}")
 
-        def off_during(fn):
+        def switched_during(fn):
             def run():
-                put(False)
+                put(value)
                 try:
                     return fn()
                 finally:
-                    put(True)
+                    put(not value)
             return run
 
         fwd, bwd = mole_ext_provider(x, a, b, off, rs, gy, expert, scaling)
-        return off_during(fwd), off_during(bwd)
+        return switched_during(fwd), switched_during(bwd)
     return provider
 
 
-mole_ext_scalar_provider = _mole_ext_with_switch_off("vectorized", "mole_ext_scalar")
-mole_ext_unpipelined_provider = _mole_ext_with_switch_off("pipelined", "mole_ext_unpipelined")
-mole_ext_two_pass_provider = _mole_ext_with_switch_off("fused_dy", "mole_ext_two_pass")
+mole_ext_scalar_provider = _mole_ext_with_switch("vectorized", "mole_ext_scalar")
+mole_ext_unpipelined_provider = _mole_ext_with_switch("pipelined", "mole_ext_unpipelined")
+mole_ext_two_pass_provider = _mole_ext_with_switch("fused_dy", "mole_ext_two_pass")
+_fused_any_rank = _mole_ext_with_switch("fused_dy_any_rank", "mole_ext_fused_any_rank", value=True)
+
+
+def mole_ext_fused_any_rank_provider(x, a, b, off, rs, gy, expert, scaling):
+    """The fused dY pass at every rank: differs from mole_ext only in the backward at r >= 128."""
+    if a.shape[1] < 128 or x.dtype not in (torch.bfloat16, torch.float16):
+        raise NotImplementedError("mole_ext_fused_any_rank: the same kernels as mole_ext here (16-bit, r >= 128 only)")
+    _, bwd = _fused_any_rank(x, a, b, off, rs, gy, expert, scaling)
+
+    def fwd():
+        raise NotImplementedError("mole_ext_fused_any_rank: the switch changes the backward only (fwd = mole_ext)")
+    return fwd, bwd
 
 
 def grouped_mm_provider(x, a, b, off, rs, gy, expert, scaling):
@@ -233,6 +248,7 @@ def mask_provider(x, a, b, off, rs, gy, expert, scaling):
 PROVIDERS: Dict[str, Callable] = {"mole_ext": mole_ext_provider, "mole_ext_scalar": mole_ext_scalar_provider,
                                   "mole_ext_unpipelined": mole_ext_unpipelined_provider,
                                   "mole_ext_two_pass": mole_ext_two_pass_provider,
+                                  "mole_ext_fused_any_rank": mole_ext_fused_any_rank_provider,
                                   "grouped_mm": grouped_mm_provider,
                                   "loop": loop_provider, "mask": mask_provider}
 
@@ -304,7 +320,7 @@ def main(argv=None):
         print(f"CPU run ({env['device']}): the CPU kernels at small float32 sizes; the GPU numbers come from "
               "bench/gpu_check.sh on a GPU machine. grouped_mm is CUDA-only.")
         wanted = [p for p in wanted if p not in ("grouped_mm", "mole_ext_scalar", "mole_ext_unpipelined",
-                                                 "mole_ext_two_pass")]
+                                                 "mole_ext_two_pass", "mole_ext_fused_any_rank")]
     elif not hasattr(F, "grouped_mm"):
         print(f"torch {torch.__version__} has no torch.nn.functional.grouped_mm: that provider is skipped")
         wanted = [p for p in wanted if p != "grouped_mm"]

@@ -24,9 +24,12 @@ aside), implemented vs minimum:
   backward  x: 4 vs 4 with the forward's saved H (x read once, by dA; dX written once; add_out
             6 vs 6: dX read and written) and 6 vs 4 without it (the plain ops recompute the
             shrink: x read twice);
-            dY: 2 vs 2 for bf16 / fp16 at r <= 32 (G = dY B and dB = dY^T Hs in one pass, plus
-            fp32 partials of about 8 r / 256 + 8 r / rows-per-chunk bytes per element), else 4 vs
-            2 (two passes). See csrc/cuda/grouped_lora.cu. Compute time is not modelled: the FLOPs are reported so the
+            dY: 2 vs 2 for bf16 / fp16 at r < 128 (G = dY B and dB = dY^T Hs in one pass; above
+            r = 32 in rank chunks of 32 whose blocks of one dY tile run side by side, each block
+            two halves over 512 columns; plus fp32 partials of about 8 r / W + 8 r / rows-per-chunk
+            bytes per element, W = 256 columns a block up to r = 32, 512 above: 1 + small at
+            r = 32 and at r = 64), else 4 vs 2 (two passes: at r = 128 the fused pass's G partials
+            cost what the second read of dY does). See csrc/cuda/grouped_lora.cu. Compute time is not modelled: the FLOPs are reported so the
 arithmetic intensity is visible (at r = 128 the tensor cores may bind before DRAM).
 
     python bench/traffic.py             # the table of the benchmark shapes, predictions at 3000 GB/s
@@ -41,8 +44,8 @@ from typing import Dict, List, Tuple
 # the kernels' constants (csrc/cuda/grouped_lora.cu)
 BM = BN = 64
 BK = 32
-DY_PASS_COLS = 256      # columns of dY per block of the fused dY pass (kDyPassCols)
-DY_PASS_RANK = 32       # the largest rank it serves (kDyPassRank)
+DY_PASS_COLS = 256      # columns of dY per block of the fused dY pass (kDyPassCols; twice that above r = 32)
+DY_PASS_RANK = 32       # columns of a rank chunk (kDyPassRank)
 MIN_SPLIT_CHUNK = 256
 MAX_SPLITS = 16
 WGRAD_CHUNKS = 8        # fewest row chunks of the weight-gradient partials
@@ -139,8 +142,19 @@ def _reads(nbytes: int, readers: int, s: Shape) -> int:
     return nbytes if nbytes <= s.l2 // 2 else nbytes * readers
 
 
+def dy_pass_halves(r: int, width: int = DY_PASS_RANK) -> int:
+    """lora_tiles.h: 1 for r <= 32 (256 threads, 256 columns of dY a block), 2 above (512, 512)."""
+    return 1 if r <= width else 2
+
+
+def dy_pass_pays(r: int, cols: int, elem: int) -> bool:
+    """lora_tiles.h: the fused pass's fp32 G partials (8 r / cols bytes per element of dY, written
+    and read back) cost less than the second read of dY (elem bytes per element)."""
+    return 8 * r < elem * cols
+
+
 def grouped_lora(s: Shape, mode: str, accumulate: bool = False, saved_h: bool = True,
-                 fused_dy: bool = True) -> Traffic:
+                 fused_dy: bool = True, fused_any_rank: bool = False) -> Traffic:
     """grouped_lora (mode "fwd"; accumulate: grouped_lora_add_out) or grouped_lora_backward
     ("bwd"; accumulate: grouped_lora_backward_add_out, dX added onto its buffer).
 
@@ -150,9 +164,12 @@ def grouped_lora(s: Shape, mode: str, accumulate: bool = False, saved_h: bool = 
     way the op's minimum counts what it must read and write, H included when it is an output or
     an input.
 
-    fused_dy (the default switch of the CUDA kernels): for 16-bit types and r <= 32 the backward
-    computes G = dY B and dB = dY^T Hs in one pass over dY (dy_pass_kernel), which writes fp32
-    partials of G per 256 columns of dY and of dB per row chunk; else two passes read dY twice."""
+    fused_dy (the default switch of the CUDA kernels): for 16-bit types and r < 128 (dy_pass_pays;
+    fused_any_rank: every r, the kernels' A/B switch) the backward computes G = dY B and
+    dB = dY^T Hs in one pass over dY (dy_pass_kernel, one block per rank chunk of 32; the rank
+    chunks of a dY tile are adjacent blocks, so dY comes from DRAM once), which writes fp32
+    partials of G per 256 columns of dY (512 above r = 32) and of dB per row chunk; else two passes
+    read dY twice."""
     if mode not in ("fwd", "bwd"):
         raise ValueError(f"mode must be 'fwd' or 'bwd', got {mode!r}")
     e, n, i, o, r, k = s.elem, s.n, s.d_in, s.d_out, s.r, s.k
@@ -188,13 +205,19 @@ def grouped_lora(s: Shape, mode: str, accumulate: bool = False, saved_h: bool = 
     else:
         (name, nb), h_splits = shrink("shrink again")
         kernels.append((name, nb))
-    fused = fused_dy and e == 2 and r <= DY_PASS_RANK and o > 0
+    dy_cols = DY_PASS_COLS * dy_pass_halves(r)
+    fused = fused_dy and e == 2 and o > 0 and (dy_pass_pays(r, dy_cols, e) or fused_any_rank)
     if fused:
-        col_chunks = cdiv(o, DY_PASS_COLS)
-        chunks_b = seg_tile_grid(n, k, wgrad_chunk_rows(n, wgrad_target_chunks(col_chunks, target, k)))
+        col_chunks = cdiv(o, dy_cols)
+        rank_chunks = max(cdiv(r, DY_PASS_RANK), 1)
+        # a wave: 2 blocks of 256 threads per SM, or 1 of 512 (two halves)
+        wave = target // dy_pass_halves(r)
+        chunks_b = seg_tile_grid(n, k, wgrad_chunk_rows(n, wgrad_target_chunks(col_chunks * rank_chunks, wave, k)))
         g_splits = col_chunks
         kernels.append(("finish_h (Hs for the dY pass)", h_splits * n * r * s.acc + rs + H))
-        kernels.append((f"dY pass (G and dB partials, {col_chunks} column chunk(s), {chunks_b} row chunks)",
+        # each rank chunk reads its columns of Hs and B; dY once (the rank chunks of a tile adjacent)
+        kernels.append((f"dY pass (G and dB partials, {col_chunks} column chunk(s) of {dy_cols}, {rank_chunks} "
+                        f"adjacent rank chunk(s), {chunks_b} row chunks)",
                         Y + H + B + col_chunks * n * r * s.acc + chunks_b * o * r * s.acc))
     else:
         _, g_splits = split_plan(o, want_splits(row_tiles * col_tiles_r, target, o, MIN_SPLIT_CHUNK, MAX_SPLITS), BK)
@@ -303,7 +326,7 @@ def readme_table() -> str:
         t = grouped_lora(Shape(16384, 4096, 11008, 32, 4), mode, accumulate=acc)
         cells = [f"{a:.0f} / {b:.0f}" for a, b in (t.per_element(name) for name in t.streams)]
         out.append(f"| {t.op} | " + " | ".join(cells) + " |")
-    for label, kw in (("plain op (no saved H)", dict(saved_h=False)), ("two dY passes (r > 32 or fp32)",
+    for label, kw in (("plain op (no saved H)", dict(saved_h=False)), ("two dY passes (r >= 128 or fp32)",
                                                                       dict(fused_dy=False))):
         t = grouped_lora(Shape(16384, 4096, 11008, 32, 4), "bwd", **kw)
         out.append(f"| grouped_lora bwd, {label} | " + " | ".join(

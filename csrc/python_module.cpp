@@ -85,11 +85,27 @@ PYBIND11_MODULE(_C, m) {
 #else
     (void)on;
 #endif
-  }, "CUDA grouped_lora_backward*, bf16 / fp16, r <= 32: G = dY B and dB = dY^T Hs in one pass over dY "
-     "(default) or two; the results agree within rounding (other summation order).");
+  }, "CUDA grouped_lora_backward*, bf16 / fp16: G = dY B and dB = dY^T Hs in one pass over dY "
+     "(default; in rank chunks of 32 for r > 32) or two; the results agree within rounding (other summation order).");
   m.def("grouped_lora_fused_dy", []() {
 #ifdef MOLE_EXT_WITH_CUDA
     return mole_ext::tuning::grouped_lora_fused_dy();
+#else
+    return false;
+#endif
+  });
+  m.def("set_grouped_lora_fused_dy_any_rank", [](bool on) {
+#ifdef MOLE_EXT_WITH_CUDA
+    mole_ext::tuning::set_grouped_lora_fused_dy_any_rank(on);
+#else
+    (void)on;
+#endif
+  }, "CUDA grouped_lora_backward*, bf16 / fp16 with the fused dY pass on: use it at every rank (an A/B "
+     "switch), not only where its fp32 partials of G cost fewer DRAM bytes than a second read of dY "
+     "(r < 128, the default).");
+  m.def("grouped_lora_fused_dy_any_rank", []() {
+#ifdef MOLE_EXT_WITH_CUDA
+    return mole_ext::tuning::grouped_lora_fused_dy_any_rank();
 #else
     return false;
 #endif

@@ -754,7 +754,9 @@ def test_vectorized_and_element_paths_are_bit_identical(emu, dtype):
     so does the 16-byte path with the plain main loop instead of the pipelined one (bf16 / fp16)."""
     ops = emu.ops
     for counts, r, d_in, d_out, misalign in (([0, 97, 0, 3], 16, 40, 72, 0), ([2, 1], 8, 1000, 600, 0),
-                                             ([33, 64], 64, 40, 72, 1), ([5, 4], 16, 33, 17, 0)):
+                                             ([33, 64], 64, 40, 72, 1), ([5, 4], 16, 33, 17, 0),
+                                             # 16-bit: the dY pass's two halves, 2 column chunks
+                                             ([30, 0, 70], 64, 40, 600, 0)):
         x, a, b, off, rs, gy = make(counts, r, d_in, d_out, dtype)
         results = {}
         for vec in (True, False):
@@ -779,7 +781,8 @@ def test_vectorized_and_element_paths_are_bit_identical(emu, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("counts,r,d_in,d_out", [([40, 0, 90, 7], 32, 72, 40), ([2, 0, 1], 8, 1000, 600)])
+@pytest.mark.parametrize("counts,r,d_in,d_out", [([40, 0, 90, 7], 32, 72, 40), ([2, 0, 1], 8, 1000, 600),
+                                                 ([40, 0, 90, 7], 64, 24, 600)])  # bf16: dY pass, two halves
 def test_results_do_not_depend_on_block_or_thread_order(emu, dtype, counts, r, d_in, d_out):
     """Blocks in grid / reverse / random order and the threads of a block in forward / reverse /
     random order between barriers: a race between threads or blocks would change the bits."""
@@ -814,22 +817,31 @@ def test_fewer_sms_change_the_split_not_the_result(emu, dtype):
     pytest.param([40, 33, 1, 0], 32, 40, 1100, 0, id="r32-3-column-chunks"),
     pytest.param([30, 0, 40], 24, 40, 72, 1, id="misaligned"),
     pytest.param([0, 0, 0], 8, 40, 72, 0, id="N0"),
+    # r > 32: rank chunks of 32 (the last one ragged for 40 and 48), adjacent blocks of two halves
+    # (512 columns of dY a block)
+    pytest.param([5, 0, 92], 48, 24, 72, 0, id="r48-empty"),
+    pytest.param([0, 61, 0], 40, 24, 1100, 0, id="r40-one-expert-3-column-chunks"),
+    pytest.param([1], 64, 24, 40, 0, id="r64-N1"),
+    pytest.param([30, 0, 40], 64, 24, 72, 1, id="r64-misaligned"),
+    pytest.param([20, 0, 13, 30], 128, 24, 72, 0, id="r128-any-rank"),
 ])
 def test_fused_dy_pass(emu, dtype, counts, r, d_in, d_out, misalign):
-    """bf16 / fp16 with r <= 32: G = dY B and dB = dY^T Hs come from one pass over dY
-    (dy_pass_kernel). Its sums run in another order than the two-pass path (row_gemm + wgrad), so
-    both are compared with the CPU kernel within tolerance and with each other; it is bit-identical
-    with and without the saved h, and from rerun to rerun."""
+    """bf16 / fp16: G = dY B and dB = dY^T Hs come from one pass over dY (dy_pass_kernel; r > 32 in
+    rank chunks of 32; r >= 128 only with the any-rank switch). Its sums run in another order than
+    the two-pass path (row_gemm + wgrad), so both are compared with the CPU kernel within tolerance
+    and with each other; it is bit-identical with and without the saved h, and from rerun to rerun."""
     x, a, b, off, rs, gy = make(counts, r, d_in, d_out, dtype, seed=11)
     want = reference(x, a, b, off, rs, gy)
     runs = {}
     for fused in (True, False, True):
         emu.ops.set_fused_dy(fused)
+        emu.ops.set_fused_dy_any_rank(r >= 128)
         emu.ops.reset_stats()
         try:
             got = run_all(emu.ops, x, a, b, off, rs, gy, misalign=misalign)
         finally:
             emu.ops.set_fused_dy(True)
+            emu.ops.set_fused_dy_any_rank(False)
         launched = emu.stats()["launch"].get("dy_pass_kernel", 0)
         assert launched == (4 if fused and sum(counts) > 0 else 0), (fused, launched)  # 4 backward runs
         compare(got, want, dtype, f"fused={fused}")
@@ -846,11 +858,20 @@ def test_fused_dy_pass(emu, dtype, counts, r, d_in, d_out, misalign):
                 assert (g == 0).all() and not torch.signbit(g).any(), f"{key}[{e}] of an empty expert is not +0"
 
 
-def test_fused_dy_pass_only_up_to_rank_32(emu):
-    x, a, b, off, rs, gy = make([20, 13], 33, 40, 72, torch.bfloat16)
-    emu.ops.reset_stats()
-    compare(run_all(emu.ops, x, a, b, off, rs, gy), reference(x, a, b, off, rs, gy), torch.bfloat16, "r = 33")
-    assert "dy_pass_kernel" not in emu.stats()["launch"]
+def test_fused_dy_pass_by_default_below_rank_128(emu):
+    """By default the fused pass runs where its fp32 partials of G cost fewer DRAM bytes than a
+    second read of dY (r < 128 for 16-bit types: 8 r / 512 < 2; bench/traffic.py); the any-rank
+    switch extends it."""
+    for r, any_rank, fused in ((127, False, True), (128, False, False), (128, True, True)):
+        x, a, b, off, rs, gy = make([20, 13], r, 24, 72, torch.bfloat16)
+        emu.ops.set_fused_dy_any_rank(any_rank)
+        emu.ops.reset_stats()
+        try:
+            got = run_all(emu.ops, x, a, b, off, rs, gy)
+        finally:
+            emu.ops.set_fused_dy_any_rank(False)
+        compare(got, reference(x, a, b, off, rs, gy), torch.bfloat16, f"r = {r}, any rank {any_rank}")
+        assert ("dy_pass_kernel" in emu.stats()["launch"]) == fused, (r, any_rank)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -239,27 +239,51 @@ def test_bit_identical_reruns(device, dtype):
                 assert_equal(u, v, f"grad {name} rerun" + ("" if saved is None else " (saved h)"))
 
 
+# The SIMT case: (dtype, r) -> inputs (the child and the parent make the same ones)
+_SIMT_CASES = [(dt, r) for dt in (torch.bfloat16, torch.float16) for r in (16, 64)]
+
+
+def _simt_inputs(dtype, r):
+    x, a, b, off, rs = make(1025, 3, r, 200, 136, dtype, kind="skewed")
+    up = torch.randn(1025, 136, generator=torch.Generator().manual_seed(r)).to(dtype)
+    return x, a, b, off, rs, up
+
+
 _SIMT_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from test_cuda_grouped_lora import make, cuda_args, close, grads
+from test_cuda_grouped_lora import _SIMT_CASES, _simt_inputs, cuda_args, close, grads
 from mole_ext import ops
-for dtype in (torch.bfloat16, torch.float16):
-    x, a, b, off, rs = make(1025, 3, 64, 200, 136, dtype, kind="skewed")
-    up = torch.randn(1025, 136).to(dtype)
+saved = {}
+for dtype, r in _SIMT_CASES:
+    x, a, b, off, rs, up = _simt_inputs(dtype, r)
     close(ops.grouped_lora(*cuda_args(x, a, b, off), 0.5, rs.cuda()), ops.grouped_lora(x, a, b, off, 0.5, rs), dtype, "y")
-    for g, w in zip(grads(ops.grouped_lora, *cuda_args(x, a, b, off, rs, up)), grads(ops.grouped_lora, x, a, b, off, rs, up)):
+    got = grads(ops.grouped_lora, *cuda_args(x, a, b, off, rs, up))
+    for g, w in zip(got, grads(ops.grouped_lora, x, a, b, off, rs, up)):
         close(g, w, dtype, "grad")
+    saved[(str(dtype), r)] = [g.cpu() for g in got]
+torch.save(saved, sys.argv[2])
 print("SIMT path OK")
 """
 
 
-def test_simt_path_for_16_bit_types(device):
+def test_simt_path_for_16_bit_types(device, tmp_path):
+    """MOLE_EXT_GROUPED_LORA_SIMT=1 sends bf16 / fp16 through the SIMT kernels (two dY passes): they
+    match the CPU kernel, and the tensor-core gradients of this process (the fused dY pass at r = 16,
+    and at r = 64 in rank chunks over blocks of two halves) match them within rounding."""
+    assert _C.grouped_lora_fused_dy() and not _C.grouped_lora_fused_dy_any_rank()
+    out = tmp_path / "simt_grads.pt"
     # MOLE_EXT_GROUPED_LORA_SIMT=1 is read once per process: run the SIMT path in a child process
     env = dict(os.environ, MOLE_EXT_GROUPED_LORA_SIMT="1")
-    res = subprocess.run([sys.executable, "-c", _SIMT_SCRIPT, os.path.dirname(os.path.abspath(__file__))],
+    res = subprocess.run([sys.executable, "-c", _SIMT_SCRIPT, os.path.dirname(os.path.abspath(__file__)), str(out)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "SIMT path OK" in res.stdout, res.stdout + res.stderr
+    simt = torch.load(out)
+    for dtype, r in _SIMT_CASES:
+        x, a, b, off, rs, up = _simt_inputs(dtype, r)
+        for g, w, name in zip(grads(ops.grouped_lora, *cuda_args(x, a, b, off, rs, up)), simt[(str(dtype), r)],
+                              ("x", "lora_a", "lora_b", "row_scale")):
+            close(g.cpu(), w, dtype, f"tensor cores (fused dY pass) vs SIMT, r = {r} {dtype}: grad {name}")
 
 
 # ---- bad offsets --------------------------------------------------------------------------------
@@ -454,21 +478,30 @@ def test_pipelined_and_plain_main_loops_agree_bit_for_bit(device, dtype, d_in, d
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("d_in,d_out,r,kind", [(40, 72, 16, "skewed"), (1000, 1100, 32, "uniform"),
                                                (136, 4100, 8, "empty"), (328, 24, 1, "skewed"),
-                                               (64, 600, 17, "skewed")])
+                                               (64, 600, 17, "skewed"),
+                                               # rank chunks: 2 (r = 48 ragged, 64), 4 (r = 128, any rank)
+                                               (72, 600, 48, "empty"), (136, 1100, 64, "skewed"),
+                                               (40, 600, 128, "uniform")])
 def test_fused_dy_pass_agrees_with_two_passes(device, dtype, d_in, d_out, r, kind):
-    """bf16 / fp16 at r <= 32: the backward's G = dY B and dB = dY^T Hs come from one pass over dY
-    (dy_pass_kernel, the default). Its sums run in another order than the two passes (row_gemm +
-    wgrad): every gradient agrees with them and with the CPU kernel within rounding, the forward is
-    untouched (bit for bit), and the fused pass reruns bit for bit."""
+    """bf16 / fp16: the backward's G = dY B and dB = dY^T Hs come from one pass over dY
+    (dy_pass_kernel; the default below r = 128, in rank chunks of 32 above r = 32; r = 128 with the
+    any-rank switch). Its sums run in another order than the two passes (row_gemm + wgrad): every
+    gradient agrees with them and with the CPU kernel within rounding, the forward is untouched (bit
+    for bit), and the fused pass reruns bit for bit."""
     n = 1025
     x, a, b, off, rs = make(n, 4, r, d_in, d_out, dtype, kind=kind)
     g = torch.Generator().manual_seed(9)
     up, base, base_dx = (torch.randn(n, c, generator=g).to(dtype).cuda() for c in (d_out, d_out, d_in))
     args = (*cuda_args(x, a, b, off, rs), up, base, base_dx)
     assert _C.grouped_lora_fused_dy(), "the fused dY pass is on by default"
-    fused = _all_grouped_ops(*args)
-    for u, v, name in zip(_all_grouped_ops(*args), fused, _ALL_OP_RESULTS):
-        assert_equal(u, v, f"fused dY pass rerun: {name}")
+    assert not _C.grouped_lora_fused_dy_any_rank(), "the fused pass serves r < 128 by default"
+    _C.set_grouped_lora_fused_dy_any_rank(r >= 128)
+    try:
+        fused = _all_grouped_ops(*args)
+        for u, v, name in zip(_all_grouped_ops(*args), fused, _ALL_OP_RESULTS):
+            assert_equal(u, v, f"fused dY pass rerun: {name}")
+    finally:
+        _C.set_grouped_lora_fused_dy_any_rank(False)
     _C.set_grouped_lora_fused_dy(False)
     try:
         two = _all_grouped_ops(*args)

@@ -40,13 +40,24 @@ def op_runs(dev: str, n: int = 4096, d_in: int = 1024, d_out: int = 2816, r: int
                      torch.bincount(expert, minlength=k).cumsum(0)]).to(torch.int32)
     rs = torch.rand(n, device=dev)
     logits = torch.randn(n, k, device=dev)
+    a128 = (torch.randn(k, 128, d_in, device=dev) * d_in ** -0.5).to(bf)
+    b128 = (torch.randn(k, d_out, 128, device=dev) * 128 ** -0.5).to(bf)
     runs = {
         "grouped_lora": lambda: [ops.grouped_lora(x, a, b, off, 2.0, rs)],
         "grouped_lora_backward": lambda: list(torch.ops.mole_ext.grouped_lora_backward(gy, x, a, b, off, 2.0, rs)),
         "grouped_lora_h": lambda: list(torch.ops.mole_ext.grouped_lora_h(x, a, b, off, 2.0, rs)),
-        # r = 32: G and dB from the fused pass over dY (dy_pass_kernel; r = 64 above takes two passes)
+        # r = 32: G and dB from the fused pass over dY (dy_pass_kernel; r = 64 above: the same pass in
+        # 2 rank chunks, blocks of two halves); r = 128: two passes by default, the fused pass in 4 rank chunks with the
+        # any-rank switch; r = 64 with the fused pass off: two passes
         "grouped_lora_backward r=32 (fused dY pass)": lambda: list(torch.ops.mole_ext.grouped_lora_backward(
             gy, x, a[:, :32].contiguous(), b[:, :, :32].contiguous(), off, 2.0, rs)),
+        "grouped_lora_backward r=64 (two dY passes)": lambda: _switched(
+            _C.set_grouped_lora_fused_dy, False, lambda: torch.ops.mole_ext.grouped_lora_backward(gy, x, a, b, off, 2.0, rs)),
+        "grouped_lora_backward r=128 (two dY passes)": lambda: list(torch.ops.mole_ext.grouped_lora_backward(
+            gy, x, a128, b128, off, 2.0, rs)),
+        "grouped_lora_backward r=128 (fused dY pass, any rank)": lambda: _switched(
+            _C.set_grouped_lora_fused_dy_any_rank, True,
+            lambda: torch.ops.mole_ext.grouped_lora_backward(gy, x, a128, b128, off, 2.0, rs)),
         # the backward autograd runs: given the forward's shrink (must equal the recomputing one)
         "grouped_lora_backward (saved h)": lambda: list(torch.ops.mole_ext.grouped_lora_backward(
             gy, x, a, b, off, 2.0, rs, torch.ops.mole_ext.grouped_lora_h(x, a, b, off, 2.0, rs)[1])),
@@ -58,6 +69,22 @@ def op_runs(dev: str, n: int = 4096, d_in: int = 1024, d_out: int = 2816, r: int
     return runs
 
 
+def _switched(put, value, fn):
+    """fn() with a CUDA kernels' A/B switch (mole_ext._C.set_grouped_lora_*) at `value`, then back."""
+    put(value)
+    try:
+        return list(fn())
+    finally:
+        put(not value)
+
+
+def _close(a, b, what, tol=3e-2):
+    for i, (u, v) in enumerate(zip(a, b)):
+        u, v = u.double(), v.double()
+        err = (u - v).abs().max().item() if u.numel() else 0.0
+        assert err <= tol * (v.abs().max().item() + 1e-12), f"{what}: output {i} differs by {err:.3e}"
+
+
 def test_every_op_reruns_bit_identically():
     runs = op_runs("cuda")
     for name, run in runs.items():
@@ -65,6 +92,11 @@ def test_every_op_reruns_bit_identically():
         torch.cuda.synchronize()
         _same(first, run(), name)
     _same(runs["grouped_lora_backward (saved h)"](), runs["grouped_lora_backward"](), "saved h vs recompute")
+    # the fused dY pass and two passes sum in another order: they agree within bf16 rounding
+    _close(runs["grouped_lora_backward"](), runs["grouped_lora_backward r=64 (two dY passes)"](),
+           "r = 64: fused (2 rank chunks) vs two dY passes")
+    _close(runs["grouped_lora_backward r=128 (fused dY pass, any rank)"](),
+           runs["grouped_lora_backward r=128 (two dY passes)"](), "r = 128: fused (4 rank chunks) vs two dY passes")
 
 
 def test_mole_ffn_forward_backward_reruns_bit_identically():

@@ -46,7 +46,7 @@ def test_forward_bytes_by_hand():
 
 
 def test_backward_bytes_by_hand():
-    # the plain op (the shrink runs again), two passes over dY (fp32, r > 32 or the switch off)
+    # the plain op (the shrink runs again), two passes over dY (fp32, r >= 128 or the switch off)
     t = traffic.grouped_lora(SMALL, "bwd", saved_h=False, fused_dy=False)
     assert t.minimum == Y + X + A + B + RS + OFF + X + A + B + RS
     # weight-gradient chunks fill a wave of 264 blocks: dA's 4 tiles want 64 chunks, dB's 8 tiles
@@ -80,9 +80,33 @@ def test_fused_dy_pass_bytes_by_hand():
             H + X + 18 * 16 * 256 * 4, 18 * 16 * 256 * 4 + A, dbp + B, H + A + X]
     assert [b for _, b in t.kernels] == want
     assert t.per_element("dY") == (2, 2) and two.per_element("dY") == (4, 2)
-    # r > 32 or a 4-byte dtype: two passes
-    for shape in (traffic.Shape(1024, 256, 512, 33, 2), traffic.Shape(1024, 256, 512, 16, 2, elem=4)):
+    # r >= 128 or a 4-byte dtype: two passes
+    for shape in (traffic.Shape(1024, 256, 512, 128, 2), traffic.Shape(1024, 256, 512, 16, 2, elem=4)):
         assert traffic.grouped_lora(shape, "bwd").per_element("dY") == (4 * shape.elem // 2, shape.elem)
+
+
+def test_fused_dy_pass_in_rank_chunks_by_hand():
+    """bf16, 32 < r < 128: the fused pass in rank chunks of 32, adjacent blocks, so dY is read once;
+    each chunk reads its columns of Hs and B, G and dB partials cover all r columns; a block covers
+    512 columns of dY (two halves). At r = 64 the 1 column chunk x 2 rank chunks want 264 / 2 - 2 =
+    130 -> 64 row chunks: the 64-row minimum, 18. Its G partials (8 r / 512 = 1 byte per element of
+    dY) cost less than the second read of dY (2); at r = 128 they cost as much (lora_tiles.h's
+    dy_pass_pays), so the default is two passes there and any_rank forces the pass."""
+    r = 64
+    h, hp, b = 1024 * r * 2, 1024 * r * 4, 2 * 512 * r * 2
+    t = traffic.grouped_lora(traffic.Shape(1024, 256, 512, r, 2), "bwd")
+    assert t.per_element("dY") == (2, 2)
+    name, nbytes = t.kernels[2]
+    assert "1 column chunk(s) of 512, 2 adjacent rank chunk(s), 18 row chunks" in name
+    assert nbytes == Y + h + b + 1 * hp + 18 * 512 * r * 4
+    assert traffic.dy_pass_pays(63, 256, 2) and not traffic.dy_pass_pays(64, 256, 2)
+    assert traffic.dy_pass_pays(127, 512, 2) and not traffic.dy_pass_pays(128, 512, 2)
+    assert [traffic.dy_pass_halves(r) for r in (1, 32, 33, 128)] == [1, 1, 2, 2]
+    for r, any_rank, fused in ((40, False, True), (96, False, True), (128, False, False), (128, True, True)):
+        t = traffic.grouped_lora(traffic.Shape(1024, 256, 512, r, 2), "bwd", fused_any_rank=any_rank)
+        assert t.per_element("dY") == ((2, 2) if fused else (4, 2)), (r, any_rank)
+        if fused:
+            assert f"of 512, {-(-r // 32)} adjacent rank chunk(s)" in t.kernels[2][0]
 
 
 def test_adjacent_column_tiles_read_x_and_dy_once_even_past_the_l2():

@@ -165,6 +165,50 @@ MOLE_HD WgradShape grad_a_shape(int64_t r, int64_t in) { return WgradShape{r, r,
 // dB_k [out, r] = dY_k^T Hs_k
 MOLE_HD WgradShape grad_b_shape(int64_t out, int64_t r) { return WgradShape{out, out, r, r}; }
 
+// ---- the fused dY pass (dy_pass_kernel): G = dY B_k and dB_k = dY_k^T Hs_k in one pass ----
+// A block covers a row chunk x a column chunk of dY x a rank chunk of `width` (32) columns of B_k
+// and Hs. G[:, c] and dB[:, c] of a rank chunk c need only B_k[:, c] and Hs[:, c], so every rank
+// chunk is the r <= width computation on a column slice, writing its own slice of the partials.
+// blockIdx.x = (row chunk * col_chunks + column chunk) * rank_chunks + rank chunk: the rank chunks of
+// one dY tile are adjacent blocks (as row_gemm's column tiles of a row tile), so they run side by
+// side and the tile comes from DRAM once, the other rank chunks hitting L2. With one rank chunk
+// (r <= width) this is row chunk * col_chunks + column chunk, the order of the r <= 32 kernel.
+// (32-bit divisions: the grid has fewer than 2^31 blocks; a 64-bit one is a called subroutine.)
+struct DyPassBlock {
+  int64_t row_chunk;
+  int64_t col_chunk;
+  int64_t rank_chunk;
+};
+
+MOLE_HD DyPassBlock dy_pass_block(uint32_t block, uint32_t col_chunks, uint32_t rank_chunks) {
+  const uint32_t tile = block / rank_chunks;
+  return DyPassBlock{static_cast<int64_t>(tile / col_chunks), static_cast<int64_t>(tile % col_chunks),
+                     static_cast<int64_t>(block % rank_chunks)};
+}
+
+// Rank chunks of `width` columns over r (at least one, so r = 0 still has its block of zeros).
+MOLE_HD int64_t dy_pass_rank_chunks(int64_t r, int64_t width) {
+  const int64_t c = index_math::ceil_div(r, width);
+  return c < 1 ? 1 : c;
+}
+
+// Valid columns of rank chunk `chunk`: width, or what is left of r in the last one.
+MOLE_HD int dy_pass_rank_cols(int64_t r, int64_t chunk, int64_t width) {
+  const int64_t left = r - chunk * width;
+  return static_cast<int>(left < 0 ? 0 : (left < width ? left : width));
+}
+
+// Halves of a dy_pass block: 1 for r <= width (256 threads over 256 columns of dY, the r <= 32
+// kernel), 2 above (rank chunks; 512 threads over 512 columns, so G's partials cost half as much).
+MOLE_HD int dy_pass_halves(int64_t r, int64_t width) { return r <= width ? 1 : 2; }
+
+// Whether the fused pass moves fewer DRAM bytes than two passes: it saves the second read of dY
+// (elem_bytes per element of dY) and writes, then reads back, G in fp32 per column chunk of `cols`
+// columns (8 r / cols bytes per element of dY). For 16-bit types: r < 64 at 256 columns, r < 128 at
+// 512. (Its dB partials cost about what the two-pass weight gradient's do; bench/traffic.py models
+// both: at the break-even, r = 128 over 512 columns, two passes move slightly less.)
+MOLE_HD bool dy_pass_pays(int64_t r, int64_t cols, int64_t elem_bytes) { return 8 * r < elem_bytes * cols; }
+
 // ---- 16-byte vector access (tile loads and epilogues) ----
 // A row of a tile is moved in chunks of v = 16 / element-bytes elements. The chunk at column c0
 // (a multiple of v) of a row with cv valid columns holds vec_chunk_valid(c0, v, cv) of them: v

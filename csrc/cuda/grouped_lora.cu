@@ -33,11 +33,15 @@
 //   grouped_lora_h / lora_linear_h (what autograd runs) also keep the unscaled H = sum_split Hp
 //   ([N, r] fp32, written by finish_h: tiny next to x) for the backward.
 // Backward: H is the forward's (the `h` argument) or, without it, recomputed as in 1.
-//   bf16 / fp16 with r <= 32 (sm_80+, switch grouped_lora_fused_dy on, the default):
+//   bf16 / fp16 with r < 128 (sm_80+, switch grouped_lora_fused_dy on, the default; every r with
+//   grouped_lora_fused_dy_any_rank):
 //   2. finish_h: Hs = dtype(m_i H)
 //   3. dy_pass: one pass over dY tiles: G partials (dY B_k per 256 columns of dY) and dB_k partials
 //      (dY_k^T Hs_k per row chunk, its accumulators in registers over the chunk's rows); its tiles
-//      double-buffered with cp.async where every row is 16-byte aligned (the pipeline switch)
+//      double-buffered with cp.async where every row is 16-byte aligned (the pipeline switch).
+//      r > 32 runs in rank chunks of 32 columns of B_k / Hs / the partials, one block each, the
+//      chunks of a dY tile adjacent blocks (lt::dy_pass_block), so dY still comes from DRAM once;
+//      its blocks are two halves of 256 threads over 512 columns of dY (G partials per 512 columns).
 //   otherwise: G = dY B_k (row_gemm<PARTIAL> split over out), and dB later from its own pass.
 // finish_bwd gives dH = m_i G, Hs = m_i H and d row_scale[i] = scaling <G_i, H_i>; then dA_k =
 // dH_k^T X_k (wgrad + wgrad_reduce), dB_k (wgrad_reduce of the dy_pass partials, or wgrad + reduce
@@ -51,13 +55,16 @@
 // activations for bf16 (implemented / minimum; rank-r, weight and partial traffic aside):
 //   forward:  x 2 / 2 (read once), y 2 / 2 (written once; add_out 4 / 4);
 //   backward with the saved H: x 4 / 4 (read once by dA, dX written once; add_out 6 / 6);
-//             dY 2 / 2 with the fused pass (r <= 32), 4 / 2 with two passes (r > 32, fp32);
+//             dY 2 / 2 with the fused pass (r < 128), 4 / 2 with two passes (r >= 128, fp32);
 //   backward without it (the plain ops): x 6 / 4 (the shrink reads x again).
 // The fused pass trades dY's second read for fp32 partials: a block covering R rows x W columns of
 // dY keeps dB [W, r] in registers over its rows and writes G [rows, r] per W columns, about 8 r / W
-// + 8 r / R bytes per element of dY (W = 256; R = a row chunk, N / 8 or less): 0.5 + small at r =
-// 16, 1 at r = 32 (against 2 for the second read). At r = 64 dB's accumulators would need twice the
-// registers (past 2 blocks per SM) or W = 128 (G's partials then cost 4 of the 2 they save).
+// + 8 r / R bytes per element of dY (W = 256 up to r = 32, 512 above; R = a row chunk, N / 8 or
+// less): 0.5 + small at r = 16, 1 at r = 32 and at r = 64 (against 2 for the second read), 2 at
+// r = 128 (the break-even, lt::dy_pass_pays: two passes, slightly less, run by default). Rank chunks
+// keep dB's accumulators at 64 x 32 per warp (all of r = 64 would need twice the registers, past 2
+// blocks of 256 threads per SM); the 512 columns come from a second half of 8 warps (512 threads, 1
+// block per SM: the same threads per SM). Still fewer G partials need dB accumulators beyond registers.
 // Rounding: Hs and dH are rounded once to the input dtype before the second GEMM (PyTorch's
 // bf16 LoRA rounds the same intermediates), everything else accumulates in fp32 (fp64 for fp64).
 //
@@ -259,6 +266,11 @@ std::atomic<bool>& fused_dy_flag() {
   static std::atomic<bool> on{!env_flag("MOLE_EXT_GROUPED_LORA_NO_FUSED_DY")};
   return on;
 }
+
+std::atomic<bool>& fused_dy_any_rank_flag() {
+  static std::atomic<bool> on{env_flag("MOLE_EXT_GROUPED_LORA_FUSED_DY_ANY_RANK")};
+  return on;
+}
 }  // namespace
 
 void set_grouped_lora_vectorized(bool on) { vectorized_flag().store(on); }
@@ -267,6 +279,8 @@ void set_grouped_lora_pipelined(bool on) { pipelined_flag().store(on); }
 bool grouped_lora_pipelined() { return pipelined_flag().load(); }
 void set_grouped_lora_fused_dy(bool on) { fused_dy_flag().store(on); }
 bool grouped_lora_fused_dy() { return fused_dy_flag().load(); }
+void set_grouped_lora_fused_dy_any_rank(bool on) { fused_dy_any_rank_flag().store(on); }
+bool grouped_lora_fused_dy_any_rank() { return fused_dy_any_rank_flag().load(); }
 }  // namespace tuning
 
 TORCH_LIBRARY_IMPL(mole_ext, CUDA, m) {

@@ -210,21 +210,25 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradArgs<S> p) {
   }
 }
 
-// ---- dy_pass: G = dY B_k and dB_k = dY_k^T Hs_k in one pass over dY (16-bit types, r <= 32) ----
+// ---- dy_pass: G = dY B_k and dB_k = dY_k^T Hs_k in one pass over dY (16-bit types) ----
 //
-// One block per (row chunk of a segment, chunk of kDyPassCols columns of dY). It walks the chunk's
-// rows in steps of BK and each step's columns in kDyPassSub sub-steps of 64: one dY tile in shared
+// One block per (row chunk of a segment, chunk of kDyPassCols columns of dY (twice that with two
+// halves, r > 32), rank chunk of kDyPassRank columns of B_k and Hs; lt::dy_pass_block: the rank
+// chunks of a dY tile adjacent, so with r > 32 the tile comes from DRAM once and from L2 for the
+// other rank chunks). It walks the chunk's rows in steps of BK and each step's columns in kDyPassSub
+// sub-steps of 64 per half: one dY tile in shared
 // memory feeds both products. dB's accumulators (64 columns x 32 per sub-step) stay in registers
 // over all of the chunk's rows and are written once as an fp32 partial per row chunk (reduced by
 // wgrad_reduce, as wgrad's); G's (BK rows x 32) accumulate over the block's columns and are written
 // per row step as an fp32 partial per column chunk (summed by finish_bwd, as the split G's). The
 // rank is padded to 32 with zero-filled columns of Hs and B_k. Fixed partition, fixed order, no
-// atomics: every run gives the same bits.
+// atomics: every run gives the same bits. A rank chunk reads and writes only its own columns of Hs,
+// B_k and the partials: with r <= 32 (one rank chunk) the kernel is the r <= 32 one, bit for bit.
 constexpr int kDyPassSub = 4;                  // 64-column sub-steps per block
-constexpr int kDyPassCols = 256;               // columns of dY per block
+constexpr int kDyPassCols = 256;               // columns of dY per block (per half)
 static_assert(kDyPassCols == 64 * kDyPassSub, "a block's columns are its 64-column sub-steps");
 static_assert(BK == 32, "dy_pass_kernel's row step is two 16-row fragments");
-constexpr int kDyPassRank = 32;                // the largest rank it serves (r padded to it)
+constexpr int kDyPassRank = 32;                // columns of a rank chunk (the last one padded to it)
 constexpr int kDyPassStages = 2;               // the cp.async pipeline's depth (double buffering)
 
 template <typename S>
@@ -234,46 +238,77 @@ struct DyPassArgs {
   const S* b;         // lora_b [K, out, r]
   const int64_t* offsets;
   int64_t k_seg, n, out, r, chunk_rows, col_chunks;
+  int64_t rank_chunks;  // ceil(r / kDyPassRank): blockIdx.x = (row chunk * col_chunks + col chunk) * rank_chunks + rank chunk
   float* gp;          // [col_chunks, N, r]: G over each column chunk
   float* dbp;         // [row chunks, out, r]: dB over each row chunk
   bool dy_vec, hs_vec, b_vec;  // 16-byte loads (every row 16-byte aligned)
-  bool out_vec;                // 16-byte stores of the partials (r a multiple of 4)
+  bool out_vec;                // 16-byte stores of the partials (r a multiple of 4: every row and rank chunk aligned)
 };
 
-// rows x r of an fp32 tile staged in shared memory (ld DyPassSmem::LDC) to global memory at o
-// (row stride r): 16-byte stores where `vec` (rows 16-byte aligned), else element by element.
-template <int ROWS, int LDC>
-__device__ __forceinline__ void store_rank_tile(float* o, const float* sC, int rows, int r, bool vec) {
+// rows x rv of an fp32 tile staged in shared memory (ld LDC) to global memory at o (row stride
+// ld = r; rv columns: a rank chunk's) by NT threads: 16-byte stores where `vec` (rows 16-byte
+// aligned), else element by element. SUM2: the tile is sC + sC2 (two halves' G, added in that order).
+template <int ROWS, int LDC, int NT = kThreads, bool SUM2 = false>
+__device__ __forceinline__ void store_rank_tile(float* o, const float* sC, int rows, int64_t ld, int rv, bool vec,
+                                                const float* sC2 = nullptr) {
   if (vec) {
-    for (int idx = threadIdx.x; idx < ROWS * (kDyPassRank / 4); idx += kThreads) {
+    for (int idx = threadIdx.x; idx < ROWS * (kDyPassRank / 4); idx += NT) {
       const int m = idx / (kDyPassRank / 4), c0 = (idx % (kDyPassRank / 4)) * 4;
-      const int valid = m < rows ? lt::vec_chunk_valid(c0, 4, r) : 0;
+      const int valid = m < rows ? lt::vec_chunk_valid(c0, 4, rv) : 0;
       if (valid == 4) {
-        store16_global(o + static_cast<int64_t>(m) * r + c0, *reinterpret_cast<const uint4*>(sC + m * LDC + c0));
+        float4 v = *reinterpret_cast<const float4*>(sC + m * LDC + c0);
+        if constexpr (SUM2) {
+          const float4 w = *reinterpret_cast<const float4*>(sC2 + m * LDC + c0);
+          v.x += w.x;
+          v.y += w.y;
+          v.z += w.z;
+          v.w += w.w;
+        }
+        store16_global(o + m * ld + c0, *reinterpret_cast<const uint4*>(&v));
       } else {
-        for (int i = 0; i < valid; ++i) o[static_cast<int64_t>(m) * r + c0 + i] = sC[m * LDC + c0 + i];
+        for (int i = 0; i < valid; ++i) {
+          float v = sC[m * LDC + c0 + i];
+          if constexpr (SUM2) v += sC2[m * LDC + c0 + i];
+          o[m * ld + c0 + i] = v;
+        }
       }
     }
     return;
   }
-  for (int idx = threadIdx.x; idx < ROWS * kDyPassRank; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < ROWS * kDyPassRank; idx += NT) {
     const int m = idx / kDyPassRank, j = idx % kDyPassRank;
-    if (m < rows && j < r) o[static_cast<int64_t>(m) * r + j] = sC[m * LDC + j];
+    if (m < rows && j < rv) {
+      float v = sC[m * LDC + j];
+      if constexpr (SUM2) v += sC2[m * LDC + j];
+      o[m * ld + j] = v;
+    }
   }
 }
 
-template <typename S>
+// HALVES: 1 (r <= 32: 256 threads, 256 columns of dY per block) or 2 (r > 32, rank chunks: 512
+// threads, two halves of 8 warps side by side over 512 columns, each half the 256-thread block's
+// work on its 64 of each 128-column sub-step; the halves' G fragments are added in the block
+// before the partial is written, so G's partials cost half as much: 8 r / 512 bytes per element).
+template <typename S, int HALVES = 1>
 struct DyPassSmem {
-  static constexpr int LDY = 64 + 8;               // dY tile [BK rows][LDY]
-  static constexpr int LDR = kDyPassRank + 8;      // B_k tile [64 cols][LDR], Hs tile [BK rows][LDR]
-  static constexpr int LDC = kDyPassRank + 4;      // fp32 staging [64][LDC] of the epilogues
+  static constexpr int kTileCols = 64 * HALVES;    // dY columns of a sub-step
+  static constexpr int LDY = kTileCols + 8;        // dY tile [BK rows][LDY]
+  static constexpr int LDR = kDyPassRank + 8;      // B_k tile [kTileCols][LDR], Hs tile [BK rows][LDR]
+  static constexpr int LDC = kDyPassRank + 4;      // fp32 staging of the epilogues
   static constexpr size_t kY = sizeof(S) * BK * LDY;
-  static constexpr size_t kB = sizeof(S) * 64 * LDR;
+  static constexpr size_t kB = sizeof(S) * kTileCols * LDR;
   static constexpr size_t kH = sizeof(S) * BK * LDR;
   static constexpr size_t kStage = kY + kB + kH;   // one step's tiles
-  static constexpr size_t kC = sizeof(float) * 64 * LDC;
+  // after the stages: one half, [64][LDC] for both epilogues; two halves, [BK][LDC] for the first
+  // half's G (the second's goes to its step's stage; dB's [kTileCols][LDC] reuses the stages once the
+  // last step is done: kEnd bytes)
+  static constexpr size_t kC = sizeof(float) * (HALVES == 1 ? 64 : BK) * LDC;
+  static constexpr size_t kEnd = sizeof(float) * kTileCols * LDC;
   // kDyPassStages stages with the cp.async pipeline, one without; the epilogues' staging area after them
   static constexpr size_t bytes(bool pipelined) { return (pipelined ? kDyPassStages : 1) * kStage + kC; }
+  static_assert(HALVES == 1 || HALVES == 2, "one or two halves");
+  static_assert(HALVES == 1 ? kEnd == kC : (kEnd <= kStage && sizeof(float) * BK * LDC <= kStage),
+                "dB's staging fits its area, the second half's G a stage");
   static_assert(kY % 32 == 0 && (kY + kB) % 32 == 0 && kStage % 128 == 0, "tiles start 32-byte aligned");
   static_assert((sizeof(S) * 16 * LDY) % 32 == 0 && (sizeof(S) * 16 * LDR) % 32 == 0 &&
                     (sizeof(float) * 16 * LDC) % 32 == 0 && (sizeof(S) * LDY) % 16 == 0 &&
@@ -286,53 +321,60 @@ struct DyPassSmem {
 // PIPE: the tiles of the next kDyPassStages - 1 steps are in flight (cp.async, sm_80+; dY, Hs and B_k
 // rows 16-byte aligned: the host's dy_vec, hs_vec, b_vec) while a step multiplies; else each step
 // loads, waits at a barrier, multiplies. The same products in the same order: the same bits.
-template <typename S, bool PIPE>
-__global__ void __launch_bounds__(kThreads) dy_pass_kernel(const DyPassArgs<S> p) {
-  __shared__ __align__(128) unsigned char smem[DyPassSmem<S>::bytes(PIPE)];
+template <typename S, bool PIPE, int HALVES = 1>
+__global__ void __launch_bounds__(kThreads * HALVES) dy_pass_kernel(const DyPassArgs<S> p) {
+  using L = DyPassSmem<S, HALVES>;
+  __shared__ __align__(128) unsigned char smem[L::bytes(PIPE)];
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
-  using L = DyPassSmem<S>;
+  constexpr int NT = kThreads * HALVES;  // threads of the block
+  constexpr int TC = L::kTileCols;       // dY columns of a sub-step (64 per half)
   constexpr int kNumStages = PIPE ? kDyPassStages : 1;
   float* sC = reinterpret_cast<float*>(smem + kNumStages * L::kStage);
-  // blockIdx.x = row chunk * col_chunks + column chunk (the column chunks of a row chunk adjacent:
-  // its rows of Hs are read from DRAM once)
-  const unsigned col_chunks = static_cast<unsigned>(p.col_chunks);
-  const int64_t chunk = blockIdx.x / col_chunks;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.x % col_chunks) * kDyPassCols;
+  // blockIdx.x = (row chunk * col_chunks + column chunk) * rank_chunks + rank chunk (lt::dy_pass_block:
+  // the rank chunks of a dY tile adjacent, so it comes from DRAM once; the column chunks of a row
+  // chunk adjacent, so its rows of Hs do)
+  const lt::DyPassBlock blk = lt::dy_pass_block(blockIdx.x, static_cast<uint32_t>(p.col_chunks),
+                                                static_cast<uint32_t>(p.rank_chunks));
+  const int64_t chunk = blk.row_chunk;
+  const int64_t c0 = blk.col_chunk * (kDyPassCols * HALVES);
+  const int64_t j0 = blk.rank_chunk * kDyPassRank;  // this block's columns of B_k, Hs, G and dB
   const lt::SegTile st = lt::seg_tile(p.offsets, p.k_seg, p.n, p.chunk_rows, chunk);
-  const int rv_all = static_cast<int>(p.r);
-  const S* bseg = p.b + st.segment * p.out * p.r;
+  const int rv_all = lt::dy_pass_rank_cols(p.r, blk.rank_chunk, kDyPassRank);
+  const S* bseg = p.b + st.segment * p.out * p.r + j0;
   const int warp = threadIdx.x / kWarp;
-  const int mf = warp % 4, nf = warp / 4;  // dB fragment of this warp in a sub-step: 4 x 2 of 16 x 16
-  const int gm = warp % 2, gn = warp / 2;  // G fragment (warps 0-3): 2 x 2 of 16 x 16
-  // step t: rows [row_begin + (t / kDyPassSub) * BK, + BK), columns c0 + 64 * (t % kDyPassSub)
+  const int half = warp / 8, wh = warp % 8;  // the half (of 8 warps) and the warp within it
+  const int mf = wh % 4, nf = wh / 4;  // dB fragment of this warp in a sub-step: 4 x 2 of 16 x 16 per half
+  const int gm = wh % 2, gn = wh / 2;  // G fragment (warps 0-3 of a half): 2 x 2 of 16 x 16
+  const int hc = half * 64;            // the half's first column of the sub-step's tile
+  // step t: rows [row_begin + (t / kDyPassSub) * BK, + BK), columns c0 + TC * (t % kDyPassSub)
   const int64_t nrows = st.row_end > st.row_begin ? st.row_end - st.row_begin : 0;
   // (32-bit step numbers: a row chunk holds far fewer than 2^31 / kDyPassSub * BK rows, and 64-bit
   // division or modulo by 3 would be a called subroutine with a stack frame, local memory)
   const int steps = static_cast<int>(index_math::ceil_div(nrows, static_cast<int64_t>(BK))) * kDyPassSub;
   auto stage = [&](int t) { return smem + (PIPE ? static_cast<unsigned>(t) % kDyPassStages : 0u) * L::kStage; };
-  // Loads step t's tiles (dY [rows x 64], B_k [64 x r], Hs [rows x r]) into its stage, zero-filled;
+  // Loads step t's tiles (dY [rows x TC], B_k [TC x r], Hs [rows x r]) into its stage, zero-filled;
   // pipelined, commits a group either way (nothing past the last step).
   auto load = [&](int t) {
     if (t < steps) {
       const int64_t row0 = st.row_begin + static_cast<int64_t>(t / kDyPassSub) * BK;
       const int rows = static_cast<int>(st.row_end - row0 < BK ? st.row_end - row0 : BK);
-      const int64_t col = c0 + 64 * (t % kDyPassSub);
-      const int cols = static_cast<int>(p.out - col < 64 ? (p.out - col > 0 ? p.out - col : 0) : 64);
+      const int64_t col = c0 + TC * (t % kDyPassSub);
+      const int cols = static_cast<int>(p.out - col < TC ? (p.out - col > 0 ? p.out - col : 0) : TC);
       S* y = reinterpret_cast<S*>(stage(t));
       S* b = reinterpret_cast<S*>(stage(t) + L::kY);
       S* h = reinterpret_cast<S*>(stage(t) + L::kY + L::kB);
       const S* ysrc = p.dy + row0 * p.out + (cols > 0 ? col : 0);
       const S* bsrc = bseg + (cols > 0 ? col : 0) * p.r;
-      const S* hsrc = p.hs + row0 * p.r;
+      const S* hsrc = p.hs + row0 * p.r + j0;
       if constexpr (PIPE) {
-        async_tile<S, BK, 64, L::LDY>(y, ysrc, p.out, rows, cols);
-        async_tile<S, 64, kDyPassRank, L::LDR>(b, bsrc, p.r, cols, rv_all);
-        async_tile<S, BK, kDyPassRank, L::LDR>(h, hsrc, p.r, rows, rv_all);
+        async_tile<S, BK, TC, L::LDY, NT>(y, ysrc, p.out, rows, cols);
+        async_tile<S, TC, kDyPassRank, L::LDR, NT>(b, bsrc, p.r, cols, rv_all);
+        async_tile<S, BK, kDyPassRank, L::LDR, NT>(h, hsrc, p.r, rows, rv_all);
       } else {
-        load_tile<S, BK, 64, L::LDY>(y, ysrc, p.out, 1, rows, cols, true, p.dy_vec);
-        load_tile<S, 64, kDyPassRank, L::LDR>(b, bsrc, p.r, 1, cols, rv_all, true, p.b_vec);
-        load_tile<S, BK, kDyPassRank, L::LDR>(h, hsrc, p.r, 1, rows, rv_all, true, p.hs_vec);
+        load_tile<S, BK, TC, L::LDY, NT>(y, ysrc, p.out, 1, rows, cols, true, p.dy_vec);
+        load_tile<S, TC, kDyPassRank, L::LDR, NT>(b, bsrc, p.r, 1, cols, rv_all, true, p.b_vec);
+        load_tile<S, BK, kDyPassRank, L::LDR, NT>(h, hsrc, p.r, 1, rows, rv_all, true, p.hs_vec);
       }
     }
     if constexpr (PIPE) cp_async_commit();
@@ -365,9 +407,9 @@ __global__ void __launch_bounds__(kThreads) dy_pass_kernel(const DyPassArgs<S> p
     {  // dB[cols, :] += dY^T Hs over this step's rows (k = 0, then 16)
       wmma::fragment<wmma::matrix_a, 16, 16, 16, S, wmma::col_major> fa0, fa1;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, S, wmma::row_major> fb0, fb1;
-      load_frag_shared(fa0, sY + mf * 16, L::LDY);
+      load_frag_shared(fa0, sY + hc + mf * 16, L::LDY);
       load_frag_shared(fb0, sH + nf * 16, L::LDR);
-      load_frag_shared(fa1, sY + 16 * L::LDY + mf * 16, L::LDY);
+      load_frag_shared(fa1, sY + 16 * L::LDY + hc + mf * 16, L::LDY);
       load_frag_shared(fb1, sH + 16 * L::LDR + nf * 16, L::LDR);
 #pragma unroll
       for (int si = 0; si < kDyPassSub; ++si) {
@@ -377,40 +419,54 @@ __global__ void __launch_bounds__(kThreads) dy_pass_kernel(const DyPassArgs<S> p
         }
       }
     }
-    if (warp < 4) {
+    if (wh < 4) {
       // (two k-steps at a time: fully unrolled, the pipelined fp16 variant spilled 8 bytes at 128
       // registers)
 #pragma unroll 2
-      for (int kk = 0; kk < 64; kk += 16) {  // G[rows, :] += dY B_k over this sub-step's columns
+      for (int kk = 0; kk < 64; kk += 16) {  // G[rows, :] += dY B_k over this half's columns of the sub-step
         wmma::fragment<wmma::matrix_a, 16, 16, 16, S, wmma::row_major> fa;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, S, wmma::row_major> fb;
-        load_frag_shared(fa, sY + gm * 16 * L::LDY + kk, L::LDY);
-        load_frag_shared(fb, sB + kk * L::LDR + gn * 16, L::LDR);
+        load_frag_shared(fa, sY + gm * 16 * L::LDY + hc + kk, L::LDY);
+        load_frag_shared(fb, sB + (hc + kk) * L::LDR + gn * 16, L::LDR);
         wmma::mma_sync(g, fa, fb, g);
       }
     }
     if (s == kDyPassSub - 1) {  // the row step's G over this block's columns: an fp32 partial
       const int64_t row0 = st.row_begin + static_cast<int64_t>(t / kDyPassSub) * BK;
       const int rows = static_cast<int>(st.row_end - row0 < BK ? st.row_end - row0 : BK);
-      if (warp < 4) wmma::store_matrix_sync(sC + gm * 16 * L::LDC + gn * 16, g, L::LDC, wmma::mem_row_major);
-      __syncthreads();
-      store_rank_tile<BK, L::LDC>(p.gp + (static_cast<int64_t>(blockIdx.x % col_chunks) * p.n + row0) * p.r, sC,
-                                  rows, rv_all, p.out_vec);
+      float* o = p.gp + (blk.col_chunk * p.n + row0) * p.r + j0;
+      if constexpr (HALVES == 1) {
+        if (warp < 4) wmma::store_matrix_sync(sC + gm * 16 * L::LDC + gn * 16, g, L::LDC, wmma::mem_row_major);
+        __syncthreads();
+        store_rank_tile<BK, L::LDC>(o, sC, rows, p.r, rv_all, p.out_vec);
+      } else {
+        // the second half's G is staged in this step's stage, free once every warp is done with its
+        // tiles (the barrier; refilled only past the next step's barrier), the first half's in sC;
+        // the partial is their sum, first half + second half
+        float* sG1 = reinterpret_cast<float*>(stage(t));
+        __syncthreads();
+        if (wh < 4) wmma::store_matrix_sync((half == 0 ? sC : sG1) + gm * 16 * L::LDC + gn * 16, g, L::LDC,
+                                            wmma::mem_row_major);
+        __syncthreads();
+        store_rank_tile<BK, L::LDC, NT, true>(o, sC, rows, p.r, rv_all, p.out_vec, sG1);
+      }
       // sC is written again kDyPassSub steps later, past their barriers
     }
     if constexpr (!PIPE) __syncthreads();  // the stage is loaded again next step
   }
   if constexpr (PIPE) cp_async_wait<0>();  // only empty groups are left; none may outlive the block
-  __syncthreads();  // the last G partial is read out of sC before the dB epilogue overwrites it
-  // dB partial of this row chunk (zeros for an idle chunk: an empty segment's gradient is +0)
-  float* dout = p.dbp + chunk * p.out * p.r;
+  __syncthreads();  // the last G partial is read out of sC (and, two halves, the last step's tiles)
+  // dB partial of this row chunk (zeros for an idle chunk: an empty segment's gradient is +0); two
+  // halves stage it in the stages' memory, [TC][LDC]
+  float* sE = HALVES == 1 ? sC : reinterpret_cast<float*>(smem);
+  float* dout = p.dbp + chunk * p.out * p.r + j0;
 #pragma unroll
   for (int s = 0; s < kDyPassSub; ++s) {
-    const int64_t col = c0 + 64 * s;
-    wmma::store_matrix_sync(sC + mf * 16 * L::LDC + nf * 16, db[s], L::LDC, wmma::mem_row_major);
+    const int64_t col = c0 + TC * s;
+    wmma::store_matrix_sync(sE + (hc + mf * 16) * L::LDC + nf * 16, db[s], L::LDC, wmma::mem_row_major);
     __syncthreads();
-    const int cols = static_cast<int>(p.out - col < 64 ? (p.out - col > 0 ? p.out - col : 0) : 64);
-    store_rank_tile<64, L::LDC>(dout + (cols > 0 ? col : 0) * p.r, sC, cols, rv_all, p.out_vec);
+    const int cols = static_cast<int>(p.out - col < TC ? (p.out - col > 0 ? p.out - col : 0) : TC);
+    store_rank_tile<TC, L::LDC, NT>(dout + (cols > 0 ? col : 0) * p.r, sE, cols, p.r, rv_all, p.out_vec);
     __syncthreads();
   }
 #endif

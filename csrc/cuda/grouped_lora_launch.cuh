@@ -42,13 +42,13 @@ inline bool force_simt() {
   return on;
 }
 
-// Resident blocks per SM of `Kernel` at kThreads threads (its static shared memory included), from
+// Resident blocks per SM of `Kernel` at Threads threads (its static shared memory included), from
 // the occupancy API, asked once per kernel; kGemmMinBlocksPerSm if the API fails.
-template <auto Kernel>
+template <auto Kernel, int Threads = kThreads>
 int resident_blocks() {
   static const int n = [] {
     int b = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, Kernel, kThreads, 0) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, Kernel, Threads, 0) != cudaSuccess) {
       (void)cudaGetLastError();  // leave no error behind for the next launch check
       b = 0;
     }
@@ -308,16 +308,23 @@ void weight_grad(const Prepared& p, const lt::WgradShape& sh, const at::Tensor& 
 }
 
 // Whether the backward runs G and dB in one pass over dY (dy_pass_kernel): bf16 / fp16 on tensor
-// cores, r <= kDyPassRank, a non-empty `out`, sm_80+, and the switch on (tuning.h).
+// cores, a non-empty `out`, sm_80+, the switch on (tuning.h), and a rank at which the pass moves
+// fewer DRAM bytes than two (lt::dy_pass_pays: r < 128; any rank with grouped_lora_fused_dy_any_rank,
+// the A/B switch of the benchmarks). r > 32 runs in rank chunks of kDyPassRank, two halves a block.
 template <typename S>
 bool use_dy_pass(const Prepared& p, bool tc) {
-  return kIs16Bit<S> && tc && p.r <= kDyPassRank && p.out > 0 && tuning::grouped_lora_fused_dy() &&
+  const int64_t cols = static_cast<int64_t>(kDyPassCols) * lt::dy_pass_halves(p.r, kDyPassRank);
+  const bool rank_ok = lt::dy_pass_pays(p.r, cols, static_cast<int64_t>(sizeof(S))) ||
+                       tuning::grouped_lora_fused_dy_any_rank();
+  return kIs16Bit<S> && tc && rank_ok && p.out > 0 && tuning::grouped_lora_fused_dy() &&
          at::cuda::getCurrentDeviceProperties()->major >= 8;
 }
 
 // The one pass over dY: *gp = G partials [column chunks, N, r] (fp32), *dbp = dB partials
-// [row chunks, out, r] (fp32) over row chunks of *db_chunk_rows rows. The row chunks fill whole
-// waves of the kernel's occupancy, as the weight gradients' (lt::wgrad_target_chunks).
+// [row chunks, out, r] (fp32) over row chunks of *db_chunk_rows rows, each block one rank chunk of
+// kDyPassRank columns; r > 32: blocks of two halves (512 threads, 512 columns of dY). The row
+// chunks fill whole waves of the kernel's occupancy over the column and rank chunks' blocks, as the
+// weight gradients' (lt::wgrad_target_chunks).
 template <typename S>
 void dy_pass(const Prepared& p, const at::Tensor& gy, const at::Tensor& hs, at::Tensor* gp, int64_t* g_splits,
              at::Tensor* dbp, int64_t* db_chunk_rows) {
@@ -330,17 +337,22 @@ void dy_pass(const Prepared& p, const at::Tensor& gy, const at::Tensor& hs, at::
   a.n = p.n;
   a.out = p.out;
   a.r = p.r;
-  a.col_chunks = index_math::ceil_div(p.out, static_cast<int64_t>(kDyPassCols));
+  const int halves = lt::dy_pass_halves(p.r, kDyPassRank);
+  a.col_chunks = index_math::ceil_div(p.out, static_cast<int64_t>(kDyPassCols) * halves);
+  a.rank_chunks = lt::dy_pass_rank_chunks(p.r, kDyPassRank);
   a.dy_vec = vec_rows<S>(a.dy, p.out);
   a.hs_vec = vec_rows<S>(a.hs, p.r);
   a.b_vec = vec_rows<S>(a.b, p.r) && (p.out * p.r * static_cast<int64_t>(sizeof(S))) % 16 == 0;
   a.out_vec = tuning::grouped_lora_vectorized() && p.r % 4 == 0;  // fp32 rows of r: 16-byte aligned
   // the cp.async main loop where every operand comes in 16-byte rows (as the GEMMs')
   const bool pipelined = tuning::grouped_lora_pipelined() && a.dy_vec && a.hs_vec && a.b_vec;
-  const int resident =
-      pipelined ? resident_blocks<&dy_pass_kernel<S, true>>() : resident_blocks<&dy_pass_kernel<S, false>>();
+  constexpr int kWide = kThreads * 2;  // two halves
+  const int resident = halves == 2 ? (pipelined ? resident_blocks<&dy_pass_kernel<S, true, 2>, kWide>()
+                                                : resident_blocks<&dy_pass_kernel<S, false, 2>, kWide>())
+                                   : (pipelined ? resident_blocks<&dy_pass_kernel<S, true>>()
+                                                : resident_blocks<&dy_pass_kernel<S, false>>());
   const int64_t target =
-      lt::wgrad_target_chunks(a.col_chunks, wave_blocks(resident), p.k, kWgradChunks, kMaxWgradChunks);
+      lt::wgrad_target_chunks(a.col_chunks * a.rank_chunks, wave_blocks(resident), p.k, kWgradChunks, kMaxWgradChunks);
   a.chunk_rows = lt::wgrad_chunk_rows(p.n, target, BK, BM);
   const int64_t chunks = lt::seg_tile_grid(p.n, p.k, a.chunk_rows);
   *gp = at::empty({a.col_chunks, p.n, p.r}, p.x.options().dtype(at::kFloat));
@@ -349,8 +361,12 @@ void dy_pass(const Prepared& p, const at::Tensor& gy, const at::Tensor& hs, at::
   a.dbp = dbp->mutable_data_ptr<float>();
   *g_splits = a.col_chunks;
   *db_chunk_rows = a.chunk_rows;
-  const dim3 grid(grid_dim(chunks * a.col_chunks, "x"));
-  if (pipelined) {
+  const dim3 grid(grid_dim(chunks * a.col_chunks * a.rank_chunks, "x"));
+  if (halves == 2 && pipelined) {
+    dy_pass_kernel<S, true, 2><<<grid, kWide, 0, p.stream>>>(a);
+  } else if (halves == 2) {
+    dy_pass_kernel<S, false, 2><<<grid, kWide, 0, p.stream>>>(a);
+  } else if (pipelined) {
     dy_pass_kernel<S, true><<<grid, kThreads, 0, p.stream>>>(a);
   } else {
     dy_pass_kernel<S, false><<<grid, kThreads, 0, p.stream>>>(a);

@@ -173,13 +173,14 @@ struct TileSmem {
 // `vec` (only with c_fast and s_c == 1; the host sets it when every source row starts 16-byte
 // aligned, vec_rows below): 16-byte loads and stores of 16 / sizeof(S) elements, the
 // ragged end of a row element by element. The same values land in the same places either way.
-template <typename S, int R, int C, int LD>
+// NT: the block's threads (dy_pass_kernel's two halves have 512).
+template <typename S, int R, int C, int LD, int NT = kThreads>
 __device__ __forceinline__ void load_tile(S* __restrict__ dst, const S* __restrict__ src, int64_t s_r, int64_t s_c,
                                           int rv, int cv, bool c_fast, bool vec) {
   constexpr int V = 16 / static_cast<int>(sizeof(S));
   static_assert(C % V == 0 && (LD * sizeof(S)) % 16 == 0, "tile rows must hold whole 16-byte vectors");
   if (vec && c_fast && s_c == 1) {
-    for (int idx = threadIdx.x; idx < R * (C / V); idx += kThreads) {
+    for (int idx = threadIdx.x; idx < R * (C / V); idx += NT) {
       const int r = idx / (C / V), c0 = (idx % (C / V)) * V;
       const int valid = r < rv ? lt::vec_chunk_valid(c0, V, cv) : 0;
       const S* from = src + static_cast<int64_t>(r) * s_r + c0;
@@ -196,7 +197,7 @@ __device__ __forceinline__ void load_tile(S* __restrict__ dst, const S* __restri
     }
     return;
   }
-  for (int idx = threadIdx.x; idx < R * C; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < R * C; idx += NT) {
     const int r = c_fast ? idx / C : idx % R;
     const int c = c_fast ? idx % C : idx / R;
     S v = zero_of<S>();
@@ -391,13 +392,13 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // dst[r * LD + c] = src[r * s_r + c] for r < rv, c < cv, else 0, in 16-byte chunks (rows of src
 // 16-byte aligned), asynchronously. A chunk with nothing valid reads nothing (its source address
-// is the tile's first row, which exists).
-template <typename S, int R, int C, int LD>
+// is the tile's first row, which exists). NT: the block's threads.
+template <typename S, int R, int C, int LD, int NT = kThreads>
 __device__ __forceinline__ void async_tile(S* __restrict__ dst, const S* __restrict__ src, int64_t s_r, int rv,
                                            int cv) {
   constexpr int V = 16 / static_cast<int>(sizeof(S));
   static_assert(C % V == 0, "tile rows hold whole 16-byte chunks");
-  for (int idx = threadIdx.x; idx < R * (C / V); idx += kThreads) {
+  for (int idx = threadIdx.x; idx < R * (C / V); idx += NT) {
     const int r = idx / (C / V), c0 = (idx % (C / V)) * V;
     const int valid = r < rv ? lt::vec_chunk_valid(c0, V, cv) : 0;
     const S* from = valid > 0 ? src + static_cast<int64_t>(r) * s_r + c0 : src;

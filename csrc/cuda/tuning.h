@@ -39,12 +39,18 @@ bool grouped_lora_vectorized();
 // turns it off at start-up). Results are identical either way.
 void set_grouped_lora_pipelined(bool on);
 bool grouped_lora_pipelined();
-// grouped_lora_backward*, bf16 / fp16 with r <= 32 on sm_80+: G = dY B and dB = dY^T Hs in one pass
-// over dY (dy_pass_kernel; on by default, MOLE_EXT_GROUPED_LORA_NO_FUSED_DY=1 turns it off at
-// start-up) or in two (row_gemm + wgrad). The sums run in another order: the results agree within
-// rounding, not bit for bit; each is reproducible run to run.
+// grouped_lora_backward*, bf16 / fp16 on sm_80+: G = dY B and dB = dY^T Hs in one pass over dY
+// (dy_pass_kernel, in rank chunks of 32 for r > 32; on by default, MOLE_EXT_GROUPED_LORA_NO_FUSED_DY=1
+// turns it off at start-up) or in two (row_gemm + wgrad). The sums run in another order: the results
+// agree within rounding, not bit for bit; each is reproducible run to run.
 void set_grouped_lora_fused_dy(bool on);
 bool grouped_lora_fused_dy();
+// With the fused pass on: use it at every rank, not only where its fp32 partials of G cost fewer
+// DRAM bytes than the second read of dY (r < 128 for 16-bit types; lora_tiles.h's dy_pass_pays).
+// Off by default (MOLE_EXT_GROUPED_LORA_FUSED_DY_ANY_RANK=1 turns it on at start-up): the A/B switch
+// that lets the benchmarks and GPU tests run the fused pass at r = 128 too.
+void set_grouped_lora_fused_dy_any_rank(bool on);
+bool grouped_lora_fused_dy_any_rank();
 
 }  // namespace tuning
 }  // namespace mole_ext

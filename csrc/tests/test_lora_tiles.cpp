@@ -318,7 +318,60 @@ void test_vec_chunks() {
   std::printf("lora_tiles: vector chunks cover each valid column once\n");
 }
 
+// The fused dY pass's block order: every (row chunk, column chunk, rank chunk) exactly once, the
+// rank chunks of one dY tile adjacent (fastest), the order of the r <= 32 kernel with one rank
+// chunk; the rank chunks tile [0, r) exactly; the traffic rule's break-even.
+void test_dy_pass_blocks() {
+  for (uint32_t col_chunks : {1u, 3u, 43u}) {
+    for (uint32_t rank_chunks : {1u, 2u, 4u}) {
+      const uint32_t row_chunks = 5;
+      std::vector<int> seen(row_chunks * col_chunks * rank_chunks, 0);
+      for (uint32_t b = 0; b < row_chunks * col_chunks * rank_chunks; ++b) {
+        const lt::DyPassBlock d = lt::dy_pass_block(b, col_chunks, rank_chunks);
+        EXPECT(d.row_chunk >= 0 && d.row_chunk < row_chunks);
+        EXPECT(d.col_chunk >= 0 && d.col_chunk < col_chunks);
+        EXPECT(d.rank_chunk >= 0 && d.rank_chunk < rank_chunks);
+        ++seen[(d.row_chunk * col_chunks + d.col_chunk) * rank_chunks + d.rank_chunk];
+        // adjacent blocks of one dY tile differ in the rank chunk only
+        EXPECT(d.rank_chunk == b % rank_chunks);
+        if (b % rank_chunks != 0) {
+          const lt::DyPassBlock prev = lt::dy_pass_block(b - 1, col_chunks, rank_chunks);
+          EXPECT(prev.row_chunk == d.row_chunk && prev.col_chunk == d.col_chunk &&
+                 prev.rank_chunk + 1 == d.rank_chunk);
+        }
+        if (rank_chunks == 1) EXPECT(d.row_chunk == b / col_chunks && d.col_chunk == b % col_chunks);
+      }
+      for (int v : seen) EXPECT(v == 1);
+    }
+  }
+  // the largest grid the launch allows (grid_dim: < 2^31 blocks) decodes without overflow
+  const lt::DyPassBlock last = lt::dy_pass_block(2147483646u, 43u, 4u);
+  EXPECT(last.rank_chunk == 2147483646u % 4u && last.col_chunk == (2147483646u / 4u) % 43u &&
+         last.row_chunk == (2147483646u / 4u) / 43u);
+  for (int64_t r = 0; r <= 130; ++r) {
+    const int64_t chunks = lt::dy_pass_rank_chunks(r, 32);
+    EXPECT(chunks == (r <= 32 ? 1 : (r + 31) / 32));
+    int64_t covered = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int cols = lt::dy_pass_rank_cols(r, c, 32);
+      EXPECT(cols >= 0 && cols <= 32);
+      EXPECT(r == 0 || cols > 0);  // no rank chunk is empty unless r is
+      covered += cols;
+    }
+    EXPECT(covered == r);
+    EXPECT(lt::dy_pass_rank_cols(r, chunks, 32) == 0);
+  }
+  EXPECT(lt::dy_pass_rank_cols(40, 1, 32) == 8 && lt::dy_pass_rank_cols(128, 3, 32) == 32);
+  // 16-bit: G's fp32 partials (8 r / cols bytes an element) below the 2 bytes of dY's second read
+  EXPECT(lt::dy_pass_pays(32, 256, 2) && lt::dy_pass_pays(63, 256, 2) && !lt::dy_pass_pays(64, 256, 2));
+  EXPECT(lt::dy_pass_pays(64, 512, 2) && lt::dy_pass_pays(127, 512, 2) && !lt::dy_pass_pays(128, 512, 2));
+  EXPECT(lt::dy_pass_pays(128, 512, 4));
+  for (int64_t r = 0; r <= 130; ++r) EXPECT(lt::dy_pass_halves(r, 32) == (r <= 32 ? 1 : 2));
+  std::printf("lora_tiles: dy_pass blocks, rank chunks, break-even\n");
+}
+
 int main() {
+  test_dy_pass_blocks();
   test_vec_chunks();
   test_emulated_forward_backward();
   test_exhaustive();

@@ -103,6 +103,7 @@ void set_vectorized(bool on) { mole_ext::tuning::set_grouped_lora_vectorized(on)
 bool vectorized() { return mole_ext::tuning::grouped_lora_vectorized(); }
 void set_pipelined(bool on) { mole_ext::tuning::set_grouped_lora_pipelined(on); }
 void set_fused_dy(bool on) { mole_ext::tuning::set_grouped_lora_fused_dy(on); }
+void set_fused_dy_any_rank(bool on) { mole_ext::tuning::set_grouped_lora_fused_dy_any_rank(on); }
 
 }  // namespace
 
@@ -131,4 +132,5 @@ MOLE_EMU_LIBRARY_FRAGMENT(m) {
   m.def("vectorized() -> bool", &vectorized);
   m.def("set_pipelined(bool on) -> ()", &set_pipelined);
   m.def("set_fused_dy(bool on) -> ()", &set_fused_dy);
+  m.def("set_fused_dy_any_rank(bool on) -> ()", &set_fused_dy_any_rank);
 }
