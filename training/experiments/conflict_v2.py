@@ -21,13 +21,17 @@ slices / points of a chart, items of a receipt); general answers in words, chart
 (``training/data/conflict.py``). The old template knob is off (every other count is digits).
 
 Scoring is teacher-forced, no generation (a 135M model at 64 px does not generate readable
-answers): per test record the answer NLL (mean over answer tokens) and the closed-set first-token
-answer: the argmax of the next-token distribution over the first tokens of every training answer
-of the record's question type (pooled over domains, so the neutral count's candidates hold both
-"3" and "three"); correct when it is the gold answer's first token. On the neutral-count records
-the convention score asks only whether that argmax is in the domain's convention (a word or a
-digit). A prior-only row answers every record with its (domain, question type)'s most common
-training first token. Statistics (``stats.py``): 95 % intervals from a seeds x records bootstrap with
+answers): per test record the answer NLL (mean over answer tokens) and the closed-set answer: the
+argmax, over every answer of the record's question type (training and test records, pooled over
+domains, so the neutral count's candidates hold both "3" and "three"), of the candidate's full-answer
+log-likelihood given the prompt (sum over its tokens and the end-of-turn token; ``SCORER`` 2; the
+mean per token is a secondary variant); correct when it is the gold answer. On the neutral-count
+records the convention score asks only whether that argmax is in the domain's convention (a word
+or digits). A prior-only row answers every record with its (domain, question type)'s most common
+training answer. The preregistered first-token scorer (``SCORER`` 1) could not tell numbers apart
+(SmolLM2 encodes each as a space token, then digits); it is kept beside the new one for the
+post-hoc deviation (``DEVIATIONS``), and runs it scored are rescored from their saved adapters.
+Statistics (``stats.py``): 95 % intervals from a seeds x records bootstrap with
 records clustered by image; the learnability gate; the preregistered verdict (``PREREGISTRATION``,
 written to ``preregistration.md`` and committed before the full run).
 
@@ -622,7 +626,7 @@ def endpoint_vectors(results: dict, cfg: V2Config, domain: str, endpoint: str) -
         return {}
     ref = results[f"s{seeds[0]}/single_{domain}"]["records"]
     ids = sorted(i for i, r in ref.items() if r["domain"] == domain and (not endpoint.startswith("e2") or "conv_ok" in r))
-    if not ids:
+    if not ids or key[0] not in ref[ids[0]]:  # no such records, or runs scored before this endpoint existed
         return {}
     vec = {"single": [], "mix": [], "mole": [], "prior": []}
     for s in seeds:
@@ -690,14 +694,75 @@ def _fmt_div(iv: dict, d: int = 3) -> str:
     return f"{iv['mean']:+.{d}f} [{iv['lo']:+.{d}f}, {iv['hi']:+.{d}f}]"
 
 
-ENDPOINT_NAMES = {"e1": "E1 closed-set first-token accuracy (all records)",
+ENDPOINT_NAMES = {"e1": "E1 closed-set accuracy, full-answer log-likelihood (all records)",
                   "e2": "E2 convention accuracy (neutral-count records)",
-                  "nll": "answer NLL per record (lower is better; secondary)"}
+                  "e1n": "E1n closed-set accuracy, length-normalised log-likelihood (secondary, not in the verdict)",
+                  "nll": "answer NLL per record (lower is better; secondary)",
+                  "e1ft": "E1 as preregistered: closed-set first-token accuracy (superseded)",
+                  "e2ft": "E2 as preregistered: convention of the first-token argmax (superseded)"}
+REPORTED = ("e1", "e2", "e1n", "nll")  # the tables; e1ft / e2ft only in the deviation section
+ARM_LABELS = {"prior": "prior-only (most common training answer per type)", "single": "single-domain LoRA",
+              "mix": "mixture LoRA", "mole": "MoLE"}
+
+
+def summary(an: dict) -> list[str]:
+    """The verdict in a few lines: which endpoints passed the gate, and what the criteria say."""
+    L = []
+    for ep in VERDICT_ENDPOINTS:
+        rows = {k.split(":")[1]: e for k, e in an["endpoints"].items() if k.startswith(ep + ":")}
+        if not rows:
+            continue
+        passed = [d for d, e in rows.items() if e["in_verdict"]]
+        L.append(f"- **{ep.upper()}**: gate passed by {', '.join(passed) or 'no domain'}"
+                 + (f"; gated out: {', '.join(d for d in rows if d not in passed)}" if len(passed) < len(rows) else "")
+                 + ".")
+        for d in passed:
+            v = rows[d]["verdict"]
+            if v["recovers"]:
+                what = "conflict, and MoLE recovers it"
+            elif v["conflict"]:
+                what = (f"conflict (single - mix {_fmt_div(v['single_minus_mix'])}); MoLE does not recover it "
+                        f"(MoLE - mix {_fmt_div(v['mole_minus_mix'])})")
+            else:
+                what = (f"no conflict established; no effect larger than {v['mde']:.3f} "
+                        f"(single - mix {_fmt_div(v['single_minus_mix'])})")
+            L.append(f"  - {d}: {what}.")
+    return L
+
+
+def deviation_table(an: dict) -> list[str]:
+    """The superseded first-token endpoints next to the new ones, per domain and arm."""
+    L = []
+    for new, old in (("e1", "e1ft"), ("e2", "e2ft")):
+        doms = [k.split(":")[1] for k in an["endpoints"] if k.startswith(new + ":")]
+        doms = [d for d in doms if f"{old}:{d}" in an["endpoints"]]
+        if not doms:
+            continue
+        L += [f"**{new.upper()}: first-token (preregistered, superseded) -> full-answer (new)**, mean over seeds "
+              "and records", "", "| arm | " + " | ".join(doms) + " |", "|---|" + "---|" * len(doms)]
+        for arm in ("prior", "single", "mix", "mole"):
+            cells = []
+            for d in doms:
+                o, n = an["endpoints"][f"{old}:{d}"]["arms"], an["endpoints"][f"{new}:{d}"]["arms"]
+                if arm not in o or arm not in n:
+                    break
+                cells.append(f"{o[arm]['mean']:.3f} -> {n[arm]['mean']:.3f}")
+            else:
+                L.append(f"| {ARM_LABELS[arm]} | " + " | ".join(cells) + " |")
+        L.append("| *gate (single - " + ("prior" if new == "e1" else "0.5") + ")* | " + " | ".join(
+            "{} {} -> {} {}".format(_fmt_div(an["endpoints"][f"{old}:{d}"]["gate"]["interval"]),
+                                    "PASS" if an["endpoints"][f"{old}:{d}"]["gate"]["passed"] else "fail",
+                                    _fmt_div(an["endpoints"][f"{new}:{d}"]["gate"]["interval"]),
+                                    "PASS" if an["endpoints"][f"{new}:{d}"]["gate"]["passed"] else "fail")
+            for d in doms) + " |")
+        L.append("")
+    return L
 
 
 def report(cfg: V2Config, an: dict) -> str:
-    L = []
-    for endpoint in ("e1", "e2", "nll"):
+    L = ["### Verdict in brief (preregistered criteria; E1 with the post-hoc full-answer scorer, see Deviations)", ""]
+    L += summary(an) + [""]
+    for endpoint in REPORTED:
         rows = {k.split(":")[1]: v for k, v in an["endpoints"].items() if k.startswith(endpoint + ":")}
         if not rows:
             continue
@@ -707,11 +772,10 @@ def report(cfg: V2Config, an: dict) -> str:
               "|---|" + "---|" * len(rows)]
         for arm in ("prior", "single", "mix", "mole"):
             if all(arm in rows[d]["arms"] for d in rows):
-                lab = {"prior": "prior-only (most common training answer per type)", "single": "single-domain LoRA",
-                       "mix": "mixture LoRA", "mole": f"MoLE K={cfg.experts}"}[arm]
+                lab = {**ARM_LABELS, "mole": f"MoLE K={cfg.experts}"}[arm]
                 L.append(f"| {lab} | " + " | ".join(_fmt_iv(rows[d]["arms"][arm]) for d in rows) + " |")
         if endpoint != "nll":
-            L.append("| *gate: single - " + ("prior" if endpoint == "e1" else "0.5") + " (passes if lower end > "
+            L.append("| *gate: single - " + ("prior" if endpoint.startswith("e1") else "0.5") + " (passes if lower end > "
                      f"{cfg.gate_margin})* | " + " | ".join(
                          f"{_fmt_div(rows[d]['gate']['interval'])} {'PASS' if rows[d]['gate']['passed'] else 'fail'}"
                          for d in rows) + " |")
@@ -724,16 +788,16 @@ def report(cfg: V2Config, an: dict) -> str:
             L.append("| *smallest detectable effect (80 % power)* | " + " | ".join(
                 f"{rows[d]['verdict']['mde']:.3f}" for d in rows) + " |")
         L.append("")
-    L += ["### Learnability gate by question type (E1; reported, not used for the verdict)", "",
+    L += ["### Learnability gate by question type (E1 full-answer; reported, not used for the verdict)", "",
           "| domain:type | n | prior | single | mix | MoLE | single - prior [95%] | gate |", "|---|---|---|---|---|---|---|---|"]
     for k, g in an["gate_by_type"].items():
         L.append(f"| {k} | {g['n']} | {g['prior']:.3f} | {g['single']:.3f} | {g['mix']:.3f} | {g['mole']:.3f} | "
                  f"{_fmt_div(g['interval'])} | {'PASS' if g['passed'] else 'fail'} |")
     L += ["", "### Verdict per endpoint (preregistered criteria)", ""]
     for k, e in an["endpoints"].items():
-        if "verdict" not in e:
-            continue
         ep, d = k.split(":")
+        if "verdict" not in e or ep not in VERDICT_ENDPOINTS:
+            continue
         if not e["in_verdict"]:
             L.append(f"- **{ep.upper()} {d}**: excluded by the learnability gate (single - "
                      f"{'prior' if ep == 'e1' else '0.5'} = {_fmt_div(e['gate']['interval'])}). For the record: "
@@ -757,7 +821,7 @@ def figures(cfg: V2Config, an: dict, out: Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     files = []
     colors = {"prior": "0.6", "single": "C0", "mix": "C1", "mole": "C2"}
-    for endpoint in ("e1", "e2", "nll"):
+    for endpoint in REPORTED:
         rows = {k.split(":")[1]: v for k, v in an["endpoints"].items() if k.startswith(endpoint + ":")}
         if not rows:
             continue
@@ -774,7 +838,8 @@ def figures(cfg: V2Config, an: dict, out: Path) -> list[str]:
                 ps = rows[d]["arms"][arm].get("per_seed", [])
                 ax.plot([xs[j]] * len(ps), ps, "k.", ms=3)
         ax.set_xticks(np.arange(len(rows)), list(rows))
-        ax.set_ylabel({"e1": "closed-set accuracy", "e2": "convention accuracy", "nll": "answer NLL"}[endpoint])
+        ax.set_ylabel({"e1": "closed-set accuracy", "e2": "convention accuracy", "e1n": "closed-set accuracy",
+                       "nll": "answer NLL"}[endpoint])
         ax.set_title(ENDPOINT_NAMES[endpoint], fontsize=9)
         ax.legend(fontsize=7, ncol=len(armlist), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
         fig.tight_layout()
@@ -783,7 +848,7 @@ def figures(cfg: V2Config, an: dict, out: Path) -> list[str]:
         plt.close(fig)
         files.append(p.name)
     # paired differences
-    keys = [k for k, e in an["endpoints"].items() if "verdict" in e]
+    keys = [k for k, e in an["endpoints"].items() if "verdict" in e and k.split(":")[0] in VERDICT_ENDPOINTS]
     if keys:
         fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(keys) * 3))
         y = 0
@@ -802,6 +867,28 @@ def figures(cfg: V2Config, an: dict, out: Path) -> list[str]:
         ax.set_xlabel("paired difference, 95 % seeds x records bootstrap")
         fig.tight_layout()
         p = out / "differences.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        files.append(p.name)
+    # the deviation: E1 as preregistered (first token) next to the full-answer E1
+    doms = [k.split(":")[1] for k in an["endpoints"] if k.startswith("e1:") and "e1ft:" + k[3:] in an["endpoints"]]
+    if doms:
+        armlist = ("prior", "single", "mix", "mole")
+        fig, axes = plt.subplots(1, len(doms), figsize=(1.0 + 2.6 * len(doms), 3.2), sharey=True, squeeze=False)
+        for ax, d in zip(axes[0], doms):
+            for k, (ep, hatch, lab) in enumerate((("e1ft", "//", "first token (superseded)"), ("e1", "", "full answer"))):
+                ivs = [an["endpoints"][f"{ep}:{d}"]["arms"][a] for a in armlist]
+                xs = np.arange(len(armlist)) + (k - 0.5) * 0.4
+                ax.bar(xs, [iv["mean"] for iv in ivs], 0.4, hatch=hatch, color=[colors[a] for a in armlist],
+                       edgecolor="k", lw=0.5, label=lab,
+                       yerr=[[iv["mean"] - iv["lo"] for iv in ivs], [iv["hi"] - iv["mean"] for iv in ivs]], capsize=2)
+            ax.set_xticks(np.arange(len(armlist)), armlist, fontsize=8)
+            ax.set_title(d, fontsize=9)
+        axes[0][0].set_ylabel("E1 closed-set accuracy")
+        axes[0][0].legend(fontsize=7, frameon=False)
+        fig.suptitle("E1: preregistered first-token scorer (hatched) vs full-answer scorer", fontsize=9)
+        fig.tight_layout()
+        p = out / "e1_first_token_vs_full_answer.png"
         fig.savefig(p, dpi=120)
         plt.close(fig)
         files.append(p.name)
@@ -859,9 +946,24 @@ def run_experiment(cfg: V2Config, argv: list[str], report_only: bool = False) ->
             + ", ".join(f"{k} {v['neutral']}/{v['records']}" for k, v in mf["counts"].items() if v["neutral"]) + "  ",
             f"Seeds: {sorted({r['seed'] for r in results.values()})}; steps per run: "
             + ", ".join(f"{n} {s}" for n, s in sorted(steps.items()) if n.startswith(f"s{cfg.seeds[0]}/")), "",
-            "Endpoints and criteria: `preregistration.md` (committed before the full run).", "",
+            "Endpoints and criteria: `preregistration.md` (committed before the full run); E1's scorer was changed "
+            "post hoc: see **Deviations** at the end.", "",
             "Figures: " + ", ".join(f"`figures/{f}`" for f in figs), "", "## Results", ""]
-    (out / "results.md").write_text("\n".join(head) + md)
+    rescored = {n: r["rescored"] for n, r in results.items() if r.get("rescored")}
+    dev = []
+    if any(k.startswith("e1ft:") for k in an["endpoints"]):
+        dev = ["", DEVIATIONS]
+        if rescored:
+            dev += [f"Rescoring ({len(rescored)} runs, scorer {SCORER}): "
+                    f"{sum(r['seconds'] for r in rescored.values()) / 60:.1f} min wall, "
+                    f"{sum(r['cpu_seconds'] for r in rescored.values()) / 60:.1f} min CPU summed over runs; "
+                    f"largest per-record answer-NLL difference to the first scoring "
+                    f"{max(r['nll_max_abs_diff'] for r in rescored.values()):.1e}; the recomputed first-token "
+                    f"predictions agree with the first scoring on "
+                    f"{min(r['first_token_agreement'] for r in rescored.values()):.3f} of the records or more "
+                    "(lowest over runs).", ""]
+        dev += deviation_table(an)
+    (out / "results.md").write_text("\n".join(head) + md + "\n".join(dev))
     (out / "results.json").write_text(json.dumps({
         "command": command.strip(), "commit": commit, "config": dataclasses.asdict(cfg),
         "seconds": round(compute, 1), "cpu_seconds": round(cpu, 1), "steps": steps, "data": mf,
