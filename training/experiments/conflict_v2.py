@@ -352,7 +352,7 @@ def rescore_one(rc, out: Path, done: dict, data: Path, test_doms: list[str], ctx
     same_ft = float(np.mean([old[i].get("first_ok", old[i].get("first_token_ok")) == scores[i]["first_token_ok"]
                              for i in scores]))
     done = {**done, "scorer": SCORER, "records": scores, "routing": routing,
-            "rescored": {"from_scorer": done.get("scorer", 1), "nll_max_abs_diff": dnll,
+            "rescored": {"from_scorer": done.get("scorer", 1), "commit": _git_commit(), "nll_max_abs_diff": dnll,
                          "first_token_agreement": same_ft, "seconds": round(time.time() - t0, 1),
                          "cpu_seconds": round(time.process_time() - c0, 1)}}
     (out / "done.json").write_text(json.dumps(done))
