@@ -1,5 +1,6 @@
 """training.experiments.conflict_v2 (issue 15, conflict-cpu-v2): the image-only conflict in the
-data, the scorer's candidates and convention classes, the analysis on known inputs (learnability
+data, the scorer's candidates and convention classes, the full-answer closed-set scorer (answers
+that share their first token; the cached candidate pass against a full forward pass; rescoring), the analysis on known inputs (learnability
 gate, seeds x records intervals, the preregistered verdict incl. "no effect larger than X") and a
 smoke run on the tiny model that is reused on a rerun."""
 from __future__ import annotations
@@ -80,12 +81,81 @@ def _fake_results(single, mix, mole, prior, domain="general", conv=None):
             recs = {}
             for i in range(n):
                 r = {"domain": domain, "task": "t", "image": f"img{i // 2}", "nll": 1.0 - vals[s][i],
-                     "first_ok": float(vals[s][i]), "prior_ok": float(prior[s][i])}
+                     "ans_ok": float(vals[s][i]), "prior_ok": float(prior[s][i])}
                 if conv is not None and i < n // 2:
                     r.update(conv_ok=float(conv[arm.split("_")[0]][s][i]), prior_conv_ok=1.0)
                 recs[f"r{i:03d}"] = r
             res[f"s{s}/{arm}"] = {"records": recs, "routing": None, "seed": s, "arm": arm}
     return res
+
+
+def _tiny_tokenizer():
+    from training.model import ModelConfig, load_tokenizer
+
+    return load_tokenizer(ModelConfig(source="tiny", cache_dir=CACHE))
+
+
+def test_full_answer_scorer_separates_answers_that_share_their_first_token():
+    """The preregistered scorer compared first tokens only: SmolLM2 encodes " 47.3" and " 12.5" as
+    a space token, then digits, so it cannot tell them apart. The full-answer scorer can, and picks
+    the answer with the highest total log-likelihood (known here by construction)."""
+    tok = _tiny_tokenizer()
+    a, b = v2.answer_tokens(tok, "47.3"), v2.answer_tokens(tok, "12.5")
+    assert v2.first_token(tok, "47.3") == v2.first_token(tok, "12.5") == a[0] == b[0]  # the old scorer's blind spot
+    assert a != b and a[-1] == b[-1] == tok.eos_token_id  # full answers differ; each ends with the end of turn
+    # per-token log-probabilities, identical on the shared first token: the first-token scorer ties
+    lp = {"47.3": [-0.1, -2.0, -2.0, -0.5, -2.0, -0.1], "12.5": [-0.1, -0.2, -0.3, -0.5, -0.2, -0.1],
+          "3": [-0.1, -3.0, -0.1]}
+    cands = list(lp)
+    assert len({v[0] for v in lp.values()}) == 1
+    i_sum, i_mean = v2.choose([lp[c] for c in cands])
+    assert cands[i_sum] == "12.5" and cands[i_mean] == "12.5"
+    # a short candidate wins the sum, a long one with a better mean wins the normalised variant
+    i_sum, i_mean = v2.choose([[-0.5, -1.5], [-0.5, -0.4, -0.4, -0.4, -0.4]])
+    assert (i_sum, i_mean) == (0, 1)
+    with pytest.raises(ValueError, match="at least one token"):
+        v2.choose([[-1.0], []])
+    # the neutral count's convention of a full answer
+    assert [v2.convention_of_answer(x) for x in ("three", " 3", "12", "red")] == ["words", "digits", "digits", None]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_candidate_logprobs_equal_a_full_forward_pass_per_candidate():
+    """The cached candidate pass gives the same per-token log-probabilities as one forward pass
+    over prompt + candidate (tiny random model, padded batch, candidates sharing their first
+    token), and ``choose`` picks the brute-force argmax."""
+    import torch
+
+    from training.config import ModelConfig
+    from training.model import build_model
+
+    torch.manual_seed(0)
+    built = build_model(ModelConfig(source="tiny", image_size=32, cache_dir=CACHE), stage=2)
+    m, tok = built.model.eval(), built.tokenizer
+    prompts = [tok("USER: how many? ASSISTANT:", add_special_tokens=False).input_ids,
+               tok("USER: what is the value of the bar? ASSISTANT:", add_special_tokens=False).input_ids]
+    n = max(len(p) for p in prompts)
+    ids = torch.full((2, n), tok.pad_token_id)
+    mask = torch.zeros((2, n), dtype=torch.long)
+    for j, p in enumerate(prompts):
+        ids[j, :len(p)], mask[j, :len(p)] = torch.tensor(p), 1
+    answers = ["47.3", "12.5", "3", "three", "1234.5"]
+    cands = [v2.answer_tokens(tok, x) for x in answers]
+    with torch.no_grad():
+        fwd = m(input_ids=ids, attention_mask=mask, use_cache=True)
+        for j, p in enumerate(prompts):
+            lp0 = torch.log_softmax(fwd.logits[j, len(p) - 1].float(), -1)
+            got = v2.candidate_logprobs(m, v2._record_cache(fwd.past_key_values, j), len(p), lp0, cands,
+                                        tok.pad_token_id)
+            ref = []
+            for c in cands:
+                full = torch.tensor([p + c])
+                lp = torch.log_softmax(m(input_ids=full, use_cache=False).logits[0].float(), -1)
+                ref.append([float(lp[len(p) - 1 + k, t]) for k, t in enumerate(c)])
+            assert [len(g) for g in got] == [len(c) for c in cands]
+            np.testing.assert_allclose(np.concatenate(got), np.concatenate(ref), atol=1e-4)
+            assert v2.choose(got)[0] == int(np.argmax([sum(r) for r in ref]))
+            assert len({round(sum(g), 4) for g in got[:2]}) == 2  # " 47.3" and " 12.5" are told apart
 
 
 def test_analysis_on_known_inputs():
@@ -148,9 +218,31 @@ def test_smoke_run_on_the_tiny_model_and_reuse(tmp_path):
     md = (out / "results.md").read_text()
     assert "Verdict per endpoint" in md and (out / "preregistration.md").read_text() == v2.PREREGISTRATION
     assert (out / "figures" / "e1.png").exists() and (out / "figures" / "differences.png").exists()
+    assert "Deviations from the preregistration" in md and (out / "figures" / "e1_first_token_vs_full_answer.png").exists()
+    rec = next(iter(res["runs"]["s0/mix"]["records"].values()))
+    assert {"ans_ok", "ans_norm_ok", "first_token_ok", "prior_ok", "prior_first_token_ok"} <= set(rec)
     done = {p: p.read_text() for p in (out / "runs").glob("s*/*/done.json")}
     v2.run_experiment(cfg, over)  # every run reused
     assert {p: p.read_text() for p in (out / "runs").glob("s*/*/done.json")} == done
+
+    # a run scored by the first-token scorer (scorer 1) is rescored from its adapter, not retrained
+    p = out / "runs" / "s0" / "mix" / "done.json"
+    d = json.loads(p.read_text())
+    old = {k: v for k, v in d.items() if k != "scorer"}
+    old["records"] = {i: {"nll": r["nll"], "first_ok": r["first_token_ok"], "domain": r["domain"]}
+                      for i, r in d["records"].items()}
+    p.write_text(json.dumps(old))
+    v2.run_experiment(cfg, over)
+    new = json.loads(p.read_text())
+    assert new["scorer"] == v2.SCORER and new["steps"] == d["steps"] and new["seconds"] == d["seconds"]
+    assert new["rescored"]["from_scorer"] == 1 and new["rescored"]["first_token_agreement"] == 1.0
+    for i, r in d["records"].items():
+        assert new["records"][i]["ans_ok"] == r["ans_ok"] and new["records"][i]["nll"] == pytest.approx(r["nll"], abs=1e-5)
+    # an adapter that does not reproduce the stored scores is refused
+    bad = {**old, "records": {i: {**r, "nll": r["nll"] + 1.0} for i, r in old["records"].items()}}
+    p.write_text(json.dumps(bad))
+    with pytest.raises(RuntimeError, match="does not reproduce the scored run"):
+        v2.run_experiment(cfg, over)
 
 
 def test_gpu_recipe_is_faithful_and_parses_with_the_real_loaders(tmp_path):
