@@ -411,6 +411,13 @@ def _all_grouped_ops(x, a, b, off, rs, up, base, base_dx):
 _ALL_OP_RESULTS = ("y", "add_out", "gx", "ga", "gb", "grs", "gx_acc", "ga_acc", "gb_acc", "grs_acc", "h")
 
 
+def _upstream(n, d_in, d_out, dtype, seed):
+    """The backward's incoming gradient up [n, d_out] and the bases of add_out [n, d_out] and of
+    the accumulating dX [n, d_in], on the GPU, drawn from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(n, c, generator=g).to(dtype).cuda() for c in (d_out, d_out, d_in))
+
+
 def _same_with_switch_off(args, is_on, set_on, what):
     """Every grouped op's results with a kernel switch on (the default, checked) and off must be
     identical bit for bit; returns the results with it on."""
@@ -437,8 +444,7 @@ def test_vector_and_element_accesses_agree_bit_for_bit(device, dtype, d_in, d_ou
     boundary) must take the element path rather than fault."""
     n = 1025
     x, a, b, off, rs = make(n, 4, r, d_in, d_out, dtype, kind="skewed")
-    g = torch.Generator().manual_seed(7)
-    up, base, base_dx = (torch.randn(n, c, generator=g).to(dtype).cuda() for c in (d_out, d_out, d_in))
+    up, base, base_dx = _upstream(n, d_in, d_out, dtype, seed=7)
     xd = x.cuda()
     if misaligned:
         flat = torch.empty(n * d_in + 1, dtype=dtype, device="cuda")
@@ -464,8 +470,7 @@ def test_pipelined_and_plain_main_loops_agree_bit_for_bit(device, dtype, d_in, d
     chunk of rows: ragged at every chunk and segment end) and r from 1 to 128."""
     n = 1025
     x, a, b, off, rs = make(n, 4, r, d_in, d_out, dtype, kind=kind)
-    g = torch.Generator().manual_seed(8)
-    up, base, base_dx = (torch.randn(n, c, generator=g).to(dtype).cuda() for c in (d_out, d_out, d_in))
+    up, base, base_dx = _upstream(n, d_in, d_out, dtype, seed=8)
     args = (*cuda_args(x, a, b, off, rs), up, base, base_dx)
     assert _C.grouped_lora_vectorized(), "the pipelined loop needs the vector path (the default)"
     piped = _same_with_switch_off(args, _C.grouped_lora_pipelined, _C.set_grouped_lora_pipelined,
@@ -490,8 +495,7 @@ def test_fused_dy_pass_agrees_with_two_passes(device, dtype, d_in, d_out, r, kin
     for bit), and the fused pass reruns bit for bit."""
     n = 1025
     x, a, b, off, rs = make(n, 4, r, d_in, d_out, dtype, kind=kind)
-    g = torch.Generator().manual_seed(9)
-    up, base, base_dx = (torch.randn(n, c, generator=g).to(dtype).cuda() for c in (d_out, d_out, d_in))
+    up, base, base_dx = _upstream(n, d_in, d_out, dtype, seed=9)
     args = (*cuda_args(x, a, b, off, rs), up, base, base_dx)
     assert _C.grouped_lora_fused_dy(), "the fused dY pass is on by default"
     assert not _C.grouped_lora_fused_dy_any_rank(), "the fused pass serves r < 128 by default"
